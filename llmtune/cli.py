@@ -1,0 +1,183 @@
+"""`llmtune` command line: train, eval, predict, validate.
+
+Errors the user can fix are printed as one paragraph (no traceback) with exit code 2; an interrupted
+training run exits with 130 after saving a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from llmtune.errors import LlmtuneError
+
+EXAMPLES = """examples:
+  llmtune train recipes/quickstart.yaml
+  llmtune train recipes/sst2_minilm_lora.yaml training.epochs=1 output.dir=runs/try1
+  llmtune train recipes/sst2_minilm_lora.yaml --resume
+  llmtune eval runs/try1 --data dev.tsv --text-column sentence
+  llmtune predict runs/try1 --text "a gripping, beautiful film"
+  llmtune validate recipes/sst2_minilm_full.yaml data.max_train_samples=512
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except LlmtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"\n{exc or 'Interrupted.'}", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmtune",
+        description="Fine-tune language models from YAML recipes.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show debug logging from the libraries too.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="Train a recipe.",
+        description="Train a recipe: load, tokenize, train, evaluate, save. Overrides are section.key=value.",
+        epilog="example: llmtune train recipes/quickstart.yaml training.epochs=1 output.dir=runs/q1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("recipe", help="Path of a YAML recipe (see recipes/).")
+    train.add_argument("overrides", nargs="*", help="Recipe overrides such as training.learning_rate=1e-4.")
+    train.add_argument("--resume", action="store_true", help="Continue the run in output.dir from its last checkpoint.")
+    train.set_defaults(handler=_train)
+
+    validate = commands.add_parser(
+        "validate",
+        help="Check a recipe without training.",
+        description="Check a recipe's keys, types and rules, that its data files and columns exist and that its "
+        "model resolves - without training. --explain lists every recipe key with its meaning.",
+    )
+    validate.add_argument("recipe", nargs="?", help="Path of a YAML recipe.")
+    validate.add_argument("overrides", nargs="*", help="Recipe overrides such as data.max_length=64.")
+    validate.add_argument("--explain", action="store_true", help="Print every recipe key, its default and help.")
+    validate.set_defaults(handler=_validate)
+
+    for name, helptext in (("eval", "Evaluate a trained run on labelled data."),
+                           ("predict", "Predict labels (with probabilities) for texts or a file.")):
+        sub = commands.add_parser(name, help=helptext, description=helptext)
+        sub.add_argument("run", help="A run directory, or one of its checkpoint-N folders.")
+        sub.add_argument("--data" if name == "eval" else "--file", dest="data", required=name == "eval",
+                         help="Data file (.jsonl, .json, .csv, .tsv, .parquet, .txt).")
+        if name == "predict":
+            sub.add_argument("--text", action="append", default=[], help="A text to classify (repeatable).")
+            sub.add_argument("--out", help="Write predictions here as JSON lines instead of printing them.")
+        sub.add_argument("--text-column", help="Text column (default: the one the run was trained with).")
+        sub.add_argument("--text-pair-column", help="Second-sentence column for pair tasks.")
+        if name == "eval":
+            sub.add_argument("--label-column", help="Label column (default: the run's).")
+            sub.add_argument("--metrics", nargs="+", default=["accuracy", "f1", "precision", "recall", "roc_auc"],
+                             help="Metrics to compute.")
+        sub.add_argument("--batch-size", type=int, default=32, help="Texts per forward pass.")
+        sub.set_defaults(handler=_eval if name == "eval" else _predict)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_warning()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from llmtune.api import load_recipe, train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    train(recipe, resume=args.resume, overrides=args.overrides)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from llmtune.api import load_recipe, validate
+
+    if args.explain:
+        from llmtune.config.schema import Recipe
+
+        _explain(Recipe)
+        return 0
+    if not args.recipe:
+        raise LlmtuneError("validate needs a recipe path (or --explain).")
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = validate(recipe)
+    print(json.dumps(summary, indent=2))
+    print("recipe OK")
+    return 0
+
+
+def _explain(cls: type, prefix: str = "") -> None:
+    hints = typing.get_type_hints(cls)
+    for fld in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[fld.name]):
+            print(f"\n[{fld.name}]")
+            _explain(hints[fld.name], f"{fld.name}.")
+            continue
+        default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+        print(f"  {prefix}{fld.name} = {default!r}\n      {fld.metadata.get('help', '')}")
+
+
+def _load_for_inference(args: argparse.Namespace):
+    from llmtune.tasks.classification_predict import Classifier
+
+    classifier = Classifier.load(args.run)
+    for key in ("text", "text_pair", "label"):
+        value = getattr(args, f"{key}_column", None)
+        if value:
+            classifier.columns[key] = value
+    return classifier
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from llmtune.data.loading import load_file
+    from llmtune.tasks.classification_predict import evaluate_file
+
+    classifier = _load_for_inference(args)
+    metrics = evaluate_file(classifier, load_file(args.data, "--data"), args.metrics, args.batch_size)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from llmtune.data.loading import load_file, require_columns
+
+    classifier = _load_for_inference(args)
+    texts, pairs = list(args.text), None
+    if args.data:
+        rows = load_file(args.data, "--file")
+        columns = classifier.columns
+        require_columns(rows, "input", {"--text-column": columns["text"], "--text-pair-column": columns["text_pair"]})
+        texts += rows[columns["text"]]
+        pairs = rows[columns["text_pair"]] if columns["text_pair"] else None
+    if not texts:
+        raise LlmtuneError("predict needs --text (one or more) or --file.")
+    predictions = classifier.predict(texts, pairs, args.batch_size)
+    lines = [json.dumps({"text": text, **pred}) for text, pred in zip(texts, predictions)]
+    if args.out:
+        from llmtune.runs import write_text
+
+        write_text(Path(args.out), "\n".join(lines) + "\n")
+        print(f"Wrote {len(lines)} predictions to {args.out}")
+    else:
+        print("\n".join(lines))
+    return 0

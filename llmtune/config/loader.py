@@ -1,0 +1,196 @@
+"""Recipe loading: YAML file + `section.key=value` overrides -> a checked `Recipe`.
+
+Every value is type-checked against the schema; unknown keys get a "did you mean"; relative paths written
+in a recipe file are taken relative to that file, paths given on the command line relative to the current
+folder. Cross-field rules run last (`rules.check`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from llmtune.config.rules import check
+from llmtune.config.schema import Recipe
+from llmtune.errors import LlmtuneError, did_you_mean
+
+
+def load_recipe(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Build a checked Recipe from a YAML file (or a dict, or nothing = defaults) plus overrides."""
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if isinstance(source, dict):
+        raw = source
+    elif source is not None:
+        path = Path(source)
+        if not path.is_file():
+            raise LlmtuneError(f"Recipe file '{path}' does not exist. Pass the path of a .yaml recipe (see recipes/).")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LlmtuneError(f"Recipe file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise LlmtuneError(f"Recipe file '{path}' must hold a mapping of sections (model:, data:, ...).")
+        base_dir = path.resolve().parent
+
+    recipe = _build(Recipe, raw, prefix="", base_dir=base_dir)
+    for item in overrides or []:
+        _apply_override(recipe, item)
+    check(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data, for saving next to a run."""
+    return dataclasses.asdict(recipe)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split 'section.key=value' into (['section', 'key'], parsed value)."""
+    if "=" not in item:
+        raise LlmtuneError(
+            f"Override '{item}' has no '='. Write overrides as section.key=value, e.g. training.epochs=1."
+        )
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def _apply_override(recipe: Recipe, item: str) -> None:
+    parts, value = parse_override(item)
+    target: Any = recipe
+    for depth, name in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        names = [f.name for f in dataclasses.fields(target)]
+        if name not in names:
+            raise LlmtuneError(
+                f"Unknown recipe key '{where}' in override '{item}'.{did_you_mean(name, names)} "
+                f"Valid keys here: {', '.join(names)}."
+            )
+        if depth == len(parts) - 1:
+            hints = typing.get_type_hints(type(target))
+            fld = next(f for f in dataclasses.fields(target) if f.name == name)
+            if dataclasses.is_dataclass(hints[name]):
+                raise LlmtuneError(f"'{where}' is a section; override one of its keys, e.g. {where}.<key>=value.")
+            converted = _coerce(value, hints[name], where)
+            if fld.metadata.get("path"):
+                converted = _resolve_path(converted, Path.cwd())
+            setattr(target, name, converted)
+        else:
+            target = getattr(target, name)
+            if not dataclasses.is_dataclass(target):
+                raise LlmtuneError(f"'{where}' is a value, not a section: write {where}=value.")
+
+
+def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
+    where = prefix.rstrip(".") or "the recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LlmtuneError(f"'{where}' must be a mapping of keys, got {type(raw).__name__} {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise LlmtuneError(
+                f"Unknown recipe key '{prefix}{key}'.{did_you_mean(str(key), fields)} "
+                f"Valid keys in {where}: {', '.join(fields)}."
+            )
+    kwargs = {}
+    for name, fld in fields.items():
+        if name not in raw:
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], raw[name], f"{prefix}{name}.", base_dir)
+        else:
+            value = _coerce(raw[name], hints[name], f"{prefix}{name}")
+            kwargs[name] = _resolve_path(value, base_dir) if fld.metadata.get("path") else value
+    return cls(**kwargs)
+
+
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt", ".gguf", ".arrow")
+
+
+def _resolve_path(value: Any, base_dir: Path) -> Any:
+    """Anchor a relative path at base_dir; Hub ids (org/name) and absolute paths pass unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith("~"):
+        return str(Path(value).expanduser())
+    if Path(value).is_absolute():
+        return value
+    candidate = base_dir / value
+    if candidate.exists() or value.startswith(("./", "../")) or value.lower().endswith(FILE_SUFFIXES):
+        return str(candidate.resolve())
+    return value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check value against type tp and convert the harmless cases (1 -> 1.0, '5e-5' -> 5e-05, 'x' -> ['x'])."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except LlmtuneError:
+                continue
+        raise _type_error(where, value, tp)
+    if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a boolean
+            spellings = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((s for s in spellings if s in args), value)
+        if value in args and not isinstance(value, bool):
+            return value
+        hint = did_you_mean(str(value), [str(a) for a in args])
+        raise LlmtuneError(f"'{where}' is {value!r}; valid values are {_describe(tp)}.{hint}")
+    if origin is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise _type_error(where, value, tp)
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 5e-5 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise _type_error(where, value, tp)
+
+
+def _type_error(where: str, value: Any, tp: Any) -> LlmtuneError:
+    return LlmtuneError(f"'{where}' is {value!r} ({type(value).__name__}); it must be {_describe(tp)}.")

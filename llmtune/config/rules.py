@@ -1,0 +1,91 @@
+"""Cross-field rules: every check that involves more than one recipe key lives here.
+
+Each message says which keys clash and how to fix the recipe.
+"""
+
+from __future__ import annotations
+
+from llmtune.config.schema import Recipe
+from llmtune.errors import LlmtuneError, did_you_mean
+from llmtune.metrics import AVAILABLE_METRICS
+
+
+def check(recipe: Recipe) -> None:
+    """Raise LlmtuneError on the first rule the recipe breaks."""
+    data, method, training, output = recipe.data, recipe.method, recipe.training, recipe.output
+
+    if bool(data.dataset) == bool(data.train_file):
+        raise LlmtuneError(
+            "Set exactly one data source: 'data.dataset' (a Hub id or local dataset folder) or "
+            f"'data.train_file' (a local file). Got dataset={data.dataset!r}, train_file={data.train_file!r}. "
+            "On the command line, clear the other one with e.g. data.dataset=null."
+        )
+    if data.eval_split and data.eval_file:
+        raise LlmtuneError(
+            f"Both 'data.eval_split' ({data.eval_split!r}) and 'data.eval_file' ({data.eval_file!r}) are set; "
+            "keep one of them."
+        )
+    if not 0.0 <= data.validation_fraction < 1.0:
+        raise LlmtuneError(f"'data.validation_fraction' is {data.validation_fraction}; it must be in [0, 1).")
+    if data.validation_fraction and (data.eval_split or data.eval_file):
+        raise LlmtuneError(
+            "'data.validation_fraction' carves an eval set out of the training data, but an eval set is already "
+            "given ('data.eval_split' or 'data.eval_file'). Set data.validation_fraction=0 or drop the eval set."
+        )
+    for key in ("max_length", "max_train_samples", "max_eval_samples", "max_test_samples"):
+        value = getattr(data, key)
+        if value is not None and value <= 0:
+            raise LlmtuneError(f"'data.{key}' is {value}; it must be a positive number (or empty for no limit).")
+
+    if method.type in ("lora", "dora") and (method.r <= 0 or method.alpha <= 0):
+        raise LlmtuneError(f"'method.r' ({method.r}) and 'method.alpha' ({method.alpha}) must be positive.")
+    if method.type == "full" and output.save in ("adapter", "merged"):
+        raise LlmtuneError(
+            f"'output.save' is {output.save!r} but 'method.type' is 'full': there is no adapter. "
+            "Use output.save=full (or auto), or train with method.type=lora."
+        )
+
+    for key in ("batch_size", "gradient_accumulation", "log_every", "keep_checkpoints"):
+        if getattr(training, key) <= 0:
+            raise LlmtuneError(f"'training.{key}' is {getattr(training, key)}; it must be at least 1.")
+    if training.learning_rate <= 0:
+        raise LlmtuneError(f"'training.learning_rate' is {training.learning_rate}; it must be positive, e.g. 5e-5.")
+    if training.max_steps is not None and training.max_steps <= 0:
+        raise LlmtuneError(f"'training.max_steps' is {training.max_steps}; leave it empty or make it positive.")
+    if training.max_steps is None and training.epochs <= 0:
+        raise LlmtuneError(f"'training.epochs' is {training.epochs}; it must be positive (or set training.max_steps).")
+    for key in ("eval_every", "save_every"):
+        value = getattr(training, key)
+        if isinstance(value, int) and value <= 0:
+            raise LlmtuneError(f"'training.{key}' is {value}; give a positive number of steps or 'epoch'.")
+    evaluates = training.eval_every != "no"
+    if training.save_every == "eval" and not evaluates:
+        raise LlmtuneError(
+            "'training.save_every' is 'eval' but 'training.eval_every' is 'no'. "
+            "Set training.save_every to a number of steps or 'epoch'."
+        )
+    if training.early_stopping_patience is not None:
+        if training.early_stopping_patience <= 0:
+            raise LlmtuneError("'training.early_stopping_patience' must be at least 1 (or empty to turn it off).")
+        if not evaluates:
+            raise LlmtuneError(
+                "'training.early_stopping_patience' needs evaluations: set training.eval_every to N or 'epoch'."
+            )
+        if not (data.eval_split or data.eval_file or data.validation_fraction):
+            raise LlmtuneError(
+                "'training.early_stopping_patience' needs an eval set: set data.eval_split, data.eval_file "
+                "or data.validation_fraction."
+            )
+
+    for name in recipe.eval.metrics:
+        if name not in AVAILABLE_METRICS:
+            raise LlmtuneError(
+                f"'eval.metrics' names {name!r}, which llmtune does not have.{did_you_mean(name, AVAILABLE_METRICS)} "
+                f"Available: {', '.join(AVAILABLE_METRICS)}."
+            )
+    best = training.metric_for_best
+    if best is not None and best != "loss" and best not in recipe.eval.metrics:
+        raise LlmtuneError(
+            f"'training.metric_for_best' is {best!r}, which is not among 'eval.metrics' "
+            f"({', '.join(recipe.eval.metrics)}) nor 'loss'. Add it to eval.metrics or pick one of those."
+        )

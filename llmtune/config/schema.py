@@ -1,0 +1,162 @@
+"""The recipe schema: every key a recipe may set, its type, default and meaning.
+
+The `help` text of each field is the reference documentation (`llmtune validate --explain` prints it).
+Cross-field rules live in `rules.py`; loading and command-line overrides in `loader.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _field(default, help: str, **kwargs):  # noqa: A002 - "help" reads best in the schema below
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _field(
+        "minilm",
+        "Checkpoint to start from: a Hugging Face Hub id (org/name), a local folder, a single .gguf file, or "
+        "a short offline name of a registry-installed checkpoint ('minilm', 'smollm2-135m-instruct').",
+        path=True,
+    )
+    revision: str | None = _field(None, "Hub branch, tag or commit to load (Hub ids only).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "float32", "dtype the weights are loaded in. Training precision is `training.precision`."
+    )
+    trust_remote_code: bool = _field(
+        False, "Run modelling code shipped with the checkpoint. Only turn on for checkpoints you trust."
+    )
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = _field(
+        None,
+        "Hub dataset id or a local folder (saved with `save_to_disk`, or holding data files). Leave empty "
+        "and set `train_file` to train on local files.",
+        path=True,
+    )
+    subset: str | None = _field(None, "Dataset configuration name on the Hub (e.g. 'sst2' of 'nyu-mll/glue').")
+    train_split: str = _field("train", "Split of `dataset` to train on.")
+    eval_split: str | None = _field(None, "Split of `dataset` to evaluate on.")
+    test_split: str | None = _field(None, "Split of `dataset` to predict on (labels optional).")
+    train_file: str | None = _field(
+        None, "Local training file: .json, .jsonl, .csv, .tsv, .parquet or .txt.", path=True
+    )
+    eval_file: str | None = _field(None, "Local evaluation file (same formats as `train_file`).", path=True)
+    test_file: str | None = _field(
+        None, "Local file to predict on after training; predictions go to the run directory.", path=True
+    )
+    validation_fraction: float = _field(
+        0.0, "Fraction of the training data held out for evaluation when no eval split or file is given."
+    )
+    text_column: str = _field("text", "Column holding the text (the first sentence of a pair).")
+    text_pair_column: str | None = _field(None, "Column holding the second sentence of a sentence pair.")
+    label_column: str = _field("label", "Column holding the label (strings or integers).")
+    label_names: list[str] | None = _field(
+        None, "Names for integer labels 0..N-1, e.g. [negative, positive]. String labels name themselves."
+    )
+    max_train_samples: int | None = _field(None, "Use only the first N training rows (after shuffling).")
+    max_eval_samples: int | None = _field(None, "Use only the first N evaluation rows.")
+    max_test_samples: int | None = _field(None, "Use only the first N test rows.")
+    max_length: int = _field(128, "Longest tokenized input; longer inputs are truncated.")
+    preprocessing_workers: int | None = _field(None, "Processes for tokenization (default: one).")
+
+
+@dataclass
+class MethodConfig:
+    type: Literal["full", "lora", "dora"] = _field(
+        "full", "full: train every weight. lora: low-rank adapters. dora: weight-decomposed LoRA."
+    )
+    r: int = _field(8, "LoRA rank.")
+    alpha: int = _field(16, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = _field(0.05, "Dropout on the LoRA input.")
+    target_modules: str | list[str] | None = _field(
+        None,
+        "Modules that get adapters: a list of module names, 'all-linear', or empty for the architecture's "
+        "default (attention query/value projections).",
+    )
+    modules_to_save: list[str] | None = _field(
+        None, "Extra modules trained in full and saved with the adapter (default: the task head)."
+    )
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = _field(3.0, "Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = _field(None, "Stop after this many optimizer steps.")
+    learning_rate: float = _field(5e-5, "Peak learning rate.")
+    scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+        "inverse_sqrt", "reduce_lr_on_plateau",
+    ] = _field("linear", "Learning-rate schedule after warm-up.")
+    warmup: float = _field(0.0, "Warm-up length: a fraction of training if below 1, else a number of steps.")
+    batch_size: int = _field(16, "Training examples per device per step.")
+    eval_batch_size: int | None = _field(None, "Examples per device per evaluation step (default: 2 x batch_size).")
+    gradient_accumulation: int = _field(1, "Steps whose gradients are summed before each optimizer step.")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
+    optimizer: str = _field("adamw_torch", "Optimizer name as transformers knows it (adamw_torch, adafactor, sgd, ...).")
+    seed: int = _field(42, "Seed for shuffling, initialisation and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
+        "auto", "Mixed precision. auto: bf16 on GPUs that support it, fp32 elsewhere."
+    )
+    eval_every: int | Literal["epoch", "no"] = _field(
+        "epoch", "Evaluate every N steps, every 'epoch', or 'no'."
+    )
+    save_every: int | Literal["epoch", "eval", "no"] = _field(
+        "eval", "Checkpoint every N steps, every 'epoch', with each evaluation ('eval'), or 'no'."
+    )
+    log_every: int = _field(10, "Log the training loss every N steps.")
+    keep_checkpoints: int = _field(2, "Checkpoints kept on disk (the best one is always kept).")
+    metric_for_best: str | None = _field(
+        None, "Eval metric that picks the best checkpoint and drives early stopping (default: the task's main metric)."
+    )
+    early_stopping_patience: int | None = _field(
+        None, "Stop after this many evaluations without improvement of `metric_for_best`."
+    )
+    dataloader_workers: int = _field(0, "Worker processes feeding batches.")
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = _field(
+        ["accuracy", "f1", "precision", "recall", "roc_auc"],
+        "Metrics to report. Classification: accuracy, f1, precision, recall (macro averages), roc_auc (binary only).",
+    )
+    before_training: bool = _field(True, "Evaluate once before training so the run shows what fine-tuning changed.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _field(
+        "runs/{task}-{model}-{time}",
+        "Run directory (relative to the current folder). {task}, {model} and {time} (YYYYmmdd-HHMMSS) are filled in.",
+    )
+    overwrite: bool = _field(
+        False, "Replace an existing run in `dir`. Off: a directory that already holds a run is refused."
+    )
+    save: Literal["auto", "adapter", "merged", "full"] = _field(
+        "auto",
+        "What the run leaves: 'adapter' (LoRA/DoRA weights + head), 'merged' (adapter folded into a full "
+        "model), 'full' (the whole model). auto: adapter for lora/dora, full for full fine-tuning.",
+    )
+
+
+TASKS = ("classification",)
+
+
+@dataclass
+class Recipe:
+    task: Literal["classification"] = _field("classification", "What to train: 'classification'.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,0 +1,152 @@
+"""Load the recipe's train / eval / test splits from the Hub, a local dataset folder or local files.
+
+Returns a DatasetDict with 'train' and, when configured, 'eval' and 'test'. Every failure names the recipe
+key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from llmtune.config.schema import DataConfig
+from llmtune.errors import LlmtuneError, did_you_mean
+
+FILE_FORMATS = {
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".csv": ("csv", {}),
+    # GLUE-style TSV files contain bare quote characters inside sentences: read them literally.
+    ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE}),
+    ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),
+}
+
+
+def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
+    """The recipe's splits, with sample limits applied; 'train' first, then 'eval' and 'test' if set."""
+    if cfg.dataset:
+        source = _load_dataset_source(cfg)
+        splits = {"train": _pick_split(source, cfg.train_split, "data.train_split", cfg.dataset)}
+        if cfg.eval_split:
+            splits["eval"] = _pick_split(source, cfg.eval_split, "data.eval_split", cfg.dataset)
+        if cfg.test_split:
+            splits["test"] = _pick_split(source, cfg.test_split, "data.test_split", cfg.dataset)
+    else:
+        splits = {"train": load_file(cfg.train_file, "data.train_file")}
+    if cfg.eval_file:
+        splits["eval"] = load_file(cfg.eval_file, "data.eval_file")
+    if cfg.test_file:
+        splits["test"] = load_file(cfg.test_file, "data.test_file")
+
+    if cfg.validation_fraction:
+        parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
+        splits["train"], splits["eval"] = parts["train"], parts["test"]
+
+    splits["train"] = splits["train"].shuffle(seed=seed)
+    limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples, "test": cfg.max_test_samples}
+    for name, dataset in splits.items():
+        if limits[name] is not None and len(dataset) > limits[name]:
+            splits[name] = dataset.select(range(limits[name]))
+        if len(splits[name]) == 0:
+            raise LlmtuneError(
+                f"The {name} split is empty ({_describe_source(cfg, name)}). Point the recipe at data with rows, "
+                "or check the max_*_samples and validation_fraction settings."
+            )
+    return DatasetDict(splits)
+
+
+def load_file(path: str | None, key: str) -> Dataset:
+    """One local data file as a Dataset; the format comes from the file's suffix."""
+    file = Path(str(path))
+    if not file.is_file():
+        raise LlmtuneError(
+            f"'{key}' is '{path}', but that file does not exist. Relative paths in a recipe file are taken from "
+            "the recipe's folder, on the command line from the current folder."
+        )
+    suffix = file.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise LlmtuneError(
+            f"'{key}' is '{path}': llmtune cannot tell its format from '{suffix}'. "
+            f"Use one of {', '.join(FILE_FORMATS)}."
+        )
+    builder, options = FILE_FORMATS[suffix]
+    try:
+        return load_dataset(builder, data_files=str(file), split="train", **options)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        if "corresponds to no data" in str(exc) or file.stat().st_size == 0:
+            raise LlmtuneError(
+                f"'{key}' is '{path}', which holds no data rows (the split would be empty). "
+                "Point it at a file with rows, or leave the key empty."
+            ) from None
+        raise LlmtuneError(f"'{key}': could not read '{path}' as {suffix} data: {exc}") from None
+
+
+def require_columns(dataset: Dataset, split: str, wanted: dict[str, str | None]) -> None:
+    """Check that each configured column (recipe key -> column name) exists in the split."""
+    for key, column in wanted.items():
+        if column is not None and column not in dataset.column_names:
+            raise LlmtuneError(
+                f"'{key}' is '{column}', but the {split} data has no such column."
+                f"{did_you_mean(column, dataset.column_names)} Its columns are: {', '.join(dataset.column_names)}."
+            )
+
+
+def fingerprint_sources(cfg: DataConfig) -> dict[str, Any]:
+    """What the run was trained on: a sha256 per local file, or the Hub id, subset and splits."""
+    record: dict[str, Any] = {}
+    for key in ("train_file", "eval_file", "test_file"):
+        path = getattr(cfg, key)
+        if path:
+            record[key] = {"path": str(Path(path).resolve()), "sha256": _sha256(Path(path))}
+    if cfg.dataset:
+        record["dataset"] = {"id": cfg.dataset, "subset": cfg.subset}
+        for key in ("train_split", "eval_split", "test_split"):
+            record["dataset"][key] = getattr(cfg, key)
+    return record
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_dataset_source(cfg: DataConfig) -> DatasetDict | Dataset:
+    folder = Path(cfg.dataset)
+    if folder.is_dir() and ((folder / "dataset_dict.json").exists() or (folder / "state.json").exists()):
+        return load_from_disk(str(folder))
+    try:
+        return load_dataset(cfg.dataset, cfg.subset)
+    except Exception as exc:  # offline, unknown id, missing subset, ...
+        raise LlmtuneError(
+            f"'data.dataset' is '{cfg.dataset}'" + (f" (subset '{cfg.subset}')" if cfg.subset else "")
+            + f", which could not be loaded: {exc}. Without network, point 'data.train_file' (and eval_file) "
+            "at local files instead and set data.dataset=null."
+        ) from None
+
+
+def _pick_split(source: DatasetDict | Dataset, split: str, key: str, dataset: str) -> Dataset:
+    if isinstance(source, Dataset):
+        return source
+    if split not in source:
+        raise LlmtuneError(
+            f"'{key}' is '{split}', but dataset '{dataset}' has no such split.{did_you_mean(split, source)} "
+            f"Its splits are: {', '.join(source)}."
+        )
+    return source[split]
+
+
+def _describe_source(cfg: DataConfig, split: str) -> str:
+    file = getattr(cfg, f"{split}_file", None)
+    if file:
+        return f"file '{file}'"
+    if cfg.dataset:
+        return f"dataset '{cfg.dataset}'"
+    return "carved from the training data"

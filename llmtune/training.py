@@ -1,0 +1,109 @@
+"""The recipe's `training` section as transformers TrainingArguments, plus graceful Ctrl-C.
+
+Only this module spells transformers' argument names, so their renames stop here.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from llmtune.config.schema import TrainingConfig
+from llmtune.errors import LlmtuneError
+
+logger = logging.getLogger(__name__)
+
+
+def training_arguments(
+    cfg: TrainingConfig, output_dir: str, main_metric: str, has_eval: bool
+) -> TrainingArguments:
+    """TrainingArguments for this recipe; `main_metric` picks the best checkpoint unless the recipe names one."""
+    bf16, fp16 = _mixed_precision(cfg.precision)
+    eval_strategy, eval_steps = ("no", None) if not has_eval else _cadence(cfg.eval_every)
+    if cfg.save_every == "eval":
+        save_strategy, save_steps = (eval_strategy, eval_steps) if eval_strategy != "no" else ("epoch", None)
+    else:
+        save_strategy, save_steps = _cadence(cfg.save_every)
+    metric = cfg.metric_for_best or main_metric
+    keep_best = eval_strategy != "no" and (save_strategy, save_steps) == (eval_strategy, eval_steps)
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup,  # a float below 1 is a ratio of total steps
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optimizer,
+        seed=cfg.seed,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        logging_steps=cfg.log_every,
+        save_total_limit=cfg.keep_checkpoints,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=metric if has_eval else None,
+        greater_is_better=metric != "loss",
+        dataloader_num_workers=cfg.dataloader_workers,
+        report_to="none",
+    )
+
+
+def _cadence(value: int | str) -> tuple[str, int | None]:
+    if isinstance(value, int):
+        return "steps", value
+    return value, None
+
+
+def _mixed_precision(precision: str) -> tuple[bool, bool]:
+    on_gpu = torch.cuda.is_available()
+    if precision == "auto":
+        return (on_gpu and torch.cuda.is_bf16_supported()), False
+    if precision == "fp16" and not on_gpu:
+        raise LlmtuneError(
+            "'training.precision' is 'fp16', but there is no GPU: fp16 on a CPU runs at a tiny fraction of fp32 "
+            "speed. Use training.precision=bf16 (CPUs with bf16 support) or fp32."
+        )
+    return precision == "bf16", precision == "fp16"
+
+
+class GracefulInterrupt(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a resumable checkpoint, stop. Second Ctrl-C: abort now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Interrupted: saving a checkpoint after this step (press Ctrl-C again to abort now).")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

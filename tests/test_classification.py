@@ -1,0 +1,114 @@
+"""The classification recipe end to end on a tiny BERT: what a run leaves behind and how it can be used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from llmtune import build_trainer, load_recipe, train
+from llmtune.cli import main
+
+
+def recipe_for(tiny_bert: str, files: dict[str, Path], run_dir: Path, *extra: str):
+    return load_recipe("recipes/quickstart.yaml", [
+        f"model.name={tiny_bert}",
+        f"data.train_file={files['train']}",
+        f"data.eval_file={files['eval']}",
+        f"data.test_file={files['test']}",
+        f"output.dir={run_dir}",
+        "training.epochs=2",
+        "training.learning_rate=1e-3",
+        *extra,
+    ])
+
+
+def test_full_run_leaves_model_records_metrics_and_predictions(tiny_bert, reviews_files, tmp_path):
+    run_dir = tmp_path / "run"
+    metrics = train(recipe_for(tiny_bert, reviews_files, run_dir))
+
+    assert set(metrics) >= {"before", "train", "after"} and "accuracy" in metrics["after"]
+    assert json.loads((run_dir / "metrics.json").read_text())["after"] == metrics["after"]
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["recipe"]["model"]["name"] == tiny_bert
+    assert record["versions"]["transformers"].startswith("5.")
+    assert len(record["data"]["train_file"]["sha256"]) == 64
+    assert record["labels"] == ["negative", "positive"]
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8
+    assert all(p["label"] in ("negative", "positive") for p in predictions)
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
+    assert "test" in metrics  # the test file has labels, so it is scored too
+
+
+def test_lora_run_saves_adapter_with_head_and_cli_predict_eval_agree(tiny_bert, reviews_files, tmp_path, capsys):
+    run_dir = tmp_path / "lora"
+    train(recipe_for(tiny_bert, reviews_files, run_dir, "method.type=lora", "method.target_modules=[query, value]"))
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights) and any("classifier" in k for k in weights)
+    assert not (run_dir / "model.safetensors").exists()
+
+    capsys.readouterr()  # drop the training logs
+    assert main(["predict", str(run_dir), "--text", "The toaster is superb.", "--text", "Awful."]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["text"] for x in lines] == ["The toaster is superb.", "Awful."]
+    assert all(x["label"] in ("negative", "positive") for x in lines)
+
+    assert main(["eval", str(run_dir), "--data", str(reviews_files["eval"])]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    saved = json.loads((run_dir / "metrics.json").read_text())["after"]
+    assert evaluated["samples"] == 32
+    assert evaluated["accuracy"] == pytest.approx(saved["accuracy"])  # same model, same data, same number
+
+
+def test_dora_and_merged_save(tiny_bert, reviews_files, tmp_path):
+    run_dir = tmp_path / "dora"
+    train(recipe_for(tiny_bert, reviews_files, run_dir, "method.type=dora", "output.save=merged", "training.max_steps=3"))
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir)  # plain transformers, no peft
+    assert model.config.id2label[1] == "positive"
+    assert not (run_dir / "adapter_config.json").exists()
+
+
+def test_sentence_pairs_and_integer_labels_and_validation_fraction(tiny_bert, tmp_path):
+    rows = ["premise,hypothesis,label"] + [
+        f"the {n} is red,the {n} is {'red' if i % 2 else 'blue'},{i % 2}" for i, n in enumerate(["car", "cup", "hat"] * 20)
+    ]
+    data = tmp_path / "pairs.csv"
+    data.write_text("\n".join(rows) + "\n")
+    recipe = load_recipe({
+        "model": {"name": tiny_bert},
+        "data": {"train_file": str(data), "text_column": "premise", "text_pair_column": "hypothesis",
+                 "validation_fraction": 0.25},
+        "training": {"max_steps": 3},
+        "output": {"dir": str(tmp_path / "pairs-run")},
+    })
+    metrics = train(recipe)
+    assert 0.0 <= metrics["after"]["accuracy"] <= 1.0
+    record = json.loads((tmp_path / "pairs-run" / "run.json").read_text())
+    assert record["labels"] == ["0", "1"] and record["data_sizes"] == {"train": 45, "eval": 15}
+
+
+def test_python_api_builds_a_trainer_the_user_drives(tiny_bert, reviews_files, tmp_path):
+    recipe = recipe_for(tiny_bert, reviews_files, tmp_path / "api", "training.max_steps=4")
+    trainer = build_trainer(recipe)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert "eval_accuracy" in trainer.evaluate()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tiny_bert, reviews_files, tmp_path):
+    recipe = recipe_for(tiny_bert, reviews_files, tmp_path / "es", "training.learning_rate=1e-12",
+                        "training.max_steps=40", "training.eval_every=2", "training.early_stopping_patience=2",
+                        "training.metric_for_best=loss", "eval.before_training=false")
+    metrics = train(recipe)
+    assert metrics["train"]["global_step"] < 40
