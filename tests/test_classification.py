@@ -112,3 +112,21 @@ def test_early_stopping_stops_when_the_metric_stalls(tiny_bert, reviews_files, t
                         "training.metric_for_best=loss", "eval.before_training=false")
     metrics = train(recipe)
     assert metrics["train"]["global_step"] < 40
+
+
+def test_dataset_folder_with_named_splits_and_a_wrong_split_name(tiny_bert, reviews_files, tmp_path):
+    from datasets import DatasetDict, load_dataset
+
+    from llmtune.errors import LlmtuneError
+
+    folder = tmp_path / "reviews_dataset"
+    DatasetDict({
+        "train": load_dataset("json", data_files=str(reviews_files["train"]), split="train"),
+        "validation": load_dataset("json", data_files=str(reviews_files["eval"]), split="train"),
+    }).save_to_disk(str(folder))
+    base = [f"model.name={tiny_bert}", "data.train_file=null", f"data.dataset={folder}", "data.eval_file=null",
+            "data.test_file=null", f"output.dir={tmp_path / 'run'}", "training.max_steps=2"]
+    metrics = train(load_recipe("recipes/quickstart.yaml", [*base, "data.eval_split=validation"]))
+    assert "accuracy" in metrics["after"]
+    with pytest.raises(LlmtuneError, match=r"'data.eval_split' is 'valid'.*Did you mean \"validation\".*train, validation"):
+        train(load_recipe("recipes/quickstart.yaml", [*base, "data.eval_split=valid", f"output.dir={tmp_path / 'r2'}"]))
