@@ -17,19 +17,21 @@ from llmtune.config.loader import load_recipe
 from llmtune.config.schema import Recipe
 from llmtune.data.loading import load_splits
 from llmtune.models.sources import resolve_model
-from llmtune.tasks import classification
+from llmtune.tasks import causal_lm, classification
+
+TASK_MODULES = {"classification": classification, "sft": causal_lm, "pretrain": causal_lm}
 
 __all__ = ["load_recipe", "build_trainer", "train", "validate"]
 
 
 def build_trainer(recipe: Recipe) -> Trainer:
     """A ready-to-train transformers Trainer for the recipe (data tokenized, model wrapped)."""
-    return classification.build(recipe).trainer
+    return TASK_MODULES[recipe.task].build(recipe).trainer
 
 
 def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the recipe end to end (train, evaluate, save, predict); returns the run's metrics."""
-    return classification.run(recipe, resume=resume, overrides=overrides)
+    return TASK_MODULES[recipe.task].run(recipe, resume=resume, overrides=overrides)
 
 
 def validate(recipe: Recipe) -> dict[str, Any]:

@@ -19,9 +19,17 @@ logger = logging.getLogger(__name__)
 
 
 def training_arguments(
-    cfg: TrainingConfig, output_dir: str, main_metric: str, has_eval: bool
+    cfg: TrainingConfig,
+    output_dir: str,
+    main_metric: str,
+    has_eval: bool,
+    args_class: type[TrainingArguments] = TrainingArguments,
+    **task_arguments,
 ) -> TrainingArguments:
-    """TrainingArguments for this recipe; `main_metric` picks the best checkpoint unless the recipe names one."""
+    """TrainingArguments (or a subclass such as trl's SFTConfig, with its task_arguments) for this recipe.
+
+    `main_metric` picks the best checkpoint unless the recipe names one.
+    """
     bf16, fp16 = _mixed_precision(cfg.precision)
     eval_strategy, eval_steps = ("no", None) if not has_eval else _cadence(cfg.eval_every)
     if cfg.save_every == "eval":
@@ -30,7 +38,7 @@ def training_arguments(
         save_strategy, save_steps = _cadence(cfg.save_every)
     metric = cfg.metric_for_best or main_metric
     keep_best = eval_strategy != "no" and (save_strategy, save_steps) == (eval_strategy, eval_steps)
-    return TrainingArguments(
+    return args_class(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
@@ -58,6 +66,7 @@ def training_arguments(
         greater_is_better=metric != "loss",
         dataloader_num_workers=cfg.dataloader_workers,
         report_to="none",
+        **task_arguments,
     )
 
 

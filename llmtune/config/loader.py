@@ -121,6 +121,12 @@ FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt", ".gguf",
 
 def _resolve_path(value: Any, base_dir: Path) -> Any:
     """Anchor a relative path at base_dir; Hub ids (org/name) and absolute paths pass unchanged."""
+    if isinstance(value, list):  # data.mixture: each source's own paths
+        return [
+            {k: _resolve_path(v, base_dir) if k in ("train_file", "dataset") else v for k, v in item.items()}
+            if isinstance(item, dict) else item
+            for item in value
+        ]
     if not isinstance(value, str) or not value:
         return value
     if value.startswith("~"):
@@ -141,6 +147,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict or tp is dict:
+        return "a mapping {key: value}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -165,6 +173,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         hint = did_you_mean(str(value), [str(a) for a in args])
         raise LlmtuneError(f"'{where}' is {value!r}; valid values are {_describe(tp)}.{hint}")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _type_error(where, value, tp)
+        if not args:
+            return dict(value)
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _type_error(where, value, tp)
+        if not args:
+            return dict(value)
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):

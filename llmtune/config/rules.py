@@ -77,15 +77,70 @@ def check(recipe: Recipe) -> None:
                 "or data.validation_fraction."
             )
 
-    for name in recipe.eval.metrics:
-        if name not in AVAILABLE_METRICS:
+    _check_metrics(recipe)
+    _check_causal_lm(recipe)
+
+
+LM_METRICS = ("loss", "perplexity", "token_accuracy")
+MIXTURE_KEYS = ("train_file", "dataset", "subset", "train_split", "weight", "format", "columns")
+
+
+def default_metrics(task: str) -> tuple[str, ...]:
+    return AVAILABLE_METRICS if task == "classification" else LM_METRICS
+
+
+def _check_metrics(recipe: Recipe) -> None:
+    valid = default_metrics(recipe.task)
+    metrics = recipe.eval.metrics or list(valid)
+    for name in metrics:
+        if name not in valid:
             raise LlmtuneError(
-                f"'eval.metrics' names {name!r}, which llmtune does not have.{did_you_mean(name, AVAILABLE_METRICS)} "
-                f"Available: {', '.join(AVAILABLE_METRICS)}."
+                f"'eval.metrics' names {name!r}, which the {recipe.task} task does not have."
+                f"{did_you_mean(name, valid)} Available: {', '.join(valid)}."
             )
-    best = training.metric_for_best
-    if best is not None and best != "loss" and best not in recipe.eval.metrics:
+    best = recipe.training.metric_for_best
+    if best is not None and best != "loss" and best not in metrics:
         raise LlmtuneError(
             f"'training.metric_for_best' is {best!r}, which is not among 'eval.metrics' "
-            f"({', '.join(recipe.eval.metrics)}) nor 'loss'. Add it to eval.metrics or pick one of those."
+            f"({', '.join(metrics)}) nor 'loss'. Add it to eval.metrics or pick one of those."
         )
+
+
+def _check_causal_lm(recipe: Recipe) -> None:
+    data, lm = recipe.data, recipe.lm
+    if recipe.task == "classification":
+        if recipe.model.init == "scratch":
+            raise LlmtuneError(
+                "'model.init' is 'scratch', but classification starts from a pretrained checkpoint. "
+                "Use task=pretrain to build a model from scratch, then classify with model.name=<that run>."
+            )
+        return
+    if recipe.task == "pretrain" and data.format not in ("auto", "text"):
+        raise LlmtuneError(
+            f"'data.format' is {data.format!r}, but task 'pretrain' trains on plain text. "
+            "Use task=sft for instruction or chat data, or data.format=text."
+        )
+    if recipe.task == "sft" and data.format == "text" and lm.loss_on == "assistant":
+        raise LlmtuneError(
+            "'lm.loss_on' is 'assistant', but data.format=text has no assistant turns. "
+            "Set lm.loss_on=all, or use a prompt_completion / alpaca / messages / sharegpt format."
+        )
+    if lm.stride is not None and not 0 < lm.stride <= data.max_length:
+        raise LlmtuneError(
+            f"'lm.stride' is {lm.stride}; it must be between 1 and data.max_length ({data.max_length})."
+        )
+    if lm.max_new_tokens <= 0:
+        raise LlmtuneError(f"'lm.max_new_tokens' is {lm.max_new_tokens}; it must be at least 1.")
+    for i, source in enumerate(data.mixture):
+        where = f"data.mixture[{i}]"
+        unknown = [k for k in source if k not in MIXTURE_KEYS]
+        if unknown:
+            raise LlmtuneError(
+                f"'{where}' has unknown key {unknown[0]!r}.{did_you_mean(unknown[0], MIXTURE_KEYS)} "
+                f"Valid keys: {', '.join(MIXTURE_KEYS)}."
+            )
+        if bool(source.get("train_file")) == bool(source.get("dataset")):
+            raise LlmtuneError(f"'{where}' needs exactly one of train_file or dataset.")
+        weight = source.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or weight <= 0:
+            raise LlmtuneError(f"'{where}.weight' is {weight!r}; it must be a positive number (1 = every row once).")

@@ -31,6 +31,11 @@ class ModelConfig:
     trust_remote_code: bool = _field(
         False, "Run modelling code shipped with the checkpoint. Only turn on for checkpoints you trust."
     )
+    init: Literal["pretrained", "scratch"] = _field(
+        "pretrained",
+        "pretrained: load `name`. scratch: build a new model from the `scratch` section (random weights, "
+        "a BPE tokenizer trained on the training data unless `name` points at a tokenizer to reuse).",
+    )
 
 
 @dataclass
@@ -64,7 +69,26 @@ class DataConfig:
     max_train_samples: int | None = _field(None, "Use only the first N training rows (after shuffling).")
     max_eval_samples: int | None = _field(None, "Use only the first N evaluation rows.")
     max_test_samples: int | None = _field(None, "Use only the first N test rows.")
-    max_length: int = _field(128, "Longest tokenized input; longer inputs are truncated.")
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt"] = _field(
+        "auto",
+        "Causal-LM data layout. text: plain text (concatenated, cut into max_length blocks). prompt_completion: "
+        "prompt/completion columns. alpaca: instruction/input/output. messages: lists of {role, content}. "
+        "sharegpt: conversations of {from, value}. auto: detect from the columns.",
+    )
+    columns: dict[str, str] = _field(
+        {},
+        "Column mapping for causal-LM formats, standard name -> your column, e.g. {instruction: question, "
+        "output: answer} or {messages: dialog}. Standard names: text, prompt, completion, instruction, input, "
+        "output, messages, conversations.",
+    )
+    system_prompt: str | None = _field(None, "System message put in front of every conversation that has none.")
+    mixture: list[dict] = _field(
+        [],
+        "Extra training sources mixed in: a list of {train_file | dataset (+ subset, train_split), weight, "
+        "format, columns}. weight scales the source's rows (0.5 = half of them, 2 = each twice).",
+        path=True,
+    )
+    max_length: int = _field(128, "Longest tokenized input; longer inputs are truncated (text: the block size).")
     preprocessing_workers: int | None = _field(None, "Processes for tokenization (default: one).")
 
 
@@ -125,9 +149,10 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = _field(
-        ["accuracy", "f1", "precision", "recall", "roc_auc"],
-        "Metrics to report. Classification: accuracy, f1, precision, recall (macro averages), roc_auc (binary only).",
+    metrics: list[str] | None = _field(
+        None,
+        "Metrics to report (empty: all of the task's). classification: accuracy, f1, precision, recall (macro "
+        "averages), roc_auc (binary only). sft / pretrain: loss, perplexity and token accuracy are always reported.",
     )
     before_training: bool = _field(True, "Evaluate once before training so the run shows what fine-tuning changed.")
 
@@ -148,15 +173,58 @@ class OutputConfig:
     )
 
 
-TASKS = ("classification",)
+@dataclass
+class LMConfig:
+    chat_template: str | None = _field(
+        None,
+        "Chat template: empty = the tokenizer's own (ChatML when it has none), 'chatml', a Jinja string, or "
+        "a .jinja file.",
+        path=True,
+    )
+    loss_on: Literal["auto", "assistant", "all"] = _field(
+        "auto",
+        "Tokens that carry loss. assistant: every assistant turn (completions) only. all: every token. "
+        "auto: assistant for sft, all for pretrain.",
+    )
+    packing: bool = _field(
+        True, "Pack several samples per sequence with no attention across them (padding-free, position ids reset)."
+    )
+    group_by_length: bool = _field(False, "Without packing: batch samples of similar length to cut padding.")
+    perplexity_file: str | None = _field(
+        None, "Text file scored with a sliding window after training (perplexity reported in metrics.json).", path=True
+    )
+    stride: int | None = _field(None, "Sliding-window stride for perplexity (default: max_length, no overlap).")
+    generation_prompts: list[str] = _field(
+        [], "Prompts whose greedy generations are logged at each evaluation (generations.jsonl)."
+    )
+    max_new_tokens: int = _field(64, "Generation length for generation_prompts and `llmtune generate`.")
+
+
+@dataclass
+class ScratchConfig:
+    architecture: Literal["gpt2", "llama"] = _field("gpt2", "Model family of a model built from scratch.")
+    layers: int = _field(4, "Transformer blocks.")
+    hidden_size: int = _field(256, "Width of the residual stream.")
+    heads: int = _field(4, "Attention heads.")
+    vocab_size: int = _field(8000, "Size of the BPE tokenizer trained on the training data.")
+    context_length: int = _field(256, "Longest sequence the model can see (position embeddings).")
+
+
+TASKS = ("classification", "sft", "pretrain")
 
 
 @dataclass
 class Recipe:
-    task: Literal["classification"] = _field("classification", "What to train: 'classification'.")
+    task: Literal["classification", "sft", "pretrain"] = _field(
+        "classification",
+        "What to train. classification: labelled text -> labels. sft: instructions / chats on a causal LM. "
+        "pretrain: plain text on a causal LM (continued pretraining, or from scratch with model.init=scratch).",
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

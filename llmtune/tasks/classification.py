@@ -30,7 +30,7 @@ from llmtune.config.loader import recipe_to_dict
 from llmtune.config.schema import DataConfig, Recipe
 from llmtune.data.loading import fingerprint_sources, load_splits, require_columns
 from llmtune.errors import LlmtuneError
-from llmtune.metrics import load_metric
+from llmtune.metrics import AVAILABLE_METRICS, load_metric
 from llmtune.models.adapters import apply_method, is_adapter
 from llmtune.models.sources import resolve_model
 from llmtune.runs import (
@@ -108,7 +108,7 @@ def build(recipe: Recipe, resume: bool = False) -> ClassificationJob:
         eval_dataset=encoded.get("eval"),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=MetricComputer(recipe.eval.metrics, len(labels)),
+        compute_metrics=MetricComputer(recipe.eval.metrics or list(AVAILABLE_METRICS), len(labels)),
         callbacks=callbacks,
     )
     return ClassificationJob(recipe, trainer, run_dir, splits, encoded, labels, source.path)

@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftConfig, PeftModel
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from llmtune.errors import LlmtuneError
-from llmtune.runs import RUN_RECORD, read_json
+from llmtune.models.trained import load_trained
 from llmtune.tasks.classification import softmax
 
 
@@ -27,25 +26,10 @@ class Classifier:
     @classmethod
     def load(cls, path: str | Path) -> Classifier:
         """Load a run directory or one of its checkpoint-N folders."""
-        folder = Path(path)
-        if not folder.is_dir():
+        if not Path(path).is_dir():
             raise LlmtuneError(f"'{path}' is not a folder. Give a run directory or one of its checkpoint-N folders.")
-        run_dir = folder if (folder / RUN_RECORD).exists() else folder.parent
-        recipe = read_json(run_dir / RUN_RECORD)["recipe"] if (run_dir / RUN_RECORD).exists() else None
-        config_dir = folder if (folder / "config.json").exists() else run_dir
-        if not (config_dir / "config.json").exists():
-            raise LlmtuneError(f"'{path}' holds no config.json: it is not a saved llmtune run or model.")
-        config = AutoConfig.from_pretrained(config_dir)
-        if (folder / "adapter_config.json").exists():
-            # Load the base with the run's config (label names, head size), then the adapter on top.
-            base_path = PeftConfig.from_pretrained(folder).base_model_name_or_path
-            base = AutoModelForSequenceClassification.from_pretrained(base_path, config=config, use_safetensors=True)
-            model = PeftModel.from_pretrained(base, folder)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
-        tokenizer_dir = folder if (folder / "tokenizer_config.json").exists() else run_dir
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        model.eval()
+        model, tokenizer, recipe = load_trained(path, AutoModelForSequenceClassification)
+        config = model.config
         data = recipe["data"] if recipe else {}
         columns = {
             "text": data.get("text_column", "text"),

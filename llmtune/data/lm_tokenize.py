@@ -1,0 +1,193 @@
+"""Tokenization for causal LMs: chat templates, loss masks, truncation accounting and text blocks.
+
+Loss masks come from the chat template itself: for each assistant turn, the conversation rendered up to
+the turn's prompt and up to the turn's end are both prefixes of the whole rendering, so the characters in
+between (the reply and its end-of-turn marker) are exactly what the model must learn to write. Each
+segment is tokenized on its own, so mask boundaries are exact. A template for which the prefix property
+fails cannot mark assistant tokens, and is reported instead of guessed at.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from llmtune.errors import LlmtuneError
+
+logger = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def setup_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> bool:
+    """Install the recipe's chat template (ChatML when neither recipe nor tokenizer has one).
+
+    Returns True when special tokens were added, so the caller must resize the model's embeddings.
+    """
+    if template is None and tokenizer.chat_template:
+        return False
+    if template is None or template == "chatml":
+        if template is None:
+            logger.info("The tokenizer has no chat template; using ChatML.")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif template.endswith(".jinja"):
+        if not Path(template).is_file():
+            raise LlmtuneError(f"'lm.chat_template' is '{template}', but that file does not exist.")
+        tokenizer.chat_template = Path(template).read_text()
+    else:
+        tokenizer.chat_template = template
+    missing = [t for t in CHATML_TOKENS if t in tokenizer.chat_template and t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        logger.info("Added %s to the vocabulary for the chat template.", ", ".join(missing))
+        return True
+    return False
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a pad token one it already has (padding positions never carry loss)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        logger.warning("The tokenizer has no pad token; padding with %r (padded positions carry no loss).",
+                       tokenizer.pad_token)
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token id that closes an assistant turn in this chat template (what generation must stop on)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine."}]
+    full = tokenizer.apply_chat_template(probe, tokenize=False)
+    tail = full[full.rindex("Fine.") + len("Fine.") :]
+    special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
+    for token in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token in special:
+            return token
+    raise LlmtuneError(
+        "The chat template closes assistant turns with no special end-of-turn token, so a fine-tuned model "
+        "would not learn to stop. Use lm.chat_template=chatml or a template that ends each turn with a token "
+        "such as the tokenizer's eos."
+    )
+
+
+def assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant reply (with its end-of-turn)."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (full.startswith(prompt) and full.startswith(upto) and len(prompt) < len(upto)):
+            raise LlmtuneError(
+                "lm.loss_on=assistant needs a chat template that renders each assistant turn as an addition to "
+                "the conversation before it, and this one does not (it rewrites earlier turns or the prompt). "
+                "Use lm.chat_template=chatml, give a template without that behaviour, or set lm.loss_on=all."
+            )
+        spans.append((len(prompt), len(upto)))
+    return full, spans
+
+
+def tokenize_conversation(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, loss_on: str, max_length: int
+) -> dict[str, Any]:
+    """input_ids and assistant_masks (1 = trained) for one conversation, truncated to max_length."""
+    text, spans = assistant_spans(messages, tokenizer)
+    if loss_on == "all":
+        spans = [(0, len(text))]
+    ids: list[int] = []
+    mask: list[int] = []
+    cursor = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        for piece, trained in ((text[cursor:start], 0), (text[start:end], 1)):
+            if piece:
+                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += piece_ids
+                mask += [trained] * len(piece_ids)
+        cursor = end
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length], "truncated": truncated}
+
+
+@dataclass
+class TokenStats:
+    samples: int
+    dropped_no_trained_tokens: int
+    truncated: int
+    tokens: int
+    trained_tokens: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.__dict__,
+            "truncation_rate": self.truncated / max(self.samples, 1),
+            "trained_fraction": self.trained_tokens / max(self.tokens, 1),
+        }
+
+
+def tokenize_conversations(
+    rows: Dataset, tokenizer: PreTrainedTokenizerBase, loss_on: str, max_length: int, split: str,
+    num_proc: int | None = None,
+) -> tuple[Dataset, TokenStats]:
+    """Tokenize a 'messages' dataset; drop (and count) samples that truncation left with no trained token."""
+    encoded = rows.map(
+        lambda row: tokenize_conversation(row["messages"], tokenizer, loss_on, max_length),
+        remove_columns=rows.column_names,
+        num_proc=num_proc,
+        desc=f"Tokenizing {split}",
+    )
+    trained = [sum(m) for m in encoded["assistant_masks"]]
+    keep = [i for i, n in enumerate(trained) if n > 0]
+    stats = TokenStats(
+        samples=len(encoded),
+        dropped_no_trained_tokens=len(encoded) - len(keep),
+        truncated=sum(encoded["truncated"]),
+        tokens=sum(len(ids) for ids in encoded["input_ids"]),
+        trained_tokens=sum(trained),
+    )
+    if stats.dropped_no_trained_tokens:
+        logger.warning(
+            "%s: %d of %d samples had no trained token left after truncation to %d tokens; dropped them "
+            "(raise data.max_length to keep them).", split, stats.dropped_no_trained_tokens, stats.samples, max_length,
+        )
+    if not keep:
+        raise LlmtuneError(
+            f"Every {split} sample lost all its trained tokens to truncation at data.max_length={max_length}. "
+            "Raise data.max_length."
+        )
+    if len(keep) < len(encoded):
+        encoded = encoded.select(keep)
+    return encoded.remove_columns("truncated"), stats
+
+
+def tokenize_text_blocks(
+    rows: Dataset, column: str, tokenizer: PreTrainedTokenizerBase, block_size: int, split: str,
+    num_proc: int | None = None,
+) -> tuple[Dataset, TokenStats]:
+    """Plain text: each document + eos, concatenated and cut into block_size blocks (the tail is dropped)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def blocks(batch: dict[str, list]) -> dict[str, list]:
+        stream = [t for text in batch[column] if text for t in tokenizer(text, add_special_tokens=False)["input_ids"] + eos]
+        usable = len(stream) // block_size * block_size
+        chunks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
+        return {"input_ids": chunks, "assistant_masks": [[1] * block_size for _ in chunks]}
+
+    # Large batches so that little text is lost at batch boundaries.
+    encoded = rows.map(blocks, batched=True, batch_size=2000, remove_columns=rows.column_names, num_proc=num_proc,
+                       desc=f"Tokenizing {split} into {block_size}-token blocks")
+    if len(encoded) == 0:
+        raise LlmtuneError(
+            f"The {split} text is shorter than one block of data.max_length={block_size} tokens. "
+            "Give more text or lower data.max_length."
+        )
+    tokens = len(encoded) * block_size
+    return encoded, TokenStats(len(encoded), 0, 0, tokens, tokens)

@@ -1,0 +1,79 @@
+"""Generation and perplexity for causal LMs: quick checks during training and from the CLI."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str] | list[list[dict[str, str]]],
+    max_new_tokens: int,
+    chat: bool,
+) -> list[dict[str, Any]]:
+    """Greedy continuations. With chat=True a prompt is a user message (or a whole message list).
+
+    Each record says whether generation stopped on its own (an eos / end-of-turn token) or ran out of tokens.
+    """
+    was_training = model.training
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    stop_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    records = []
+    for prompt in prompts:
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = prompt
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+        new = output[0, inputs["input_ids"].shape[1]:].tolist()
+        stopped = bool(new) and new[-1] in stop_ids
+        records.append({
+            "prompt": prompt,
+            "completion": tokenizer.decode(new, skip_special_tokens=True),
+            "stopped": stopped,
+            "new_tokens": len(new),
+        })
+    model.train(was_training)
+    return records
+
+
+@torch.inference_mode()
+def perplexity(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, stride: int | None = None
+) -> dict[str, float]:
+    """Sliding-window perplexity of a text: windows of max_length tokens, each scoring only its new tokens.
+
+    With stride < max_length every scored token sees at least max_length - stride tokens of context.
+    """
+    stride = stride or max_length
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    total = ids.size(1)
+    nll_sum, scored, previous_end = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    for begin in range(0, total, stride):
+        end = min(begin + max_length, total)
+        new_tokens = end - previous_end  # tokens of this window not scored by an earlier one
+        window = ids[:, begin:end]
+        logits = model(input_ids=window).logits[0, :-1].float()
+        targets = window[0, 1:]
+        first = max(targets.size(0) - new_tokens, 0)  # the very first token of the text has no prediction
+        losses = torch.nn.functional.cross_entropy(logits[first:], targets[first:], reduction="sum")
+        nll_sum += losses.item()
+        scored += targets.size(0) - first
+        previous_end = end
+        if end == total:
+            break
+    model.train(was_training)
+    loss = nll_sum / max(scored, 1)
+    return {"perplexity": math.exp(loss), "loss": loss, "tokens": scored}

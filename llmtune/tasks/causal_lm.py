@@ -1,0 +1,318 @@
+"""Causal LMs: instruction / chat SFT, continued pretraining, and pretraining from scratch.
+
+The story, top to bottom: load the data -> tokenizer and model (pretrained, or trained/built from zero)
+-> chat template and end-of-turn -> tokenize with loss masks (assistant turns or all tokens) -> model
+(full, LoRA, DoRA) -> trl SFTTrainer (packing without cross-sample attention) -> evaluate before -> train
+-> evaluate after (loss, perplexity, token accuracy, generations) -> save with a generation config whose
+eos is the template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, concatenate_datasets
+from peft import TaskType
+from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from llmtune.config.loader import recipe_to_dict
+from llmtune.config.schema import DataConfig, Recipe
+from llmtune.data.formats import detect_format, text_column, to_conversations
+from llmtune.data.lm_tokenize import (
+    end_of_turn_token,
+    ensure_pad_token,
+    setup_chat_template,
+    tokenize_conversations,
+    tokenize_text_blocks,
+)
+from llmtune.data.loading import fingerprint_sources, load_file, load_splits
+from llmtune.generation import generate, perplexity
+from llmtune.models.adapters import apply_method, is_adapter
+from llmtune.models.scratch import build_model, train_tokenizer
+from llmtune.models.sources import resolve_model
+from llmtune.runs import (
+    METRICS_FILE,
+    RUN_RECORD,
+    check_run_dir,
+    claim_run_dir,
+    last_checkpoint,
+    library_versions,
+    run_dir_for,
+    write_json,
+)
+from llmtune.training import GracefulInterrupt, training_arguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LMJob:
+    recipe: Recipe
+    trainer: SFTTrainer
+    run_dir: Path
+    chat: bool  # conversations (chat template, assistant masks) rather than plain text blocks
+    stats: dict[str, dict[str, Any]]
+    model_path: str | None
+
+
+@dataclass
+class LMData:
+    splits: dict[str, Dataset]  # raw rows per split
+    fmt: str  # the resolved data format
+    chat: bool  # conversations (chat template, loss masks) rather than plain text blocks
+    loss_on: str  # "assistant" or "all"
+
+
+def load_data(recipe: Recipe, limit: int | None = None) -> LMData:
+    """Raw rows of every source (optionally only the first `limit` of each split) and their format."""
+    data = recipe.data
+    splits = dict(load_splits(data, recipe.training.seed))
+    splits.pop("test", None)  # causal LMs are scored by loss and perplexity, not by a predictions file
+    if data.mixture:
+        splits["train"] = concatenate_datasets([splits["train"], *mixture_sources(data)])
+    if limit:
+        splits = {name: rows.select(range(min(limit, len(rows)))) for name, rows in splits.items()}
+    fmt = data.format
+    if fmt == "auto" and recipe.task == "pretrain":
+        fmt = "text"
+    elif fmt == "auto":
+        fmt = detect_format(splits["train"].column_names, data.columns, "the training data")
+    chat = fmt != "text"
+    loss_on = recipe.lm.loss_on if recipe.lm.loss_on != "auto" else ("assistant" if chat else "all")
+    return LMData(splits, fmt, chat, loss_on)
+
+
+def load_tokenizer(recipe: Recipe, lm_data: LMData) -> tuple[Any, bool, str, str | None]:
+    """(tokenizer with pad token and chat template, whether tokens were added, short name, model path)."""
+    if recipe.model.init == "scratch":
+        train = lm_data.splits["train"]
+        corpus = (train[text_column(train, recipe.data.columns, "the training data")] if not lm_data.chat
+                  else _conversation_texts(train, lm_data.fmt, recipe.data))
+        tokenizer = train_tokenizer(iter(corpus), recipe.scratch.vocab_size)
+        short_name, model_path = f"scratch-{recipe.scratch.architecture}", None
+    else:
+        source = resolve_model(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+        short_name, model_path = source.short_name, source.path
+    ensure_pad_token(tokenizer)
+    added = setup_chat_template(tokenizer, recipe.lm.chat_template) if lm_data.chat else False
+    return tokenizer, added, short_name, model_path
+
+
+def tokenize_splits(recipe: Recipe, lm_data: LMData, tokenizer: Any) -> tuple[dict[str, Dataset], dict[str, Any]]:
+    """Loss-masked conversations or fixed-size text blocks per split, with token statistics."""
+    data = recipe.data
+    encoded, stats = {}, {}
+    for split, rows in lm_data.splits.items():
+        if lm_data.chat:
+            conversations = to_conversations(rows, lm_data.fmt, data.columns, data.system_prompt, f"the {split} data")
+            encoded[split], split_stats = tokenize_conversations(
+                conversations, tokenizer, lm_data.loss_on, data.max_length, split, data.preprocessing_workers
+            )
+        else:
+            column = text_column(rows, data.columns, f"the {split} data")
+            encoded[split], split_stats = tokenize_text_blocks(
+                rows, column, tokenizer, data.max_length, split, data.preprocessing_workers
+            )
+        stats[split] = split_stats.as_dict()
+    return encoded, stats
+
+
+def build(recipe: Recipe, resume: bool = False) -> LMJob:
+    """Load, tokenize and wrap everything into a ready-to-train SFTTrainer (nothing is trained yet)."""
+    data, lm = recipe.data, recipe.lm
+
+    # 1. Data: raw rows of every source, and whether they are conversations or plain text
+    lm_data = load_data(recipe)
+    chat = lm_data.chat
+
+    # 2. Tokenizer (chat template, pad token) and model (pretrained, or built from scratch)
+    tokenizer, added_tokens, short_name, model_path = load_tokenizer(recipe, lm_data)
+    run_dir = run_dir_for(recipe.output.dir, recipe.task, short_name, resume)
+    check_run_dir(run_dir, recipe.output.overwrite, resume)
+    if recipe.model.init == "scratch":
+        model = build_model(recipe.scratch, tokenizer)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, revision=recipe.model.revision, dtype=recipe.model.dtype,
+            trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True,
+        )
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    set_generation_eos(model, tokenizer, chat)
+
+    # 3. Tokenize: loss masks for conversations, fixed-size blocks for text
+    encoded, stats = tokenize_splits(recipe, lm_data, tokenizer)
+
+    # 4. Model: full, LoRA or DoRA
+    model = apply_method(model, recipe.method, TaskType.CAUSAL_LM)
+
+    # 5. Trainer: trl builds labels from the masks and packs without cross-sample attention
+    has_eval = "eval" in encoded and recipe.training.eval_every != "no"
+    packing = lm.packing and chat  # text blocks are already full
+    args = training_arguments(
+        recipe.training, str(run_dir), "loss", has_eval, SFTConfig,
+        max_length=data.max_length,
+        packing=packing,
+        packing_strategy="bfd",
+        padding_free=packing,
+        completion_only_loss=False,  # the masks below already say what is trained
+        assistant_only_loss=False,
+        dataset_num_proc=data.preprocessing_workers,
+        train_sampling_strategy="group_by_length" if lm.group_by_length and not packing else "random",
+    )
+    callbacks: list[TrainerCallback] = []
+    if recipe.training.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(recipe.training.early_stopping_patience))
+    if lm.generation_prompts:
+        callbacks.append(GenerationLogger(run_dir / "generations.jsonl", lm.generation_prompts, lm.max_new_tokens, chat))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded.get("eval"),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if packing:
+        stats["train"]["packing_efficiency"] = packing_efficiency(trainer.train_dataset, data.max_length)
+    return LMJob(recipe, trainer, run_dir, chat, stats, model_path)
+
+
+def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, evaluate and save; returns the metrics written to metrics.json."""
+    job = build(recipe, resume)
+    trainer, run_dir = job.trainer, job.run_dir
+    claim_run_dir(run_dir, recipe.output.overwrite, resume)
+    write_json(run_dir / RUN_RECORD, {
+        "recipe": recipe_to_dict(recipe),
+        "overrides": overrides or [],
+        "model_path": job.model_path,
+        "data": fingerprint_sources(recipe.data),
+        "token_stats": job.stats,
+        "versions": library_versions(),
+    })
+
+    metrics: dict[str, Any] = {"data": job.stats}
+    has_eval = trainer.eval_dataset is not None
+    if has_eval and recipe.eval.before_training and not resume:
+        metrics["before"] = lm_metrics(trainer.evaluate(metric_key_prefix="before"), "before_")
+
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    with GracefulInterrupt() as interrupt:
+        trainer.add_callback(interrupt)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if interrupt.requested:
+        raise KeyboardInterrupt(
+            f"Training interrupted; a checkpoint is in {last_checkpoint(run_dir)}. "
+            "Continue with the same command plus --resume."
+        )
+    metrics["train"] = {**result.metrics, "global_step": trainer.state.global_step}
+    if has_eval:
+        metrics["after"] = lm_metrics(trainer.evaluate(metric_key_prefix="after"), "after_")
+    if recipe.lm.perplexity_file:
+        text = Path(recipe.lm.perplexity_file).read_text()
+        metrics["perplexity_file"] = perplexity(trainer.model, trainer.processing_class, text,
+                                                recipe.data.max_length, recipe.lm.stride)
+
+    save_model(job)
+    write_json(run_dir / METRICS_FILE, metrics)
+    for name in ("loss", "perplexity", "token_accuracy"):
+        if name in metrics.get("before", {}) and name in metrics.get("after", {}):
+            logger.info("%-14s before %.4f -> after %.4f", name, metrics["before"][name], metrics["after"][name])
+    logger.info("Run saved in %s", run_dir)
+    return metrics
+
+
+# --- pieces -------------------------------------------------------------------------------------------
+
+
+def mixture_sources(data: DataConfig) -> list[Dataset]:
+    """The extra training sources of data.mixture, each scaled by its weight (rows kept or repeated)."""
+    sources = []
+    for i, source in enumerate(data.mixture):
+        if source.get("train_file"):
+            rows = load_file(source["train_file"], f"data.mixture[{i}].train_file")
+        else:
+            sub = DataConfig(dataset=source["dataset"], subset=source.get("subset"),
+                             train_split=source.get("train_split", "train"))
+            rows = load_splits(sub, 0)["train"]
+        fmt = source.get("format", data.format)
+        if fmt != "text":
+            rows = to_conversations(rows, fmt, source.get("columns", data.columns), data.system_prompt,
+                                    f"data.mixture[{i}]")
+        weight = float(source.get("weight", 1.0))
+        whole, part = int(weight), weight - int(weight)
+        picked = [rows] * whole + ([rows.select(range(round(part * len(rows))))] if part else [])
+        sources.extend(p for p in picked if len(p))
+    return sources
+
+
+def _conversation_texts(rows: Dataset, fmt: str, data: DataConfig):
+    for row in to_conversations(rows, fmt, data.columns, data.system_prompt, "the training data"):
+        yield "\n".join(m["content"] for m in row["messages"])
+
+
+def set_generation_eos(model: Any, tokenizer: Any, chat: bool) -> None:
+    """Make generation stop where training taught the model to stop: the template's end-of-turn token."""
+    stop = [end_of_turn_token(tokenizer)] if chat else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def packing_efficiency(packed: Dataset, max_length: int) -> float:
+    """Share of the packed sequence slots filled with real tokens."""
+    lengths = [len(ids) for ids in packed["input_ids"]]
+    return sum(lengths) / max(len(lengths) * max_length, 1)
+
+
+def lm_metrics(raw: dict[str, float], prefix: str) -> dict[str, float]:
+    loss = raw[f"{prefix}loss"]
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if f"{prefix}mean_token_accuracy" in raw:
+        metrics["token_accuracy"] = raw[f"{prefix}mean_token_accuracy"]
+    return metrics
+
+
+def save_model(job: LMJob) -> None:
+    """Leave the adapter, merged or full model at the top of the run dir, with tokenizer and generation config."""
+    trainer, save = job.trainer, job.recipe.output.save
+    if save == "auto":
+        save = "adapter" if is_adapter(trainer.model) else "full"
+    model = trainer.model.merge_and_unload() if save == "merged" else trainer.model
+    model.save_pretrained(job.run_dir)
+    trainer.processing_class.save_pretrained(job.run_dir)
+    base = trainer.model.base_model.model if is_adapter(trainer.model) else trainer.model
+    base.generation_config.save_pretrained(job.run_dir)
+    if save == "adapter":
+        base.config.save_pretrained(job.run_dir)  # vocabulary size after added chat tokens, for loaders
+
+
+class GenerationLogger(TrainerCallback):
+    """Greedy generations for a fixed prompt list at every evaluation, appended to generations.jsonl."""
+
+    def __init__(self, path: Path, prompts: list[str], max_new_tokens: int, chat: bool):
+        self.path, self.prompts, self.max_new_tokens, self.chat = path, prompts, max_new_tokens, chat
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if model is None or processing_class is None or not state.is_world_process_zero:
+            return
+        records = generate(model, processing_class, self.prompts, self.max_new_tokens, self.chat)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            for record in records:
+                handle.write(json.dumps({"step": state.global_step, **record}) + "\n")
+        for record in records:
+            logger.info("step %d | %s -> %r%s", state.global_step, record["prompt"], record["completion"][:120],
+                        "" if record["stopped"] else " [no stop]")
+
