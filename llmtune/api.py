@@ -35,7 +35,13 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
 
 
 def validate(recipe: Recipe) -> dict[str, Any]:
-    """Check that the recipe's model resolves and its data loads with the named columns; nothing is trained."""
+    """Check that the recipe's model resolves and its data loads and tokenizes as configured; nothing is trained."""
+    if recipe.task != "classification":
+        lm_data = causal_lm.load_data(recipe)
+        tokenizer, _, _, model_path = causal_lm.load_tokenizer(recipe, lm_data)
+        _, stats = causal_lm.tokenize_splits(recipe, lm_data, tokenizer)
+        return {"task": recipe.task, "model": model_path or "from scratch", "format": lm_data.fmt,
+                "loss_on": lm_data.loss_on, "method": recipe.method.type, "tokens": stats}
     source = resolve_model(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     splits = load_splits(recipe.data, recipe.training.seed)
     labels, _ = classification.check_data(splits, recipe.data)

@@ -23,6 +23,10 @@ EXAMPLES = """examples:
   llmtune eval runs/try1 --data dev.tsv --text-column sentence
   llmtune predict runs/try1 --text "a gripping, beautiful film"
   llmtune validate recipes/sst2_minilm_full.yaml data.max_train_samples=512
+  llmtune train recipes/smollm2_alpaca_lora.yaml
+  llmtune data preview recipes/smollm2_alpaca_lora.yaml -n 2
+  llmtune generate runs/my-sft-run --prompt "Name three primary colours."
+  llmtune eval smollm2-135m-instruct --text-file ../shared/data/wikitext-2/valid.txt --max-length 1024
 """
 
 
@@ -73,12 +77,43 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--explain", action="store_true", help="Print every recipe key, its default and help.")
     validate.set_defaults(handler=_validate)
 
-    for name, helptext in (("eval", "Evaluate a trained run on labelled data."),
+    lm_commands = {
+        "generate": "Generate from a causal-LM run (adapter or merged) or model for one or more prompts.",
+        "chat": "Talk to a causal-LM run in the terminal (empty line or Ctrl-D to quit).",
+    }
+    for name, helptext in lm_commands.items():
+        sub = commands.add_parser(name, help=helptext, description=helptext)
+        sub.add_argument("run", help="A run directory, a checkpoint-N folder, or a model name (Hub id, .gguf, minilm...).")
+        if name == "generate":
+            sub.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
+            sub.add_argument("--raw", action="store_true", help="Continue the prompt text as is (no chat template).")
+        sub.add_argument("--max-new-tokens", type=int, default=128, help="Longest reply in tokens.")
+        sub.set_defaults(handler=_generate if name == "generate" else _chat)
+
+    data = commands.add_parser("data", help="Inspect a recipe's processed data.", description="Inspect a recipe's data.")
+    data_commands = data.add_subparsers(title="data commands", required=True, metavar="COMMAND")
+    show = data_commands.add_parser(
+        "preview",
+        help="Show processed samples with trained / masked tokens, and token statistics.",
+        description="Show N processed training samples with every token marked trained-on or masked (colour in a "
+        "terminal, [[trained]] markers otherwise), plus samples, tokens, truncation rate and packing efficiency.",
+    )
+    show.add_argument("recipe", help="Path of a YAML recipe (task sft or pretrain).")
+    show.add_argument("overrides", nargs="*", help="Recipe overrides.")
+    show.add_argument("-n", "--samples", type=int, default=3, help="How many samples to show.")
+    show.add_argument("--no-colour", action="store_true", help="Plain [[markers]] even in a terminal.")
+    show.set_defaults(handler=_preview)
+
+    for name, helptext in (("eval", "Evaluate a run on labelled data (classification) or a text file (perplexity)."),
                            ("predict", "Predict labels (with probabilities) for texts or a file.")):
         sub = commands.add_parser(name, help=helptext, description=helptext)
         sub.add_argument("run", help="A run directory, or one of its checkpoint-N folders.")
-        sub.add_argument("--data" if name == "eval" else "--file", dest="data", required=name == "eval",
+        sub.add_argument("--data" if name == "eval" else "--file", dest="data",
                          help="Data file (.jsonl, .json, .csv, .tsv, .parquet, .txt).")
+        if name == "eval":
+            sub.add_argument("--text-file", help="Causal LMs: a text file scored with sliding-window perplexity.")
+            sub.add_argument("--max-length", type=int, default=1024, help="Perplexity window in tokens.")
+            sub.add_argument("--stride", type=int, help="Perplexity window stride (default: --max-length).")
         if name == "predict":
             sub.add_argument("--text", action="append", default=[], help="A text to classify (repeatable).")
             sub.add_argument("--out", help="Write predictions here as JSON lines instead of printing them.")
@@ -152,6 +187,21 @@ def _eval(args: argparse.Namespace) -> int:
     from llmtune.data.loading import load_file
     from llmtune.tasks.classification_predict import evaluate_file
 
+    if args.text_file:
+        from transformers import AutoModelForCausalLM
+
+        from llmtune.generation import perplexity
+        from llmtune.models.trained import load_trained
+
+        if not Path(args.text_file).is_file():
+            raise LlmtuneError(f"--text-file '{args.text_file}' does not exist.")
+        model, tokenizer, _ = load_trained(args.run, AutoModelForCausalLM)
+        result = perplexity(model, tokenizer, Path(args.text_file).read_text(), args.max_length, args.stride)
+        print(json.dumps({"text_file": args.text_file, "max_length": args.max_length,
+                          "stride": args.stride or args.max_length, **result}, indent=2))
+        return 0
+    if not args.data:
+        raise LlmtuneError("eval needs --data (labelled file, classification runs) or --text-file (perplexity).")
     classifier = _load_for_inference(args)
     metrics = evaluate_file(classifier, load_file(args.data, "--data"), args.metrics, args.batch_size)
     print(json.dumps(metrics, indent=2))
@@ -180,4 +230,54 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"Wrote {len(lines)} predictions to {args.out}")
     else:
         print("\n".join(lines))
+    return 0
+
+
+def _load_lm(args: argparse.Namespace):
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.models.trained import load_trained
+
+    model, tokenizer, recipe = load_trained(args.run, AutoModelForCausalLM)
+    chat = bool(tokenizer.chat_template) and not getattr(args, "raw", False)
+    return model, tokenizer, chat
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llmtune.generation import generate
+
+    model, tokenizer, chat = _load_lm(args)
+    for record in generate(model, tokenizer, args.prompt, args.max_new_tokens, chat):
+        print(json.dumps(record))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from llmtune.generation import generate
+
+    model, tokenizer, chat = _load_lm(args)
+    if not chat:
+        raise LlmtuneError(f"'{args.run}' has no chat template; use `llmtune generate --raw` to continue text.")
+    messages: list[dict[str, str]] = []
+    print("Chatting with", args.run, "(empty line or Ctrl-D to quit)")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, [messages], args.max_new_tokens, chat=True)[0]
+        messages.append({"role": "assistant", "content": reply["completion"]})
+        print("model>", reply["completion"])
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from llmtune.api import load_recipe
+    from llmtune.preview import preview
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(preview(recipe, args.samples, colour=False if args.no_colour else None))
     return 0

@@ -68,3 +68,51 @@ def run_cli(*args: str, timeout: float = 900, **kwargs) -> subprocess.CompletedP
     return subprocess.run(
         [sys.executable, "-m", "llmtune", *args], capture_output=True, text=True, timeout=timeout, **kwargs
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct, converted once from the installed GGUF file (cached under ~/.cache/llmtune)."""
+    from llmtune.models.sources import resolve_model
+
+    return resolve_model("smollm2-135m-instruct").path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2_path) -> str:
+    """A 2-layer, 32-wide Llama with random weights and SmolLM2's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture()
+def alpaca_files(tmp_path) -> dict[str, Path]:
+    """Alpaca-format train (48) and eval (16) files cut from the shared Alpaca subset (short examples)."""
+    import json
+
+    source = SHARED_DATA / "alpaca" / "alpaca_5000.json"
+    if not source.exists():
+        pytest.skip(f"Alpaca data not found at {source}")
+    rows = [r for r in json.loads(source.read_text()) if len(r["output"]) < 300 and len(r["instruction"]) < 200]
+    files = {}
+    for name, part in (("train", rows[:48]), ("eval", rows[48:64])):
+        files[name] = tmp_path / f"alpaca_{name}.json"
+        files[name].write_text(json.dumps(part))
+    return files
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

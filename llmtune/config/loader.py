@@ -127,8 +127,8 @@ def _resolve_path(value: Any, base_dir: Path) -> Any:
             if isinstance(item, dict) else item
             for item in value
         ]
-    if not isinstance(value, str) or not value:
-        return value
+    if not isinstance(value, str) or not value or "\n" in value or len(value) > 255:
+        return value  # not a path (e.g. an inline chat template)
     if value.startswith("~"):
         return str(Path(value).expanduser())
     if Path(value).is_absolute():

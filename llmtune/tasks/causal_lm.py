@@ -183,7 +183,7 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
         callbacks=callbacks,
     )
     if packing:
-        stats["train"]["packing_efficiency"] = packing_efficiency(trainer.train_dataset, data.max_length)
+        stats["train"]["packing_efficiency"] = packing_efficiency(encoded["train"], data.max_length)
     return LMJob(recipe, trainer, run_dir, chat, stats, model_path)
 
 
@@ -268,10 +268,17 @@ def set_generation_eos(model: Any, tokenizer: Any, chat: bool) -> None:
         stop.append(tokenizer.eos_token_id)
     model.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # The model config agrees with the tokenizer too; otherwise the Trainer "aligns" them and puts the
+    # tokenizer's eos in front of the end-of-turn token.
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def packing_efficiency(packed: Dataset, max_length: int) -> float:
-    """Share of the packed sequence slots filled with real tokens."""
+def packing_efficiency(encoded: Dataset, max_length: int) -> float:
+    """Share of packed sequence slots filled with real tokens, packing as training does (best-fit decreasing)."""
+    from trl.data_utils import pack_dataset
+
+    packed = pack_dataset(encoded.select_columns(["input_ids"]), max_length, "bfd")
     lengths = [len(ids) for ids in packed["input_ids"]]
     return sum(lengths) / max(len(lengths) * max_length, 1)
 
@@ -279,8 +286,11 @@ def packing_efficiency(packed: Dataset, max_length: int) -> float:
 def lm_metrics(raw: dict[str, float], prefix: str) -> dict[str, float]:
     loss = raw[f"{prefix}loss"]
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-    if f"{prefix}mean_token_accuracy" in raw:
-        metrics["token_accuracy"] = raw[f"{prefix}mean_token_accuracy"]
+    # trl adds its token accuracy under "eval_" whatever the prefix asked of evaluate()
+    for key in (f"{prefix}mean_token_accuracy", "eval_mean_token_accuracy"):
+        if key in raw:
+            metrics["token_accuracy"] = raw[key]
+            break
     return metrics
 
 

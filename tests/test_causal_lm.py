@@ -1,0 +1,183 @@
+"""Causal-LM correctness on a tiny Llama: loss masks, packing, gradient accumulation, end-of-turn and eos."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from llmtune import build_trainer, load_recipe, train
+from llmtune.cli import main
+from llmtune.data.lm_tokenize import tokenize_conversation
+
+CHAT = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "And three plus three?"},
+    {"role": "assistant", "content": "Six, of course."},
+]
+
+
+def chats(n: int) -> list[dict]:
+    """Multi-turn chats of different lengths (so padding differs between batches)."""
+    out = []
+    for i in range(n):
+        turns = [{"role": "user", "content": f"Question {i}: " + "tell me more " * (i % 5 + 1)},
+                 {"role": "assistant", "content": "Answer " + "indeed " * (i % 7 + 1)}]
+        if i % 2:
+            turns += [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because " * (i % 3 + 1)}]
+        out.append({"messages": turns})
+    return out
+
+
+def sft_recipe(model: str, train_file, tmp_path, *extra: str):
+    return load_recipe({"task": "sft", "model": {"name": model}, "data": {"train_file": str(train_file)},
+                        "output": {"dir": str(tmp_path / "run")}}, ["training.max_steps=1", *extra])
+
+
+def test_only_assistant_turns_are_trained_in_a_multi_turn_chat(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    out = tokenize_conversation(CHAT, tokenizer, "assistant", 1024)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    masked = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+    assert trained == "Four.<|im_end|>\nSix, of course.<|im_end|>\n"
+    for text in ("You answer briefly.", "What is two plus two?", "And three plus three?", "<|im_start|>assistant\n"):
+        assert text in masked
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CHAT, tokenize=False)  # nothing lost or added
+
+
+def test_trainer_labels_are_minus_100_exactly_on_prompt_tokens(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    trainer = build_trainer(sft_recipe(tiny_llama, data, tmp_path, "lm.packing=false"))
+    row = trainer.train_dataset[0]
+    tokenizer = trainer.processing_class
+    expected = tokenize_conversation(CHAT, tokenizer, "assistant", 1024)
+    assert row["input_ids"] == expected["input_ids"]
+    assert [label != -100 for label in row["labels"]] == [bool(m) for m in expected["assistant_masks"]]
+    assert all(label == tok for label, tok in zip(row["labels"], row["input_ids"]) if label != -100)
+
+
+def test_loss_on_all_trains_every_token(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert all(tokenize_conversation(CHAT, tokenizer, "all", 1024)["assistant_masks"])
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every trained token, in reading order (labels shifted as the model does)."""
+    logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    keep = labels != -100
+    return torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
+
+
+def test_packed_batch_gives_the_same_loss_as_unpacked(tiny_llama):
+    """Tolerance: 1e-5 on the loss, 1e-4 per token (fp32). The control - no position reset - must differ."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    samples = []
+    for row in chats(4):
+        encoded = tokenize_conversation(row["messages"], tokenizer, "assistant", 512)
+        samples.append({"input_ids": encoded["input_ids"],
+                        "labels": [t if m else -100 for t, m in zip(encoded["input_ids"], encoded["assistant_masks"])]})
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(samples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(samples)
+    assert padded["input_ids"].shape[0] == 4 and packed["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        # use_cache=False as in training: with a KV cache, transformers does not detect packed sequences.
+        unpacked = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False)
+        packed_out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
+        leaky = model(input_ids=packed["input_ids"], use_cache=False)  # one long sequence, attending across samples
+    reference = token_losses(unpacked.logits, padded["labels"])
+    ours = token_losses(packed_out.logits, packed["labels"])
+    control = token_losses(leaky.logits, packed["labels"])
+    assert ours.shape == reference.shape
+    assert ours.mean().item() == pytest.approx(reference.mean().item(), abs=1e-5)
+    assert (ours - reference).abs().max().item() < 1e-4
+    assert (control - reference).abs().max().item() > 1e-3
+
+
+def test_loss_and_update_do_not_depend_on_gradient_accumulation(tiny_llama, tmp_path):
+    """Same global batch (4) as 4x1 and 2x2: SGD step and logged loss agree (per-token normalised loss)."""
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(8))
+    results = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        trainer = build_trainer(sft_recipe(
+            tiny_llama, data, tmp_path / f"b{batch}", "lm.packing=false", "training.optimizer=sgd",
+            "training.learning_rate=0.5", f"training.batch_size={batch}", f"training.gradient_accumulation={accumulation}",
+            "training.max_grad_norm=0", "training.log_every=1", "training.eval_every=no", "training.save_every=no",
+        ))
+        trainer.train()
+        results.append(({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                         trainer.state.log_history[0]["loss"]))
+    (params_a, loss_a), (params_b, loss_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    moved = max((params_a[n] - params_b[n]).abs().max().item() for n in params_a)
+    assert moved < 1e-6
+
+
+def test_sft_run_saves_eos_equal_to_end_of_turn_and_generations(tiny_llama, alpaca_files, tmp_path, capsys):
+    recipe = load_recipe("recipes/smollm2_alpaca_lora.yaml", [
+        f"model.name={tiny_llama}", "data.dataset=null", f"data.train_file={alpaca_files['train']}",
+        f"data.eval_file={alpaca_files['eval']}", "data.eval_split=null", "data.validation_fraction=0", "data.max_length=128",
+        "training.max_steps=2", "lm.max_new_tokens=4", f"output.dir={tmp_path / 'run'}",
+    ])
+    metrics = train(recipe)
+    run_dir = tmp_path / "run"
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    generation = json.loads((run_dir / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert (eos[0] if isinstance(eos, list) else eos) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert {"loss", "perplexity", "token_accuracy"} <= set(metrics["after"])
+    assert metrics["data"]["train"]["samples"] == 48 and 0 < metrics["data"]["train"]["packing_efficiency"] <= 1
+    logged = [json.loads(x) for x in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in logged} >= {0, 2} and all("completion" in r for r in logged)
+
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["prompt"] == "Hi" and record["new_tokens"] <= 3
+
+
+def test_base_tokenizer_without_template_or_pad_gets_chatml_and_a_pad(tmp_path, caplog):
+    """A base model whose tokenizer has no chat template, no pad token and no ChatML tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(["hello world, how are you? fine thanks."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    base = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=512)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
+    recipe = load_recipe({"task": "sft", "model": {"name": str(base)}, "data": {"train_file": str(data), "max_length": 512},
+                          "output": {"dir": str(tmp_path / "run")}}, ["training.max_steps=1"])
+    with caplog.at_level("INFO"):
+        train(recipe)
+    assert "no pad token" in caplog.text and "no chat template; using ChatML" in caplog.text
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run")
+    assert saved.pad_token == "<eos>" and "<|im_start|>" in saved.chat_template
+    end_of_turn = saved.convert_tokens_to_ids("<|im_end|>")
+    generation = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert generation["eos_token_id"][0] == end_of_turn
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run").get_input_embeddings().num_embeddings == len(saved)
+
+
+def test_data_preview_marks_trained_tokens_and_reports_statistics(tiny_llama, alpaca_files, capsys):
+    assert main(["data", "preview", "recipes/smollm2_alpaca_lora.yaml", f"model.name={tiny_llama}", "data.dataset=null",
+                 f"data.train_file={alpaca_files['train']}", "data.eval_split=null", "data.max_length=96",
+                 "-n", "2", "--no-colour"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2 and "[[" in out and "]]" in out
+    first = out.split("--- sample 0")[1].split("--- sample 1")[0]
+    assert "<|im_start|>user" in first.split("[[")[0]  # the prompt comes before the first trained span, unmarked
+    for stat in ("samples: 48", "truncation_rate:", "packing_efficiency:", "trained_tokens:"):
+        assert stat in out
