@@ -36,6 +36,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "classification_quality.json"))
     args = parser.parse_args()
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from llmtune import load_recipe, train
     from llmtune.runs import library_versions
 

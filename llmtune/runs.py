@@ -73,6 +73,21 @@ def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def start_run(run_dir: Path, recipe: Any, overrides: list[str] | None, resume: bool, **task_record: Any) -> None:
+    """Claim the run directory and write run.json: resolved recipe, overrides, library versions, task facts."""
+    from llmtune.config.loader import recipe_to_dict
+    from llmtune.data.loading import fingerprint_sources
+
+    claim_run_dir(run_dir, recipe.output.overwrite, resume)
+    write_json(run_dir / RUN_RECORD, {
+        "recipe": recipe_to_dict(recipe),
+        "overrides": overrides or [],
+        "data": fingerprint_sources(recipe.data),
+        **task_record,
+        "versions": library_versions(),
+    })
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
 

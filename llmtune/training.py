@@ -8,12 +8,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from llmtune.config.schema import TrainingConfig
 from llmtune.errors import LlmtuneError
+from llmtune.runs import last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +120,34 @@ class GracefulInterrupt(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def train_and_evaluate(
+    trainer: Any,
+    run_dir: Path,
+    resume: bool,
+    evaluate_before: bool,
+    summarize: Callable[[dict[str, float], str], dict[str, Any]],
+) -> dict[str, Any]:
+    """Evaluate before (optional), train (resuming if asked, Ctrl-C-safe), evaluate after.
+
+    `summarize(raw_metrics, prefix)` turns the Trainer's prefixed metrics into the task's own names.
+    Raises KeyboardInterrupt, after a checkpoint is saved, when the user pressed Ctrl-C.
+    """
+    metrics: dict[str, Any] = {}
+    has_eval = trainer.eval_dataset is not None
+    if has_eval and evaluate_before and not resume:
+        metrics["before"] = summarize(trainer.evaluate(metric_key_prefix="before"), "before_")
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    with GracefulInterrupt() as interrupt:
+        trainer.add_callback(interrupt)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if interrupt.requested:
+        raise KeyboardInterrupt(
+            f"Training interrupted; a checkpoint is in {last_checkpoint(run_dir)}. "
+            "Continue with the same command plus --resume."
+        )
+    metrics["train"] = {**result.metrics, "global_step": trainer.state.global_step}
+    if has_eval:
+        metrics["after"] = summarize(trainer.evaluate(metric_key_prefix="after"), "after_")
+    return metrics

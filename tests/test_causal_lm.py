@@ -173,7 +173,8 @@ def test_base_tokenizer_without_template_or_pad_gets_chatml_and_a_pad(tmp_path, 
 
 def test_data_preview_marks_trained_tokens_and_reports_statistics(tiny_llama, alpaca_files, capsys):
     assert main(["data", "preview", "recipes/smollm2_alpaca_lora.yaml", f"model.name={tiny_llama}", "data.dataset=null",
-                 f"data.train_file={alpaca_files['train']}", "data.eval_split=null", "data.max_length=96",
+                 f"data.train_file={alpaca_files['train']}", "data.eval_split=null", "data.validation_fraction=0",
+                 "data.max_length=96",
                  "-n", "2", "--no-colour"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and "[[" in out and "]]" in out

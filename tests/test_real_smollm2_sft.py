@@ -24,7 +24,8 @@ def test_lora_sft_lowers_held_out_loss_and_generations_end_with_end_of_turn(alpa
     recipe = load_recipe("recipes/smollm2_alpaca_lora.yaml", [
         "data.dataset=null", f"data.train_file={alpaca_files['train']}", f"data.eval_file={alpaca_files['eval']}",
         "data.validation_fraction=0", "data.max_length=256", "training.epochs=2", "training.batch_size=4",
-        "training.gradient_accumulation=1", "training.eval_every=epoch", "training.learning_rate=5e-4",
+        "training.gradient_accumulation=1", "training.eval_every=no", "training.save_every=no",
+        "training.learning_rate=5e-4",
         f"lm.generation_prompts={json.dumps(UNSEEN_PROMPTS)}", "lm.max_new_tokens=48", f"output.dir={run_dir}",
     ])
     metrics = train(recipe)

@@ -179,12 +179,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not args:
             return dict(value)
         return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _type_error(where, value, tp)
-        if not args:
-            return dict(value)
-        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):

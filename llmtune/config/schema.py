@@ -66,7 +66,7 @@ class DataConfig:
     label_names: list[str] | None = _field(
         None, "Names for integer labels 0..N-1, e.g. [negative, positive]. String labels name themselves."
     )
-    max_train_samples: int | None = _field(None, "Use only the first N training rows (after shuffling).")
+    max_train_samples: int | None = _field(None, "Use N training rows, picked at random (seeded by training.seed).")
     max_eval_samples: int | None = _field(None, "Use only the first N evaluation rows.")
     max_test_samples: int | None = _field(None, "Use only the first N test rows.")
     format: Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt"] = _field(

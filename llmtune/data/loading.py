@@ -47,14 +47,17 @@ def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
         parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
         splits["train"], splits["eval"] = parts["train"], parts["test"]
 
-    splits["train"] = splits["train"].shuffle(seed=seed)
+    if cfg.max_train_samples is not None:
+        # A random subset, not the file's first rows. Without a limit the order stays that of the file, so
+        # that errors can name rows by their place there (the Trainer shuffles every epoch anyway).
+        splits["train"] = splits["train"].shuffle(seed=seed)
     limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples, "test": cfg.max_test_samples}
     for name, dataset in splits.items():
         if limits[name] is not None and len(dataset) > limits[name]:
             splits[name] = dataset.select(range(limits[name]))
         if len(splits[name]) == 0:
             raise LlmtuneError(
-                f"The {name} split is empty ({_describe_source(cfg, name)}). Point the recipe at data with rows, "
+                f"The {name} split is empty ({describe_source(cfg, name)}). Point the recipe at data with rows, "
                 "or check the max_*_samples and validation_fraction settings."
             )
     return DatasetDict(splits)
@@ -143,7 +146,8 @@ def _pick_split(source: DatasetDict | Dataset, split: str, key: str, dataset: st
     return source[split]
 
 
-def _describe_source(cfg: DataConfig, split: str) -> str:
+def describe_source(cfg: DataConfig, split: str) -> str:
+    """Where a split comes from, for messages: "file '...'", "dataset '...'" or "carved from the training data"."""
     file = getattr(cfg, f"{split}_file", None)
     if file:
         return f"file '{file}'"

@@ -21,7 +21,6 @@ from peft import TaskType
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from llmtune.config.loader import recipe_to_dict
 from llmtune.config.schema import DataConfig, Recipe
 from llmtune.data.formats import detect_format, text_column, to_conversations
 from llmtune.data.lm_tokenize import (
@@ -31,22 +30,19 @@ from llmtune.data.lm_tokenize import (
     tokenize_conversations,
     tokenize_text_blocks,
 )
-from llmtune.data.loading import fingerprint_sources, load_file, load_splits
+from llmtune.data.loading import describe_source, load_file, load_splits
 from llmtune.generation import generate, perplexity
 from llmtune.models.adapters import apply_method, is_adapter
 from llmtune.models.scratch import build_model, train_tokenizer
 from llmtune.models.sources import resolve_model
 from llmtune.runs import (
     METRICS_FILE,
-    RUN_RECORD,
     check_run_dir,
-    claim_run_dir,
-    last_checkpoint,
-    library_versions,
     run_dir_for,
+    start_run,
     write_json,
 )
-from llmtune.training import GracefulInterrupt, training_arguments
+from llmtune.training import train_and_evaluate, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +109,8 @@ def tokenize_splits(recipe: Recipe, lm_data: LMData, tokenizer: Any) -> tuple[di
     encoded, stats = {}, {}
     for split, rows in lm_data.splits.items():
         if lm_data.chat:
-            conversations = to_conversations(rows, lm_data.fmt, data.columns, data.system_prompt, f"the {split} data")
+            where = f"the {split} data ({describe_source(data, split)})"
+            conversations = to_conversations(rows, lm_data.fmt, data.columns, data.system_prompt, where)
             encoded[split], split_stats = tokenize_conversations(
                 conversations, tokenizer, lm_data.loss_on, data.max_length, split, data.preprocessing_workers
             )
@@ -191,33 +188,9 @@ def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None
     """Train, evaluate and save; returns the metrics written to metrics.json."""
     job = build(recipe, resume)
     trainer, run_dir = job.trainer, job.run_dir
-    claim_run_dir(run_dir, recipe.output.overwrite, resume)
-    write_json(run_dir / RUN_RECORD, {
-        "recipe": recipe_to_dict(recipe),
-        "overrides": overrides or [],
-        "model_path": job.model_path,
-        "data": fingerprint_sources(recipe.data),
-        "token_stats": job.stats,
-        "versions": library_versions(),
-    })
-
+    start_run(run_dir, recipe, overrides, resume, model_path=job.model_path, token_stats=job.stats)
     metrics: dict[str, Any] = {"data": job.stats}
-    has_eval = trainer.eval_dataset is not None
-    if has_eval and recipe.eval.before_training and not resume:
-        metrics["before"] = lm_metrics(trainer.evaluate(metric_key_prefix="before"), "before_")
-
-    checkpoint = last_checkpoint(run_dir) if resume else None
-    with GracefulInterrupt() as interrupt:
-        trainer.add_callback(interrupt)
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    if interrupt.requested:
-        raise KeyboardInterrupt(
-            f"Training interrupted; a checkpoint is in {last_checkpoint(run_dir)}. "
-            "Continue with the same command plus --resume."
-        )
-    metrics["train"] = {**result.metrics, "global_step": trainer.state.global_step}
-    if has_eval:
-        metrics["after"] = lm_metrics(trainer.evaluate(metric_key_prefix="after"), "after_")
+    metrics |= train_and_evaluate(trainer, run_dir, resume, recipe.eval.before_training, lm_metrics)
     if recipe.lm.perplexity_file:
         text = Path(recipe.lm.perplexity_file).read_text()
         metrics["perplexity_file"] = perplexity(trainer.model, trainer.processing_class, text,

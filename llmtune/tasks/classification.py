@@ -26,25 +26,21 @@ from transformers import (
     Trainer,
 )
 
-from llmtune.config.loader import recipe_to_dict
 from llmtune.config.schema import DataConfig, Recipe
-from llmtune.data.loading import fingerprint_sources, load_splits, require_columns
+from llmtune.data.loading import load_splits, require_columns
 from llmtune.errors import LlmtuneError
 from llmtune.metrics import AVAILABLE_METRICS, load_metric
 from llmtune.models.adapters import apply_method, is_adapter
 from llmtune.models.sources import resolve_model
 from llmtune.runs import (
     METRICS_FILE,
-    RUN_RECORD,
     check_run_dir,
-    claim_run_dir,
-    last_checkpoint,
-    library_versions,
     run_dir_for,
+    start_run,
     write_json,
     write_text,
 )
-from llmtune.training import GracefulInterrupt, training_arguments
+from llmtune.training import train_and_evaluate, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -118,34 +114,9 @@ def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None
     """Train, evaluate, save and predict; returns the metrics written to metrics.json."""
     job = build(recipe, resume)
     trainer, run_dir = job.trainer, job.run_dir
-    claim_run_dir(run_dir, recipe.output.overwrite, resume)
-    write_json(run_dir / RUN_RECORD, {
-        "recipe": recipe_to_dict(recipe),
-        "overrides": overrides or [],
-        "model_path": job.model_path,
-        "labels": job.labels,
-        "data": fingerprint_sources(recipe.data),
-        "data_sizes": {split: len(rows) for split, rows in job.splits.items()},
-        "versions": library_versions(),
-    })
-
-    metrics: dict[str, Any] = {}
-    has_eval = trainer.eval_dataset is not None
-    if has_eval and recipe.eval.before_training and not resume:
-        metrics["before"] = _strip(trainer.evaluate(metric_key_prefix="before"), "before_")
-
-    checkpoint = last_checkpoint(run_dir) if resume else None
-    with GracefulInterrupt() as interrupt:
-        trainer.add_callback(interrupt)
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    if interrupt.requested:
-        raise KeyboardInterrupt(
-            f"Training interrupted; a checkpoint is in {last_checkpoint(run_dir)}. "
-            "Continue with the same command plus --resume."
-        )
-    metrics["train"] = {**result.metrics, "global_step": trainer.state.global_step}
-    if has_eval:
-        metrics["after"] = _strip(trainer.evaluate(metric_key_prefix="after"), "after_")
+    start_run(run_dir, recipe, overrides, resume, model_path=job.model_path, labels=job.labels,
+              data_sizes={split: len(rows) for split, rows in job.splits.items()})
+    metrics = train_and_evaluate(trainer, run_dir, resume, recipe.eval.before_training, _strip)
 
     save_model(job)
     if "test" in job.encoded:
