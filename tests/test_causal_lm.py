@@ -182,3 +182,37 @@ def test_data_preview_marks_trained_tokens_and_reports_statistics(tiny_llama, al
     assert "<|im_start|>user" in first.split("[[")[0]  # the prompt comes before the first trained span, unmarked
     for stat in ("samples: 48", "truncation_rate:", "packing_efficiency:", "trained_tokens:"):
         assert stat in out
+
+
+def test_mixture_weights_scale_each_source_and_group_by_length(tiny_llama, tmp_path):
+    from llmtune import validate
+
+    main_file = write_jsonl(tmp_path / "main.jsonl", chats(4))
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)])
+    for weight, expected in ((0.5, 6), (2, 12)):
+        recipe = sft_recipe(tiny_llama, main_file, tmp_path, "lm.packing=false", "lm.group_by_length=true",
+                            f"data.mixture=[{{train_file: {extra}, weight: {weight}, format: prompt_completion}}]")
+        assert validate(recipe)["tokens"]["train"]["samples"] == expected
+    trainer = build_trainer(recipe)
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+
+
+def test_llama_from_scratch_builds_and_runs():
+    from llmtune.config.schema import ScratchConfig
+    from llmtune.models.scratch import build_model, train_tokenizer
+
+    tokenizer = train_tokenizer(iter(["to be or not to be, that is the question"] * 50), vocab_size=300)
+    model = build_model(ScratchConfig(architecture="llama", layers=1, hidden_size=32, heads=2), tokenizer)
+    ids = tokenizer("to be or not", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") != tokenizer.unk_token_id
+
+
+def test_chat_command_answers_until_an_empty_line(tiny_llama, tmp_path):
+    from conftest import REPO, run_cli
+
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    train(sft_recipe(tiny_llama, data, tmp_path))
+    result = run_cli("chat", str(tmp_path / "run"), "--max-new-tokens", "3", input="Hello there\n\n", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("model>") == 1 and "you>" in result.stdout

@@ -31,6 +31,7 @@ from llmtune.data.lm_tokenize import (
     tokenize_text_blocks,
 )
 from llmtune.data.loading import describe_source, load_file, load_splits
+from llmtune.errors import LlmtuneError
 from llmtune.generation import generate, perplexity
 from llmtune.models.adapters import apply_method, is_adapter
 from llmtune.models.scratch import build_model, train_tokenizer
@@ -63,6 +64,7 @@ class LMData:
     fmt: str  # the resolved data format
     chat: bool  # conversations (chat template, loss masks) rather than plain text blocks
     loss_on: str  # "assistant" or "all"
+    mixture: list[Dataset]  # extra training sources, already in the internal form (messages or text)
 
 
 def load_data(recipe: Recipe, limit: int | None = None) -> LMData:
@@ -70,8 +72,6 @@ def load_data(recipe: Recipe, limit: int | None = None) -> LMData:
     data = recipe.data
     splits = dict(load_splits(data, recipe.training.seed))
     splits.pop("test", None)  # causal LMs are scored by loss and perplexity, not by a predictions file
-    if data.mixture:
-        splits["train"] = concatenate_datasets([splits["train"], *mixture_sources(data)])
     if limit:
         splits = {name: rows.select(range(min(limit, len(rows)))) for name, rows in splits.items()}
     fmt = data.format
@@ -81,15 +81,15 @@ def load_data(recipe: Recipe, limit: int | None = None) -> LMData:
         fmt = detect_format(splits["train"].column_names, data.columns, "the training data")
     chat = fmt != "text"
     loss_on = recipe.lm.loss_on if recipe.lm.loss_on != "auto" else ("assistant" if chat else "all")
-    return LMData(splits, fmt, chat, loss_on)
+    return LMData(splits, fmt, chat, loss_on, mixture_sources(data, chat))
 
 
 def load_tokenizer(recipe: Recipe, lm_data: LMData) -> tuple[Any, bool, str, str | None]:
     """(tokenizer with pad token and chat template, whether tokens were added, short name, model path)."""
     if recipe.model.init == "scratch":
-        train = lm_data.splits["train"]
-        corpus = (train[text_column(train, recipe.data.columns, "the training data")] if not lm_data.chat
-                  else _conversation_texts(train, lm_data.fmt, recipe.data))
+        train = internal_form(lm_data.splits["train"], lm_data.fmt, recipe.data, "the training data")
+        corpus = (train["text"] if not lm_data.chat
+                  else ("\n".join(m["content"] for m in row["messages"]) for row in train))
         tokenizer = train_tokenizer(iter(corpus), recipe.scratch.vocab_size)
         short_name, model_path = f"scratch-{recipe.scratch.architecture}", None
     else:
@@ -108,19 +108,30 @@ def tokenize_splits(recipe: Recipe, lm_data: LMData, tokenizer: Any) -> tuple[di
     data = recipe.data
     encoded, stats = {}, {}
     for split, rows in lm_data.splits.items():
+        where = f"the {split} data ({describe_source(data, split)})"
+        rows = internal_form(rows, lm_data.fmt, data, where)
+        if split == "train" and lm_data.mixture:
+            rows = concatenate_datasets([rows, *lm_data.mixture])
         if lm_data.chat:
-            where = f"the {split} data ({describe_source(data, split)})"
-            conversations = to_conversations(rows, lm_data.fmt, data.columns, data.system_prompt, where)
             encoded[split], split_stats = tokenize_conversations(
-                conversations, tokenizer, lm_data.loss_on, data.max_length, split, data.preprocessing_workers
+                rows, tokenizer, lm_data.loss_on, data.max_length, split, data.preprocessing_workers
             )
         else:
-            column = text_column(rows, data.columns, f"the {split} data")
             encoded[split], split_stats = tokenize_text_blocks(
-                rows, column, tokenizer, data.max_length, split, data.preprocessing_workers
+                rows, "text", tokenizer, data.max_length, split, data.preprocessing_workers
             )
         stats[split] = split_stats.as_dict()
     return encoded, stats
+
+
+def internal_form(rows: Dataset, fmt: str, data: DataConfig, where: str, columns: dict | None = None) -> Dataset:
+    """Rows of any format as the internal form: a 'messages' column (chats) or a 'text' column (plain text)."""
+    columns = data.columns if columns is None else columns
+    if fmt != "text":
+        return to_conversations(rows, fmt, columns, data.system_prompt, where)
+    column = text_column(rows, columns, where)
+    rows = rows.select_columns([column])
+    return rows if column == "text" else rows.rename_column(column, "text")
 
 
 def build(recipe: Recipe, resume: bool = False) -> LMJob:
@@ -208,30 +219,32 @@ def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None
 # --- pieces -------------------------------------------------------------------------------------------
 
 
-def mixture_sources(data: DataConfig) -> list[Dataset]:
-    """The extra training sources of data.mixture, each scaled by its weight (rows kept or repeated)."""
+def mixture_sources(data: DataConfig, chat: bool) -> list[Dataset]:
+    """The extra training sources of data.mixture in the internal form, each scaled by its weight."""
     sources = []
     for i, source in enumerate(data.mixture):
+        where = f"data.mixture[{i}]"
         if source.get("train_file"):
-            rows = load_file(source["train_file"], f"data.mixture[{i}].train_file")
+            rows = load_file(source["train_file"], f"{where}.train_file")
         else:
             sub = DataConfig(dataset=source["dataset"], subset=source.get("subset"),
                              train_split=source.get("train_split", "train"))
             rows = load_splits(sub, 0)["train"]
-        fmt = source.get("format", data.format)
-        if fmt != "text":
-            rows = to_conversations(rows, fmt, source.get("columns", data.columns), data.system_prompt,
-                                    f"data.mixture[{i}]")
+        columns = source.get("columns", data.columns)
+        fmt = source.get("format", "auto")
+        if fmt == "auto":
+            fmt = detect_format(rows.column_names, columns, where)
+        if (fmt != "text") != chat:
+            raise LlmtuneError(
+                f"'{where}' is {fmt} data, but the main training data is "
+                f"{'conversations' if chat else 'plain text'}; a mixture must be all one or all the other."
+            )
+        rows = internal_form(rows, fmt, data, where, columns)
         weight = float(source.get("weight", 1.0))
         whole, part = int(weight), weight - int(weight)
         picked = [rows] * whole + ([rows.select(range(round(part * len(rows))))] if part else [])
         sources.extend(p for p in picked if len(p))
     return sources
-
-
-def _conversation_texts(rows: Dataset, fmt: str, data: DataConfig):
-    for row in to_conversations(rows, fmt, data.columns, data.system_prompt, "the training data"):
-        yield "\n".join(m["content"] for m in row["messages"])
 
 
 def set_generation_eos(model: Any, tokenizer: Any, chat: bool) -> None:
