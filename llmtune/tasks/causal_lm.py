@@ -67,13 +67,11 @@ class LMData:
     mixture: list[Dataset]  # extra training sources, already in the internal form (messages or text)
 
 
-def load_data(recipe: Recipe, limit: int | None = None) -> LMData:
-    """Raw rows of every source (optionally only the first `limit` of each split) and their format."""
+def load_data(recipe: Recipe) -> LMData:
+    """Raw rows of every split, the extra mixture sources, and the data format."""
     data = recipe.data
     splits = dict(load_splits(data, recipe.training.seed))
     splits.pop("test", None)  # causal LMs are scored by loss and perplexity, not by a predictions file
-    if limit:
-        splits = {name: rows.select(range(min(limit, len(rows)))) for name, rows in splits.items()}
     fmt = data.format
     if fmt == "auto" and recipe.task == "pretrain":
         fmt = "text"
@@ -172,7 +170,7 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
         packing=packing,
         packing_strategy="bfd",
         padding_free=packing,
-        completion_only_loss=False,  # the masks below already say what is trained
+        completion_only_loss=False,  # the assistant masks already say what is trained
         assistant_only_loss=False,
         dataset_num_proc=data.preprocessing_workers,
         train_sampling_strategy="group_by_length" if lm.group_by_length and not packing else "random",
