@@ -4,13 +4,16 @@ perplexity through `llmtune eval` matches an independent transformers loop."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
-import torch
 from conftest import REPO, SHARED_DATA, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune import load_recipe, train
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from perplexity_check import independent_perplexity  # noqa: E402 - the benchmark's reference loop, shared
 
 UNSEEN_PROMPTS = [
     "Name a fruit that is yellow. Answer in one word.",
@@ -39,28 +42,6 @@ def test_lora_sft_lowers_held_out_loss_and_generations_end_with_end_of_turn(alpa
     assert all(r["stopped"] for r in records), records  # each reply ended with <|im_end|>, not the token limit
     final = [json.loads(x) for x in (run_dir / "generations.jsonl").read_text().splitlines()][-3:]
     assert all(r["stopped"] for r in final)
-
-
-def independent_perplexity(model, tokenizer, text: str, max_length: int, stride: int) -> float:
-    """The sliding-window loop from the transformers perplexity guide, using the model's own loss."""
-    encodings = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    seq_len = encodings.input_ids.size(1)
-    nll_sum, n_tokens, prev_end = 0.0, 0, 0
-    for begin in range(0, seq_len, stride):
-        end = min(begin + max_length, seq_len)
-        trg_len = end - prev_end
-        input_ids = encodings.input_ids[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = model(input_ids, labels=target_ids).loss
-        valid = (target_ids != -100).sum().item() - 1  # the model shifts labels left by one
-        nll_sum += loss.item() * valid
-        n_tokens += valid
-        prev_end = end
-        if end == seq_len:
-            break
-    return float(torch.exp(torch.tensor(nll_sum / n_tokens)))
 
 
 def test_wikitext2_perplexity_through_llmtune_eval_matches_an_independent_loop(smollm2_path, tmp_path):
