@@ -3,7 +3,7 @@
 Reports held-out loss and perplexity before and after (the baseline is the same model before training, in
 the same run), token accuracy, how many unseen-prompt generations stop on their own, and the generations.
 
-    .venv/bin/python benchmarks/sft_quality.py --train-samples 1000 --eval-samples 100
+    .venv/bin/python benchmarks/sft_quality.py --train-samples 120 --eval-samples 40
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"))
     parser.add_argument("--train-samples", type=int, default=1000, help="Alpaca examples to train on (of 5,000).")
     parser.add_argument("--eval-samples", type=int, default=100, help="Held-out examples (never trained on).")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sft_quality.json"))
     args = parser.parse_args()
@@ -53,6 +53,7 @@ def main() -> int:
         recipe = load_recipe(REPO / "recipes" / "smollm2_alpaca_lora.yaml", [
             "data.dataset=null", f"data.train_file={work / 'train.json'}", f"data.eval_file={work / 'eval.json'}",
             "data.validation_fraction=0", f"data.max_length={args.max_length}", f"training.epochs={args.epochs}",
+            "training.gradient_accumulation=1",
             "training.eval_every=no", "training.save_every=no", f"lm.generation_prompts={json.dumps(PROMPTS)}",
             "lm.max_new_tokens=96", f"output.dir={work / 'run'}",
         ])
