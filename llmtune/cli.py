@@ -238,7 +238,7 @@ def _load_lm(args: argparse.Namespace):
 
     from llmtune.models.trained import load_trained
 
-    model, tokenizer, recipe = load_trained(args.run, AutoModelForCausalLM)
+    model, tokenizer, _ = load_trained(args.run, AutoModelForCausalLM)
     chat = bool(tokenizer.chat_template) and not getattr(args, "raw", False)
     return model, tokenizer, chat
 

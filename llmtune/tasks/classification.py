@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from llmtune.config.schema import DataConfig, Recipe
+from llmtune.data.lm_tokenize import ensure_pad_token
 from llmtune.data.loading import load_splits, require_columns
 from llmtune.errors import LlmtuneError
 from llmtune.metrics import AVAILABLE_METRICS, load_metric
@@ -135,9 +136,7 @@ def load_tokenizer(path: str, recipe: Recipe) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        logger.info("The tokenizer has no pad token; padding with %r.", tokenizer.pad_token)
+    ensure_pad_token(tokenizer)
     return tokenizer
 
 
