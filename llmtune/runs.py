@@ -73,16 +73,22 @@ def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def start_run(run_dir: Path, recipe: Any, overrides: list[str] | None, resume: bool, **task_record: Any) -> None:
-    """Claim the run directory and write run.json: resolved recipe, overrides, library versions, task facts."""
+def start_run(
+    run_dir: Path, recipe: Any, overrides: list[str] | None, resume: bool, trainer: Any, **task_record: Any
+) -> None:
+    """Claim the run directory and write run.json: resolved recipe, overrides, world size, parameter counts,
+    library versions and task facts."""
     from llmtune.config.loader import recipe_to_dict
     from llmtune.data.loading import fingerprint_sources
+    from llmtune.models.adapters import parameter_summary
 
     claim_run_dir(run_dir, recipe.output.overwrite, resume)
     write_json(run_dir / RUN_RECORD, {
         "recipe": recipe_to_dict(recipe),
         "overrides": overrides or [],
         "data": fingerprint_sources(recipe.data),
+        "world_size": trainer.args.world_size,
+        "parameters": parameter_summary(trainer.model),
         **task_record,
         "versions": library_versions(),
     })

@@ -21,6 +21,32 @@ from llmtune.runs import last_checkpoint
 
 logger = logging.getLogger(__name__)
 
+# llmtune's optimizer names -> transformers' (any other name transformers knows is passed through as is).
+OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw_fused": "adamw_torch_fused",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",
+    "lion_8bit": "lion_8bit",
+    "paged_lion_8bit": "paged_lion_8bit",
+    "adafactor": "adafactor",
+    "sgd": "sgd",
+    "rmsprop": "rmsprop",
+}
+
+UNPAGED = {"paged_adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "adamw_torch"}
+
+
+def transformers_optimizer(name: str) -> str:
+    """The transformers name of a recipe's optimizer; paged variants only page on CUDA."""
+    optim = OPTIMIZERS.get(name, name)
+    if optim.startswith("paged_") and not torch.cuda.is_available():
+        unpaged = UNPAGED.get(optim, optim.removeprefix("paged_"))
+        logger.info("Optimizer %s pages its state only on CUDA; running %s here.", name, unpaged)
+        return unpaged
+    return optim
+
 
 def training_arguments(
     cfg: TrainingConfig,
@@ -54,7 +80,8 @@ def training_arguments(
         gradient_accumulation_steps=cfg.gradient_accumulation,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optimizer,
+        optim=transformers_optimizer(cfg.optimizer),
+        gradient_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
         bf16=bf16,
         fp16=fp16,

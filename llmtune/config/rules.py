@@ -5,9 +5,12 @@ Each message says which keys clash and how to fix the recipe.
 
 from __future__ import annotations
 
+from transformers.training_args import OptimizerNames
+
 from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError, did_you_mean
 from llmtune.metrics import AVAILABLE_METRICS
+from llmtune.training import OPTIMIZERS
 
 
 def check(recipe: Recipe) -> None:
@@ -39,6 +42,22 @@ def check(recipe: Recipe) -> None:
 
     if method.type in ("lora", "dora") and (method.r <= 0 or method.alpha <= 0):
         raise LlmtuneError(f"'method.r' ({method.r}) and 'method.alpha' ({method.alpha}) must be positive.")
+    if method.quantization != "none":
+        if method.type == "full":
+            raise LlmtuneError(
+                f"'method.quantization' is {method.quantization!r} with method.type=full, but quantized weights "
+                "cannot be trained directly. Use method.type=lora (QLoRA) or dora, or method.quantization=none."
+            )
+        if recipe.model.init == "scratch":
+            raise LlmtuneError(
+                "'method.quantization' needs pretrained weights to quantize, but model.init is 'scratch'. "
+                "Set method.quantization=none."
+            )
+        if output.save == "full":
+            raise LlmtuneError(
+                "'output.save' is 'full', but the base is quantized: a full save would write low-precision "
+                "weights. Use output.save=adapter, or merged (the adapter is merged into a full-precision base)."
+            )
     if method.type == "full" and output.save in ("adapter", "merged"):
         raise LlmtuneError(
             f"'output.save' is {output.save!r} but 'method.type' is 'full': there is no adapter. "
@@ -77,8 +96,29 @@ def check(recipe: Recipe) -> None:
                 "or data.validation_fraction."
             )
 
+    optimizers = sorted({*OPTIMIZERS, *(o.value for o in OptimizerNames)})
+    if training.optimizer not in optimizers:
+        raise LlmtuneError(
+            f"'training.optimizer' is {training.optimizer!r}, which is not an optimizer llmtune knows."
+            f"{did_you_mean(training.optimizer, optimizers)} Common choices: {', '.join(OPTIMIZERS)}."
+        )
+    if output.push_to_hub:
+        check_repo_id(output.push_to_hub, "output.push_to_hub")
+
     _check_metrics(recipe)
     _check_causal_lm(recipe)
+
+
+def check_repo_id(repo_id: str, where: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise LlmtuneError(
+            f"{where} is {repo_id!r}, which is not a valid Hub repo id ({str(exc).splitlines()[0]}). Use "
+            "'user/name' or 'org/name': letters, digits, '-', '_' and '.', at most 96 characters."
+        ) from None
 
 
 LM_METRICS = ("loss", "perplexity", "token_accuracy")

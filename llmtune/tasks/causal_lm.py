@@ -33,8 +33,11 @@ from llmtune.data.lm_tokenize import (
 from llmtune.data.loading import describe_source, load_file, load_splits
 from llmtune.errors import LlmtuneError
 from llmtune.generation import generate, perplexity
-from llmtune.models.adapters import apply_method, is_adapter
+from llmtune.hub.push import push, require_token
+from llmtune.models.adapters import apply_method
+from llmtune.models.quantization import load_arguments as quantized_loading
 from llmtune.models.scratch import build_model, train_tokenizer
+from llmtune.models.trained import save_trained
 from llmtune.models.sources import resolve_model
 from llmtune.runs import (
     METRICS_FILE,
@@ -147,9 +150,10 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
     if recipe.model.init == "scratch":
         model = build_model(recipe.scratch, tokenizer)
     else:
+        source = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, revision=recipe.model.revision, dtype=recipe.model.dtype,
-            trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True,
+            model_path, dtype=recipe.model.dtype, use_safetensors=True, **source,
+            **quantized_loading(recipe.method, model_path, **source),
         )
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
@@ -158,8 +162,8 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
     # 3. Tokenize: loss masks for conversations, fixed-size blocks for text
     encoded, stats = tokenize_splits(recipe, lm_data, tokenizer)
 
-    # 4. Model: full, LoRA or DoRA
-    model = apply_method(model, recipe.method, TaskType.CAUSAL_LM)
+    # 4. Model: full, LoRA or DoRA (QLoRA: on the quantized base)
+    model = apply_method(model, recipe.method, TaskType.CAUSAL_LM, recipe.training.gradient_checkpointing)
 
     # 5. Trainer: trl builds labels from the masks and packs without cross-sample attention
     has_eval = "eval" in encoded and recipe.training.eval_every != "no"
@@ -195,9 +199,11 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
 
 def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and save; returns the metrics written to metrics.json."""
+    if recipe.output.push_to_hub:
+        require_token()  # fail before training, not after it
     job = build(recipe, resume)
     trainer, run_dir = job.trainer, job.run_dir
-    start_run(run_dir, recipe, overrides, resume, model_path=job.model_path, token_stats=job.stats)
+    start_run(run_dir, recipe, overrides, resume, trainer, model_path=job.model_path, token_stats=job.stats)
     metrics: dict[str, Any] = {"data": job.stats}
     metrics |= train_and_evaluate(trainer, run_dir, resume, recipe.eval.before_training, lm_metrics)
     if recipe.lm.perplexity_file:
@@ -205,12 +211,14 @@ def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None
         metrics["perplexity_file"] = perplexity(trainer.model, trainer.processing_class, text,
                                                 recipe.data.max_length, recipe.lm.stride)
 
-    save_model(job)
+    save_trained(trainer, run_dir, recipe.output.save, job.model_path)
     write_json(run_dir / METRICS_FILE, metrics)
     for name in ("loss", "perplexity", "token_accuracy"):
         if name in metrics.get("before", {}) and name in metrics.get("after", {}):
             logger.info("%-14s before %.4f -> after %.4f", name, metrics["before"][name], metrics["after"][name])
     logger.info("Run saved in %s", run_dir)
+    if recipe.output.push_to_hub:
+        push(run_dir, recipe.output.push_to_hub, recipe.output.hub_private)
     return metrics
 
 
@@ -276,20 +284,6 @@ def lm_metrics(raw: dict[str, float], prefix: str) -> dict[str, float]:
             metrics["token_accuracy"] = raw[key]
             break
     return metrics
-
-
-def save_model(job: LMJob) -> None:
-    """Leave the adapter, merged or full model at the top of the run dir, with tokenizer and generation config."""
-    trainer, save = job.trainer, job.recipe.output.save
-    if save == "auto":
-        save = "adapter" if is_adapter(trainer.model) else "full"
-    model = trainer.model.merge_and_unload() if save == "merged" else trainer.model
-    model.save_pretrained(job.run_dir)
-    trainer.processing_class.save_pretrained(job.run_dir)
-    base = trainer.model.base_model.model if is_adapter(trainer.model) else trainer.model
-    base.generation_config.save_pretrained(job.run_dir)
-    if save == "adapter":
-        base.config.save_pretrained(job.run_dir)  # vocabulary size after added chat tokens, for loaders
 
 
 class GenerationLogger(TrainerCallback):

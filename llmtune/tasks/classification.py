@@ -30,9 +30,12 @@ from llmtune.config.schema import DataConfig, Recipe
 from llmtune.data.lm_tokenize import ensure_pad_token
 from llmtune.data.loading import load_splits, require_columns
 from llmtune.errors import LlmtuneError
+from llmtune.hub.push import push, require_token
 from llmtune.metrics import AVAILABLE_METRICS, load_metric
-from llmtune.models.adapters import apply_method, is_adapter
+from llmtune.models.adapters import apply_method
+from llmtune.models.quantization import load_arguments as quantized_loading
 from llmtune.models.sources import resolve_model
+from llmtune.models.trained import save_trained
 from llmtune.runs import (
     METRICS_FILE,
     check_run_dir,
@@ -46,6 +49,7 @@ from llmtune.training import train_and_evaluate, training_arguments
 logger = logging.getLogger(__name__)
 
 MAIN_METRIC = "accuracy"
+CLASSIFIER_HEADS = ["classifier", "score"]  # head names across encoders and decoders; trained in full precision
 UNLABELED = (-1, None, "")  # how unlabeled test rows are marked (GLUE test splits use -1)
 
 
@@ -79,19 +83,20 @@ def build(recipe: Recipe, resume: bool = False) -> ClassificationJob:
         {split: encode(rows, tokenizer, data, label_ids, split) for split, rows in splits.items()}
     )
 
-    # 3. Model: pretrained body, fresh head sized to the label set, then full / LoRA / DoRA
+    # 3. Model: pretrained body (quantized for QLoRA), fresh head sized to the label set, then full / LoRA / DoRA
+    model_source = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
     model = AutoModelForSequenceClassification.from_pretrained(
         source.path,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
-        revision=recipe.model.revision,
         dtype=recipe.model.dtype,
-        trust_remote_code=recipe.model.trust_remote_code,
         use_safetensors=True,
+        **model_source,
+        **quantized_loading(recipe.method, source.path, keep_unquantized=CLASSIFIER_HEADS, **model_source),
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders need it to find the last real token
-    model = apply_method(model, recipe.method, TaskType.SEQ_CLS)
+    model = apply_method(model, recipe.method, TaskType.SEQ_CLS, recipe.training.gradient_checkpointing)
 
     # 4. Trainer
     has_eval = "eval" in encoded and recipe.training.eval_every != "no"
@@ -113,19 +118,23 @@ def build(recipe: Recipe, resume: bool = False) -> ClassificationJob:
 
 def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate, save and predict; returns the metrics written to metrics.json."""
+    if recipe.output.push_to_hub:
+        require_token()  # fail before training, not after it
     job = build(recipe, resume)
     trainer, run_dir = job.trainer, job.run_dir
-    start_run(run_dir, recipe, overrides, resume, model_path=job.model_path, labels=job.labels,
+    start_run(run_dir, recipe, overrides, resume, trainer, model_path=job.model_path, labels=job.labels,
               data_sizes={split: len(rows) for split, rows in job.splits.items()})
     metrics = train_and_evaluate(trainer, run_dir, resume, recipe.eval.before_training, _strip)
 
-    save_model(job)
+    save_trained(trainer, run_dir, recipe.output.save, job.model_path)
     if "test" in job.encoded:
         test_metrics = write_predictions(trainer, job, run_dir / "predictions.jsonl")
         if test_metrics:
             metrics["test"] = test_metrics
     write_json(run_dir / METRICS_FILE, metrics)
     _report(metrics, run_dir)
+    if recipe.output.push_to_hub:
+        push(run_dir, recipe.output.push_to_hub, recipe.output.hub_private)
     return metrics
 
 
@@ -236,23 +245,6 @@ class MetricComputer:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=-1).numpy()
-
-
-def save_model(job: ClassificationJob) -> None:
-    """Leave the trained adapter, merged model or full model (with tokenizer) at the top of the run dir."""
-    trainer, save = job.trainer, job.recipe.output.save
-    if save == "auto":
-        save = "adapter" if is_adapter(trainer.model) else "full"
-    if save == "merged":
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(job.run_dir)
-        trainer.processing_class.save_pretrained(job.run_dir)
-    else:
-        trainer.save_model(str(job.run_dir))
-    if save == "adapter":
-        # The adapter folder keeps the fine-tuned model's config too: it carries id2label for loaders.
-        trainer.model.base_model.model.config.save_pretrained(job.run_dir)
-    logger.info("Saved the %s to %s", "adapter" if save == "adapter" else "model", job.run_dir)
 
 
 def write_predictions(trainer: Trainer, job: ClassificationJob, path: Path) -> dict[str, float]:

@@ -1,0 +1,177 @@
+"""The model card (README.md) published with a run: how the model was made, how well it does, how to load it.
+
+Everything comes from the run directory (run.json, metrics.json); the Hub metadata header is written by
+huggingface_hub's ModelCardData so the Hub indexes base model, datasets, license and tags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCardData
+
+from llmtune.models.sources import installed_checkpoint
+
+PIPELINES = {"classification": "text-classification", "sft": "text-generation", "pretrain": "text-generation"}
+AUTO_CLASS_NAMES = {"classification": "AutoModelForSequenceClassification", "sft": "AutoModelForCausalLM",
+                    "pretrain": "AutoModelForCausalLM"}
+
+
+def hub_base_model(recipe: dict) -> str | None:
+    """The base model's Hub id when the recipe's model.name has one (installed short names map to theirs)."""
+    name = recipe["model"]["name"]
+    if recipe["model"].get("init") == "scratch":
+        return None
+    known = installed_checkpoint(name)
+    if known:
+        return known.hub_id
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+    return name if looks_like_hub_id else None
+
+
+def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
+    """README.md text for a run pushed as `kind` ('adapter', 'merged' or 'full')."""
+    recipe = record["recipe"]
+    task, method, training = recipe["task"], recipe["method"], recipe["training"]
+    base = hub_base_model(recipe)
+    quantized = method["type"] != "full" and method.get("quantization", "none") != "none"
+    tags = ["llmtune", task, method["type"]]
+    if quantized:
+        tags.append("qlora" if method["quantization"] == "4bit" else "8-bit")
+    metadata = ModelCardData(
+        base_model=base,
+        library_name="peft" if kind == "adapter" else "transformers",
+        license=_license(recipe),
+        datasets=_hub_datasets(recipe["data"]) or None,
+        pipeline_tag=PIPELINES[task],
+        tags=tags,
+        model_name=repo_id.split("/")[-1],
+    )
+    what = {"adapter": f"a {method['type'].upper()} adapter", "merged": "a model with its adapter merged in",
+            "full": "a fully fine-tuned model"}[kind]
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{recipe['model']['name']}`"
+    if recipe["model"].get("init") == "scratch":
+        base_text = "a model trained from scratch"
+    sections = [
+        f"---\n{metadata.to_yaml()}\n---\n",
+        f"# {repo_id.split('/')[-1]}\n",
+        f"This is {what} for {task} on {base_text}, trained with llmtune.\n",
+        "## How to use\n",
+        _usage(repo_id, base, kind, task, recipe),
+        "## Training\n",
+        _table(["setting", "value"], _settings(record, method, training, recipe)),
+        "## Data\n",
+        _data(record),
+        "## Results\n",
+        _results(metrics),
+        "## Framework versions\n",
+        "\n".join(f"- {name}: {version}" for name, version in record.get("versions", {}).items()) + "\n",
+        "## License\n",
+        f"{_license(recipe)} (the base model's license applies to these weights).\n",
+    ]
+    return "\n".join(sections)
+
+
+def _license(recipe: dict) -> str:
+    if recipe["output"].get("license"):
+        return recipe["output"]["license"]
+    known = installed_checkpoint(recipe["model"]["name"])
+    return known.license if known else "other"
+
+
+def _hub_datasets(data: dict) -> list[str]:
+    sources = [data.get("dataset")] + [source.get("dataset") for source in data.get("mixture", [])]
+    return [s for s in sources if s and s.count("/") == 1 and not Path(s).exists()]
+
+
+def _settings(record: dict, method: dict, training: dict, recipe: dict) -> list[list[Any]]:
+    world = record.get("world_size", 1)
+    per_device, accumulation = training["batch_size"], training["gradient_accumulation"]
+    rows = [["task", recipe["task"]], ["method", method["type"]]]
+    if method["type"] != "full":
+        rows += [["LoRA rank / alpha / dropout", f"{method['r']} / {method['alpha']} / {method['dropout']}"],
+                 ["target modules", ", ".join(record.get("parameters", {}).get("adapted_modules", []))
+                  or str(method.get("target_modules"))]]
+        if method.get("quantization", "none") != "none":
+            detail = f" {method['quant_type']}, double quant {method['double_quant']}" if method["quantization"] == "4bit" else ""
+            rows.append(["base quantization", f"{method['quantization']}{detail} (bitsandbytes)"])
+    parameters = record.get("parameters")
+    if parameters:
+        rows.append(["trainable parameters",
+                     f"{parameters['trainable']:,} of {parameters['total']:,} ({parameters['trainable_percent']:.2f}%)"])
+    rows += [
+        ["epochs" if not training.get("max_steps") else "max steps", training.get("max_steps") or training["epochs"]],
+        ["learning rate", training["learning_rate"]],
+        ["scheduler / warm-up", f"{training['scheduler']} / {training['warmup']}"],
+        ["optimizer", training["optimizer"]],
+        ["weight decay", training["weight_decay"]],
+        ["batch size per device", per_device],
+        ["gradient accumulation", accumulation],
+        ["processes", world],
+        ["global batch size", per_device * accumulation * world],
+        ["max sequence length", recipe["data"]["max_length"]],
+        ["precision", training["precision"]],
+        ["seed", training["seed"]],
+    ]
+    return rows
+
+
+def _data(record: dict) -> str:
+    lines = []
+    for key, value in record.get("data", {}).items():
+        if key == "dataset":
+            splits = ", ".join(f"{k}={v}" for k, v in value.items() if k.endswith("split") and v)
+            lines.append(f"- dataset `{value['id']}`" + (f" ({value['subset']})" if value.get("subset") else "")
+                         + (f", {splits}" if splits else ""))
+        else:
+            lines.append(f"- {key.replace('_', ' ')}: `{Path(value['path']).name}` (sha256 {value['sha256'][:12]})")
+    for source in record.get("recipe", {}).get("data", {}).get("mixture", []):
+        name = source.get("dataset") or Path(source.get("train_file", "")).name
+        lines.append(f"- mixed in: `{name}` (weight {source.get('weight', 1.0)})")
+    return "\n".join(lines) + "\n" if lines else "Not recorded.\n"
+
+
+def _results(metrics: dict) -> str:
+    before, after, test = metrics.get("before", {}), metrics.get("after", {}), metrics.get("test", {})
+    names = [n for n in after if isinstance(after[n], (int, float)) and not n.endswith(("runtime", "per_second"))
+             and n not in ("epoch",)]
+    if not names:
+        return "No evaluation set was used.\n"
+    rows = [[n, _number(before.get(n)), _number(after[n])] + ([_number(test.get(n))] if test else []) for n in names]
+    header = ["metric", "before fine-tuning", "after fine-tuning"] + (["test"] if test else [])
+    return _table(header, rows)
+
+
+def _number(value: Any) -> str:
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _usage(repo_id: str, base: str | None, kind: str, task: str, recipe: dict) -> str:
+    auto = AUTO_CLASS_NAMES[task]
+    if kind != "adapter":
+        code = (f"from transformers import {auto}, AutoTokenizer\n\n"
+                f'model = {auto}.from_pretrained("{repo_id}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n')
+    else:
+        base_ref = base or recipe["model"]["name"]
+        code = (f"from peft import PeftModel\nfrom transformers import AutoConfig, {auto}, AutoTokenizer\n\n"
+                f'config = AutoConfig.from_pretrained("{repo_id}")  # labels / vocabulary size of the fine-tuned model\n'
+                f'base = {auto}.from_pretrained("{base_ref}", config=config)\n'
+                f'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n')
+    if task == "pretrain":
+        code += ('\ninputs = tokenizer("Once upon a time", return_tensors="pt")\n'
+                 "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))\n")
+    elif task == "sft":
+        code += ('\nmessages = [{"role": "user", "content": "Give three tips for staying healthy."}]\n'
+                 "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                 "return_dict=True)\n"
+                 "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))\n")
+    return f"```python\n{code}```\n"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

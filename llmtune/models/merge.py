@@ -1,0 +1,113 @@
+"""Merge an adapter into a full-precision copy of its base, prove the merge is faithful, and save it.
+
+A quantized base (QLoRA) is reloaded in float32 first: folding an adapter into 4-bit weights would round the
+update away. Before anything is written, the merged model's logits are compared with adapter-on-base logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmtune.errors import LlmtuneError
+from llmtune.models.trained import load_trained
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXT = (
+    "Fine-tuning adapts a pretrained language model to a task. The quick brown fox jumps over the lazy dog, "
+    "and 12 + 30 = 42."
+)
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    base: str
+    max_logit_difference: float
+
+
+def merge_adapter(
+    source: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    dtype: str = "float32",
+    tolerance: float = 1e-4,
+    overwrite: bool = False,
+    into_run: bool = False,
+) -> MergeResult:
+    """Merge the adapter in `source` (a run, checkpoint or adapter folder) and save the full model in `out`.
+
+    `out` must not hold files unless `overwrite`; `into_run` adds the merged files to a run directory.
+    Nothing is written when the merged logits differ from adapter-on-base logits by more than `tolerance`.
+    """
+    if dtype not in SAVE_DTYPES:
+        raise LlmtuneError(f"--dtype is {dtype!r}; choose one of {', '.join(SAVE_DTYPES)}.")
+    out = Path(out)
+    if not into_run and out.exists() and any(out.iterdir()) and not overwrite:
+        raise LlmtuneError(
+            f"'{out}' already holds files; llmtune will not overwrite them. Choose another --out, or pass "
+            "--overwrite to replace them."
+        )
+    adapter_dir = _adapter_folder(Path(source))
+    model, tokenizer, _ = load_trained(adapter_dir, base=base, full_precision=True)
+    base_path = model.peft_config["default"].base_model_name_or_path
+
+    probe = tokenizer(PROBE_TEXT, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**probe).logits
+        merged = model.merge_and_unload()
+        actual = merged(**probe).logits
+    difference = (expected - actual).abs().max().item()
+    if difference > tolerance:
+        raise LlmtuneError(
+            f"Merging the adapter in '{adapter_dir}' changed the model's outputs by up to {difference:.2e} "
+            f"(allowed: {tolerance:.0e}), so nothing was saved. Use the adapter unmerged, or check that "
+            "--base is the checkpoint it was trained on."
+        )
+    logger.info("Merged adapter into %s; logits match adapter-on-base within %.2e", base_path, difference)
+
+    merged = merged.to(SAVE_DTYPES[dtype])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent if not into_run else out, prefix=".merging-"))
+    try:
+        merged.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        if merged.can_generate() and (adapter_dir / "generation_config.json").exists():
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_pretrained(adapter_dir).save_pretrained(staging)  # the run's stop tokens
+        _publish(staging, out, into_run)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return MergeResult(out, base_path, difference)
+
+
+def _adapter_folder(source: Path) -> Path:
+    for folder in (source, source / "adapter"):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    if not source.exists():
+        raise LlmtuneError(f"'{source}' does not exist. Give a run directory, checkpoint or adapter folder.")
+    raise LlmtuneError(
+        f"'{source}' holds no adapter (no adapter_config.json): it is a full model already, or not a run. Only "
+        "LoRA / DoRA runs need merging."
+    )
+
+
+def _publish(staging: Path, out: Path, into_run: bool) -> None:
+    """Move the finished files into place; a crash before this point leaves `out` as it was."""
+    if into_run:
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+        return
+    if out.exists():
+        shutil.rmtree(out)  # --overwrite was given
+    os.replace(staging, out)
