@@ -34,7 +34,6 @@ class LocalHub:
         self.token = token
         self.repos: dict[str, Repo] = {}
         self.requests: list[str] = []  # "METHOD path" of every request, in order
-        self.authorization_headers: list[str] = []
         self.fail: dict[str, int] = {}  # route name -> HTTP status to answer with
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -85,7 +84,6 @@ class LocalHub:
     def _dispatch(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         path = handler.path.split("?")[0]
         self.requests.append(f"{method} {path}")
-        self.authorization_headers.append(handler.headers.get("Authorization", ""))
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         for route_method, pattern, name in self.ROUTES:
@@ -123,7 +121,7 @@ class LocalHub:
         repo_id = f"{request.get('organization') or USER}/{request['name']}"
         if repo_id in self.repos:
             return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}, None
-        self.repos[repo_id] = Repo(private=bool(request.get("private")))
+        self.repos[repo_id] = Repo(private=request.get("visibility") == "private" or bool(request.get("private")))
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}, None
 
     def _validate_yaml(self, **_) -> tuple:
