@@ -13,6 +13,8 @@ from huggingface_hub import ModelCardData
 
 from llmtune.models.sources import installed_checkpoint
 
+TASK_NAMES = {"classification": "text classification", "sft": "instruction tuning (SFT)",
+              "pretrain": "language modelling"}
 PIPELINES = {"classification": "text-classification", "sft": "text-generation", "pretrain": "text-generation"}
 AUTO_CLASS_NAMES = {"classification": "AutoModelForSequenceClassification", "sft": "AutoModelForCausalLM",
                     "pretrain": "AutoModelForCausalLM"}
@@ -48,7 +50,10 @@ def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
         tags=tags,
         model_name=repo_id.split("/")[-1],
     )
-    what = {"adapter": f"a {method['type'].upper()} adapter", "merged": "a model with its adapter merged in",
+    adapter_name = {"lora": "LoRA", "dora": "DoRA"}.get(method["type"], "")
+    if quantized:
+        adapter_name += f" (trained on a {method['quantization']} base)"
+    what = {"adapter": f"a {adapter_name} adapter", "merged": f"a model with a {adapter_name} adapter merged in",
             "full": "a fully fine-tuned model"}[kind]
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{recipe['model']['name']}`"
     if recipe["model"].get("init") == "scratch":
@@ -56,7 +61,7 @@ def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
     sections = [
         f"---\n{metadata.to_yaml()}\n---\n",
         f"# {repo_id.split('/')[-1]}\n",
-        f"This is {what} for {task} on {base_text}, trained with llmtune.\n",
+        f"This is {what} for {TASK_NAMES[task]}, starting from {base_text}, trained with llmtune.\n",
         "## How to use\n",
         _usage(repo_id, base, kind, task, recipe),
         "## Training\n",
@@ -68,7 +73,7 @@ def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
         "## Framework versions\n",
         "\n".join(f"- {name}: {version}" for name, version in record.get("versions", {}).items()) + "\n",
         "## License\n",
-        f"{_license(recipe)} (the base model's license applies to these weights).\n",
+        f"{_license(recipe)}" + ("" if recipe["output"].get("license") else ", the license of the base model") + ".\n",
     ]
     return "\n".join(sections)
 

@@ -46,7 +46,8 @@ def merge_adapter(
     """Merge the adapter in `source` (a run, checkpoint or adapter folder) and save the full model in `out`.
 
     `out` must not hold files unless `overwrite`; `into_run` adds the merged files to a run directory.
-    Nothing is written when the merged logits differ from adapter-on-base logits by more than `tolerance`.
+    Nothing is written when the merged logits differ from adapter-on-base logits by more than `tolerance`
+    times the largest logit (at least 1).
     """
     if dtype not in SAVE_DTYPES:
         raise LlmtuneError(f"--dtype is {dtype!r}; choose one of {', '.join(SAVE_DTYPES)}.")
@@ -66,10 +67,13 @@ def merge_adapter(
         merged = model.merge_and_unload()
         actual = merged(**probe).logits
     difference = (expected - actual).abs().max().item()
-    if difference > tolerance:
+    # float32 itself is only this exact: adapter-on-base logits of SmolLM2-135M (up to ~40) already differ
+    # from a float64 computation by ~7e-5, so the bound scales with the size of the logits.
+    allowed = tolerance * max(1.0, expected.abs().max().item())
+    if difference > allowed:
         raise LlmtuneError(
             f"Merging the adapter in '{adapter_dir}' changed the model's outputs by up to {difference:.2e} "
-            f"(allowed: {tolerance:.0e}), so nothing was saved. Use the adapter unmerged, or check that "
+            f"(allowed: {allowed:.1e}), so nothing was saved. Use the adapter unmerged, or check that "
             "--base is the checkpoint it was trained on."
         )
     logger.info("Merged adapter into %s; logits match adapter-on-base within %.2e", base_path, difference)

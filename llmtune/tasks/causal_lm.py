@@ -37,8 +37,8 @@ from llmtune.hub.push import push, require_token
 from llmtune.models.adapters import apply_method
 from llmtune.models.quantization import load_arguments as quantized_loading
 from llmtune.models.scratch import build_model, train_tokenizer
-from llmtune.models.trained import save_trained
 from llmtune.models.sources import resolve_model
+from llmtune.models.trained import save_trained
 from llmtune.runs import (
     METRICS_FILE,
     check_run_dir,
