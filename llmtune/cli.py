@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="Folder for the merged model (must be new or empty).")
     merge.add_argument("--base", help="Base checkpoint to merge into (default: the one the run trained on).")
     merge.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32, bfloat16, float16.")
-    merge.add_argument("--tolerance", type=float, default=1e-4, help="Largest allowed logit difference, relative to the largest logit (at least 1).")
+    merge.add_argument("--tolerance", type=float, default=1e-4,
+                       help="Largest allowed logit difference, relative to the largest logit (at least 1).")
     merge.add_argument("--overwrite", action="store_true", help="Replace the files already in --out.")
     merge.set_defaults(handler=_merge)
 

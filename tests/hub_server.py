@@ -86,12 +86,11 @@ class LocalHub:
         self.requests.append(f"{method} {path}")
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
-        for route_method, pattern, name in self.ROUTES:
-            match = pattern.match(path)
-            if route_method == method and match:
-                break
-        else:
+        found = next(((name, pattern.match(path)) for route_method, pattern, name in self.ROUTES
+                      if route_method == method and pattern.match(path)), None)
+        if found is None:
             return self._reply(handler, 404, {"error": f"no route {method} {path}"})
+        name, match = found
         if name in self.fail:
             return self._reply(handler, self.fail[name], {"error": f"injected failure on {name}"})
         writes = name in ("create", "preupload", "commit")
