@@ -4,7 +4,8 @@ Each method trains in a fresh process through llmtune's own SFT pipeline (same d
 and steps). Peak memory is the process's peak resident memory while training (CPU: VmHWM, reset after the
 model is loaded, so it includes the Python process itself; GPU: torch's peak allocated memory); the weights'
 own size as stored (4-bit / 8-bit packed) is listed too.
-Tokens/s counts trained (non-padding) tokens over the timed steps, after one warm-up step. Ratios are against
+LoRA rows adapt every linear layer (r=16) and, like full, use 32-bit AdamW; one row shows full fine-tuning
+with 8-bit AdamW. Tokens/s counts trained (non-padding) tokens over the timed steps, after one warm-up step. Ratios are against
 full fine-tuning measured in the same run.
 
     .venv/bin/python benchmarks/memory.py                 # all methods, ~10 minutes on 2 CPU cores
@@ -29,11 +30,11 @@ from transformers import TrainerCallback  # noqa: E402 - after the offline switc
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
-    "full": ["method.type=full", "training.optimizer=adamw", "training.learning_rate=2e-5"],
-    "full + 8-bit AdamW": ["method.type=full", "training.optimizer=adamw_8bit", "training.learning_rate=2e-5"],
-    "lora": ["method.type=lora", "method.quantization=none"],
-    "qlora (4-bit nf4)": ["method.type=lora", "method.quantization=4bit"],
-    "lora on 8-bit base": ["method.type=lora", "method.quantization=8bit"],
+    "full": ["method.type=full", "method.quantization=none", "training.optimizer=adamw"],
+    "full + 8-bit AdamW": ["method.type=full", "method.quantization=none", "training.optimizer=adamw_8bit"],
+    "lora": ["method.type=lora", "method.quantization=none", "training.optimizer=adamw"],
+    "qlora (4-bit nf4)": ["method.type=lora", "method.quantization=4bit", "training.optimizer=adamw"],
+    "lora on 8-bit base": ["method.type=lora", "method.quantization=8bit", "training.optimizer=adamw"],
 }
 SHORT = {"full": "full", "full8": "full + 8-bit AdamW", "lora": "lora", "qlora": "qlora (4-bit nf4)",
          "8bit": "lora on 8-bit base"}

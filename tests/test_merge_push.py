@@ -206,3 +206,14 @@ def test_recipe_push_to_hub_publishes_after_training_and_checks_the_token_first(
     assert result.returncode == 0, result.stderr[-3000:]
     files = hub.repos["tester/from-recipe"].files
     assert "adapter_model.safetensors" in files and b"library_name: peft" in files["README.md"]
+
+
+def test_push_merged_uploads_a_full_model_with_a_transformers_card(lora_run, hub, tmp_path):
+    result = run_cli("push", str(lora_run), "--repo-id", "tester/tiny-merged", "--merged",
+                     env=hub_env(hub, tmp_path), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub.repos["tester/tiny-merged"].files
+    assert "model.safetensors" in files and "adapter_config.json" not in files
+    header = yaml.safe_load(files["README.md"].decode().split("---")[1])
+    assert header["library_name"] == "transformers" and "merged" not in header["tags"]
+    assert not (lora_run / "model.safetensors").exists()  # the merge happened outside the run directory

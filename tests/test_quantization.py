@@ -157,3 +157,21 @@ def test_missing_bitsandbytes_says_what_to_install(tiny_llama, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an environment without it looks like
     with pytest.raises(LlmtuneError, match="needs bitsandbytes.*pip install bitsandbytes"):
         train(recipe_for(tiny_llama, tmp_path, "method.quantization=8bit"))
+
+
+def test_save_merged_after_qlora_merges_into_a_full_precision_base(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    train(recipe_for(tiny_llama, tmp_path, "method.quantization=4bit", "output.save=merged"))
+    run_dir = tmp_path / "run"
+    assert (run_dir / "model.safetensors").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert "quantization_config" not in json.loads((run_dir / "config.json").read_text())
+
+    merged = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base.resize_token_embeddings(merged.config.vocab_size)
+    adapter = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        assert (merged(ids).logits - adapter(ids).logits).abs().max() <= 1e-4
