@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   llmtune train recipes/quickstart.yaml
   llmtune train recipes/sst2_minilm_lora.yaml training.epochs=1 output.dir=runs/try1
   llmtune train recipes/sst2_minilm_lora.yaml --resume
+  llmtune train recipes/quickstart.yaml --accelerate cpu_ddp          # 2 processes on CPU
+  accelerate launch --config_file accelerate_configs/fsdp.yaml -m llmtune train recipes/smollm2_alpaca_full.yaml
   llmtune eval runs/try1 --data dev.tsv --text-column sentence
   llmtune predict runs/try1 --text "a gripping, beautiful film"
   llmtune validate recipes/sst2_minilm_full.yaml data.max_train_samples=512
@@ -66,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="Path of a YAML recipe (see recipes/).")
     train.add_argument("overrides", nargs="*", help="Recipe overrides such as training.learning_rate=1e-4.")
     train.add_argument("--resume", action="store_true", help="Continue the run in output.dir from its last checkpoint.")
+    train.add_argument("--accelerate", metavar="CONFIG",
+                       help="Re-launch under `accelerate launch` with a config from accelerate_configs/ by short name "
+                       "(single, cpu_ddp, multi_gpu, fsdp, fsdp_qlora, deepspeed_zero2, deepspeed_zero3, ...) or a path.")
+    train.add_argument("--num-processes", type=int, help="With --accelerate: processes to start (default: the config's).")
     train.set_defaults(handler=_train)
 
     validate = commands.add_parser(
@@ -159,7 +165,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from llmtune.distributed import is_main_process
+
+    # Under a multi-process launch only the main process reports progress; the others speak up on problems.
+    level = logging.INFO if is_main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:
         import transformers
 
@@ -169,7 +179,12 @@ def _setup_logging(verbose: bool) -> None:
 def _train(args: argparse.Namespace) -> int:
     from llmtune.api import load_recipe, train
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, before any process starts
+    if args.accelerate:
+        from llmtune.distributed import relaunch
+
+        return relaunch(args.accelerate, [args.recipe, *args.overrides, *(["--resume"] if args.resume else [])],
+                        args.num_processes)
     train(recipe, resume=args.resume, overrides=args.overrides)
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from llmtune.distributed import barrier
 from llmtune.errors import LlmtuneError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             f"Output directory '{run_dir}' already holds {what}; llmtune will not touch it. Continue it with "
             "--resume, set output.overwrite=true to replace it, or choose another output.dir."
         )
+    barrier()  # every process has looked before the main one claims the directory
 
 
 def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -76,18 +78,27 @@ def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
 def start_run(
     run_dir: Path, recipe: Any, overrides: list[str] | None, resume: bool, trainer: Any, **task_record: Any
 ) -> None:
-    """Claim the run directory and write run.json: resolved recipe, overrides, world size, parameter counts,
-    library versions and task facts."""
+    """Claim the run directory and write run.json (main process only): resolved recipe, overrides, world size,
+    global batch, parameter counts, library versions and task facts."""
+    if trainer.is_world_process_zero():
+        _write_run_record(run_dir, recipe, overrides, resume, trainer, task_record)
+    barrier()  # nobody trains into the directory before it is claimed
+
+
+def _write_run_record(run_dir: Path, recipe: Any, overrides: list[str] | None, resume: bool, trainer: Any,
+                      task_record: dict) -> None:
     from llmtune.config.loader import recipe_to_dict
     from llmtune.data.loading import fingerprint_sources
     from llmtune.models.adapters import parameter_summary
 
     claim_run_dir(run_dir, recipe.output.overwrite, resume)
+    args = trainer.args
     write_json(run_dir / RUN_RECORD, {
         "recipe": recipe_to_dict(recipe),
         "overrides": overrides or [],
         "data": fingerprint_sources(recipe.data),
-        "world_size": trainer.args.world_size,
+        "world_size": args.world_size,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "parameters": parameter_summary(trainer.model),
         **task_record,
         "versions": library_versions(),

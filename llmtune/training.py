@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from llmtune.config.schema import TrainingConfig
+from llmtune.distributed import accumulation_for, check_launch_environment, ranks_agree, world_size
 from llmtune.errors import LlmtuneError
 from llmtune.runs import last_checkpoint
 
@@ -60,6 +61,13 @@ def training_arguments(
 
     `main_metric` picks the best checkpoint unless the recipe names one.
     """
+    check_launch_environment()
+    processes = world_size()
+    accumulation = cfg.gradient_accumulation
+    if cfg.global_batch_size:
+        accumulation = accumulation_for(cfg.global_batch_size, cfg.batch_size, processes)
+    logger.info("Global batch: %d per device x %d accumulation x %d processes = %d examples per optimizer step",
+                cfg.batch_size, accumulation, processes, cfg.batch_size * accumulation * processes)
     bf16, fp16 = _mixed_precision(cfg.precision)
     eval_strategy, eval_steps = ("no", None) if not has_eval else _cadence(cfg.eval_every)
     if cfg.save_every == "eval":
@@ -77,7 +85,7 @@ def training_arguments(
         warmup_steps=cfg.warmup,  # a float below 1 is a ratio of total steps
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
+        gradient_accumulation_steps=accumulation,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=transformers_optimizer(cfg.optimizer),
@@ -97,6 +105,7 @@ def training_arguments(
         greater_is_better=metric != "loss",
         dataloader_num_workers=cfg.dataloader_workers,
         report_to="none",
+        ddp_find_unused_parameters=False,  # frozen base weights are not "unused"; searching for them costs a pass
         **task_arguments,
     )
 
@@ -149,6 +158,17 @@ class GracefulInterrupt(TrainerCallback):
         return control
 
 
+class FirstEvaluation(TrainerCallback):
+    """Keeps the metrics of the evaluation that runs before the first training step."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.metrics is None and state.global_step == 0:
+            self.metrics = dict(metrics or {})
+
+
 def train_and_evaluate(
     trainer: Any,
     run_dir: Path,
@@ -163,18 +183,31 @@ def train_and_evaluate(
     """
     metrics: dict[str, Any] = {}
     has_eval = trainer.eval_dataset is not None
+    first_evaluation = FirstEvaluation()
     if has_eval and evaluate_before and not resume:
-        metrics["before"] = summarize(trainer.evaluate(metric_key_prefix="before"), "before_")
+        # Evaluated inside train(), after the model is wrapped for distributed training: calling
+        # trainer.evaluate() first registers the bare model with accelerate, and train() then skips the DDP
+        # wrapper - every process silently trains alone (transformers 5.23 / accelerate 1.15).
+        trainer.args.eval_on_start = True
+        trainer.add_callback(first_evaluation)
     checkpoint = last_checkpoint(run_dir) if resume else None
     with GracefulInterrupt() as interrupt:
         trainer.add_callback(interrupt)
         result = trainer.train(resume_from_checkpoint=checkpoint)
+    if first_evaluation.metrics is not None:
+        metrics["before"] = summarize(first_evaluation.metrics, "eval_")
     if interrupt.requested:
         raise KeyboardInterrupt(
             f"Training interrupted; a checkpoint is in {last_checkpoint(run_dir)}. "
             "Continue with the same command plus --resume."
         )
     metrics["train"] = {**result.metrics, "global_step": trainer.state.global_step}
+    if trainer.args.world_size > 1 and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        # Data-parallel ranks must end identical; a rank that silently trained alone would not.
+        metrics["train"]["ranks_in_sync"] = ranks_agree(trainer.model)
+        if not metrics["train"]["ranks_in_sync"]:
+            logger.error("The %d processes ended with different weights: they did not train together.",
+                         trainer.args.world_size)
     if has_eval:
         metrics["after"] = summarize(trainer.evaluate(metric_key_prefix="after"), "after_")
     return metrics

@@ -67,6 +67,14 @@ def check(recipe: Recipe) -> None:
     for key in ("batch_size", "gradient_accumulation", "log_every", "keep_checkpoints"):
         if getattr(training, key) <= 0:
             raise LlmtuneError(f"'training.{key}' is {getattr(training, key)}; it must be at least 1.")
+    if training.global_batch_size is not None:
+        if training.global_batch_size <= 0:
+            raise LlmtuneError(f"'training.global_batch_size' is {training.global_batch_size}; it must be positive.")
+        if training.gradient_accumulation != 1:
+            raise LlmtuneError(
+                f"Both 'training.global_batch_size' ({training.global_batch_size}) and 'training.gradient_accumulation' "
+                f"({training.gradient_accumulation}) are set, and the first decides the second. Keep one of them."
+            )
     if training.learning_rate <= 0:
         raise LlmtuneError(f"'training.learning_rate' is {training.learning_rate}; it must be positive, e.g. 5e-5.")
     if training.max_steps is not None and training.max_steps <= 0:

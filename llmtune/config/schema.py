@@ -119,6 +119,11 @@ class MethodConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
         "auto", "dtype 4-bit layers compute in. auto: bfloat16 on GPUs that support it, float32 elsewhere."
     )
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = _field(
+        "auto",
+        "dtype the packed 4-bit weights are stored in. auto: the compute dtype under FSDP (which needs one dtype "
+        "per sharded block), uint8 otherwise.",
+    )
 
 
 @dataclass
@@ -134,6 +139,11 @@ class TrainingConfig:
     batch_size: int = _field(16, "Training examples per device per step.")
     eval_batch_size: int | None = _field(None, "Examples per device per evaluation step (default: 2 x batch_size).")
     gradient_accumulation: int = _field(1, "Steps whose gradients are summed before each optimizer step.")
+    global_batch_size: int | None = _field(
+        None,
+        "Examples per optimizer step over all processes. When set, gradient_accumulation is derived from it: "
+        "global = batch_size x accumulation x processes, so the recipe trains the same on 1 or 8 GPUs.",
+    )
     weight_decay: float = _field(0.0, "AdamW weight decay.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
     optimizer: str = _field(

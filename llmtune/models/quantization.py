@@ -6,6 +6,7 @@ The frozen base is loaded quantized; adapters (and the task head) train in full 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -44,20 +45,30 @@ def load_arguments(
     if method.quantization == "8bit":
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_unquantized)
     else:
+        compute = compute_dtype(method.compute_dtype)
+        storage = DTYPES.get(method.quant_storage, compute if under_fsdp() else torch.uint8)
         config = BitsAndBytesConfig(
             load_in_4bit=True,
             llm_int8_skip_modules=keep_unquantized,  # despite the name, 4-bit honours it too
             bnb_4bit_quant_type=method.quant_type,
             bnb_4bit_use_double_quant=method.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype(method.compute_dtype),
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=storage,
         )
     arguments: dict[str, Any] = {"quantization_config": config}
+    if under_fsdp() and method.quantization == "4bit":
+        arguments["dtype"] = compute  # FSDP flattens each block into one buffer: one dtype throughout
     if torch.cuda.is_available():
         # Each process quantizes onto its own GPU; under DDP that is the local rank's device.
         from accelerate import PartialState
 
         arguments["device_map"] = {"": PartialState().local_process_index}
     return arguments
+
+
+def under_fsdp() -> bool:
+    """Whether this process was launched by accelerate with FSDP (it exports ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -80,8 +91,15 @@ def prepare_for_training(model: torch.nn.Module, method: MethodConfig, gradient_
             "none it can take). Train it with method.quantization=none (LoRA on the full-precision model)."
         )
     keep_4bit_weights_trainable_on_cpu(model)
-    # Casts layer norms and embeddings to fp32 and lets gradients reach the adapters through frozen inputs.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if under_fsdp():
+        # peft's preparation upcasts norms and embeddings to fp32, which FSDP cannot flatten with the bf16
+        # storage of the 4-bit weights; only let gradients reach the adapters through frozen inputs.
+        model.enable_input_require_grads()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        # Casts layer norms and embeddings to fp32 and lets gradients reach the adapters through frozen inputs.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     logger.info("Quantized %d linear layers to %s", quantized, method.quantization)
     return model
 

@@ -26,12 +26,18 @@ AUTO_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequen
 def save_trained(trainer: Any, run_dir: Path, save: str, base_path: str | None) -> None:
     """Leave the adapter, merged or full model at the top of the run dir, with tokenizer and configs.
 
-    'merged' keeps the adapter in adapter/ and merges it into a full-precision copy of the base.
+    'merged' keeps the adapter in adapter/ and merges it into a full-precision copy of the base. Called on
+    every process; only the main one writes.
     """
     if save == "auto":
         save = "adapter" if is_adapter(trainer.model) else "full"
     target = run_dir / ADAPTER_SUBDIR if save == "merged" else run_dir
-    trainer.save_model(str(target))  # the adapter (or full model) plus the tokenizer
+    if trainer.is_fsdp_enabled:
+        # Gather the shards into one whole state dict for the final save (checkpoints may stay sharded).
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(target))  # every process takes part (ZeRO-3 / FSDP gather); the main one writes
+    if not trainer.is_world_process_zero():
+        return
     if is_adapter(trainer.model):
         inner = trainer.model.base_model.model
         # The model config carries what loaders need beside the adapter: labels, vocabulary size after

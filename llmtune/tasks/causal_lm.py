@@ -31,6 +31,7 @@ from llmtune.data.lm_tokenize import (
     tokenize_text_blocks,
 )
 from llmtune.data.loading import describe_source, load_file, load_splits
+from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
 from llmtune.generation import generate, perplexity
 from llmtune.hub.push import push, require_token
@@ -139,28 +140,28 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
     """Load, tokenize and wrap everything into a ready-to-train SFTTrainer (nothing is trained yet)."""
     data, lm = recipe.data, recipe.lm
 
-    # 1. Data: raw rows of every source, and whether they are conversations or plain text
-    lm_data = load_data(recipe)
-    chat = lm_data.chat
+    with main_process_first():  # other processes then read the datasets cache
+        # 1. Data: raw rows of every source, and whether they are conversations or plain text
+        lm_data = load_data(recipe)
+        chat = lm_data.chat
 
-    # 2. Tokenizer (chat template, pad token) and model (pretrained, or built from scratch)
-    tokenizer, added_tokens, short_name, model_path = load_tokenizer(recipe, lm_data)
+        # 2. Tokenizer (chat template, pad token) and model (pretrained, or built from scratch)
+        tokenizer, added_tokens, short_name, model_path = load_tokenizer(recipe, lm_data)
     run_dir = run_dir_for(recipe.output.dir, recipe.task, short_name, resume)
     check_run_dir(run_dir, recipe.output.overwrite, resume)
     if recipe.model.init == "scratch":
         model = build_model(recipe.scratch, tokenizer)
     else:
         source = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=recipe.model.dtype, use_safetensors=True, **source,
-            **quantized_loading(recipe.method, model_path, **source),
-        )
+        loading = {"dtype": recipe.model.dtype, **quantized_loading(recipe.method, model_path, **source)}
+        model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, **source, **loading)
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     set_generation_eos(model, tokenizer, chat)
 
     # 3. Tokenize: loss masks for conversations, fixed-size blocks for text
-    encoded, stats = tokenize_splits(recipe, lm_data, tokenizer)
+    with main_process_first():
+        encoded, stats = tokenize_splits(recipe, lm_data, tokenizer)
 
     # 4. Model: full, LoRA or DoRA (QLoRA: on the quantized base)
     model = apply_method(model, recipe.method, TaskType.CAUSAL_LM, recipe.training.gradient_checkpointing)
@@ -212,7 +213,9 @@ def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None
                                                 recipe.data.max_length, recipe.lm.stride)
 
     save_trained(trainer, run_dir, recipe.output.save, job.model_path)
-    write_json(run_dir / METRICS_FILE, metrics)
+    if not trainer.is_world_process_zero():
+        return metrics
+    write_json(run_dir / METRICS_FILE, metrics)  # one writer, one report, one push
     for name in ("loss", "perplexity", "token_accuracy"):
         if name in metrics.get("before", {}) and name in metrics.get("after", {}):
             logger.info("%-14s before %.4f -> after %.4f", name, metrics["before"][name], metrics["after"][name])

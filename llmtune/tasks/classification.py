@@ -29,6 +29,7 @@ from transformers import (
 from llmtune.config.schema import DataConfig, Recipe
 from llmtune.data.lm_tokenize import ensure_pad_token
 from llmtune.data.loading import load_splits, require_columns
+from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
 from llmtune.hub.push import push, require_token
 from llmtune.metrics import AVAILABLE_METRICS, load_metric
@@ -73,15 +74,16 @@ def build(recipe: Recipe, resume: bool = False) -> ClassificationJob:
     run_dir = run_dir_for(recipe.output.dir, recipe.task, source.short_name, resume)
     check_run_dir(run_dir, recipe.output.overwrite, resume)
 
-    # 1. Data and labels
-    splits = load_splits(data, recipe.training.seed)
-    labels, label_ids = check_data(splits, data)
+    with main_process_first():  # other processes then read the datasets cache
+        # 1. Data and labels
+        splits = load_splits(data, recipe.training.seed)
+        labels, label_ids = check_data(splits, data)
 
-    # 2. Tokenize (batched, cached by datasets between runs)
-    tokenizer = load_tokenizer(source.path, recipe)
-    encoded = DatasetDict(
-        {split: encode(rows, tokenizer, data, label_ids, split) for split, rows in splits.items()}
-    )
+        # 2. Tokenize (batched, cached by datasets between runs)
+        tokenizer = load_tokenizer(source.path, recipe)
+        encoded = DatasetDict(
+            {split: encode(rows, tokenizer, data, label_ids, split) for split, rows in splits.items()}
+        )
 
     # 3. Model: pretrained body (quantized for QLoRA), fresh head sized to the label set, then full / LoRA / DoRA
     model_source = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
@@ -90,10 +92,10 @@ def build(recipe: Recipe, resume: bool = False) -> ClassificationJob:
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
-        dtype=recipe.model.dtype,
         use_safetensors=True,
         **model_source,
-        **quantized_loading(recipe.method, source.path, keep_unquantized=CLASSIFIER_HEADS, **model_source),
+        **{"dtype": recipe.model.dtype,
+           **quantized_loading(recipe.method, source.path, keep_unquantized=CLASSIFIER_HEADS, **model_source)},
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders need it to find the last real token
     model = apply_method(model, recipe.method, TaskType.SEQ_CLS, recipe.training.gradient_checkpointing)
@@ -105,7 +107,11 @@ def build(recipe: Recipe, resume: bool = False) -> ClassificationJob:
         callbacks.append(EarlyStoppingCallback(recipe.training.early_stopping_patience))
     trainer = Trainer(
         model=model,
-        args=training_arguments(recipe.training, str(run_dir), MAIN_METRIC, has_eval),
+        # The loss is a mean over examples. With token averaging across devices on (the default), transformers
+        # multiplies every loss that accepts **kwargs by the number of processes, expecting it to be divided by
+        # the global token count - which a classification loss never is: losses and gradients would double.
+        args=training_arguments(recipe.training, str(run_dir), MAIN_METRIC, has_eval,
+                                average_tokens_across_devices=False),
         train_dataset=encoded["train"],
         eval_dataset=encoded.get("eval"),
         processing_class=tokenizer,
@@ -131,10 +137,11 @@ def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None
         test_metrics = write_predictions(trainer, job, run_dir / "predictions.jsonl")
         if test_metrics:
             metrics["test"] = test_metrics
-    write_json(run_dir / METRICS_FILE, metrics)
-    _report(metrics, run_dir)
-    if recipe.output.push_to_hub:
-        push(run_dir, recipe.output.push_to_hub, recipe.output.hub_private)
+    if trainer.is_world_process_zero():  # one writer, one report, one push
+        write_json(run_dir / METRICS_FILE, metrics)
+        _report(metrics, run_dir)
+        if recipe.output.push_to_hub:
+            push(run_dir, recipe.output.push_to_hub, recipe.output.hub_private)
     return metrics
 
 
@@ -261,8 +268,9 @@ def write_predictions(trainer: Trainer, job: ClassificationJob, path: Path) -> d
         record["label"] = job.labels[int(probs.argmax())]
         record["probabilities"] = {name: round(float(p), 6) for name, p in zip(job.labels, probs)}
         lines.append(json.dumps(record))
-    write_text(path, "\n".join(lines) + "\n")
-    logger.info("Wrote %d predictions to %s", len(lines), path)
+    if trainer.is_world_process_zero():
+        write_text(path, "\n".join(lines) + "\n")
+        logger.info("Wrote %d predictions to %s", len(lines), path)
     return _strip(output.metrics, "test_") if output.label_ids is not None else {}
 
 
