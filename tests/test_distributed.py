@@ -16,7 +16,6 @@ from llmtune.distributed import CONFIG_DIR, CPU_CONFIGS, accumulation_for, avail
 from llmtune.errors import LlmtuneError
 
 
-
 def accelerate_launch(config: str, *args: str, timeout: float = 900):
     import subprocess
     import sys
@@ -125,11 +124,11 @@ def test_two_process_classification_trains_together_and_evaluates_every_sample_o
     assert alone["f1"] == pytest.approx(metrics["after"]["f1"], abs=1e-9)
 
     # A single process with the same global batch (32) ends near the same held-out loss; the two differ only in
-    # the order examples are drawn (tolerance measured: see the closing note of issue 5).
+    # the order examples are drawn and the head's random init (measured: 0.6684 vs 0.6653).
     reference = run_cli(*sst2_args(sst2_files, tmp_path / "single", "training.batch_size=32"), cwd=REPO)
     assert reference.returncode == 0, reference.stderr[-2000:]
     single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
-    assert metrics["after"]["loss"] == pytest.approx(single_metrics["after"]["loss"], abs=0.05)
+    assert metrics["after"]["loss"] == pytest.approx(single_metrics["after"]["loss"], abs=0.02)
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
 
 
@@ -146,7 +145,10 @@ def test_two_process_lora_sft_saves_one_whole_adapter_that_loads(alpaca_files, s
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["world_size"] == 2 and record["global_batch_size"] == 8  # 2 per device x 2 accumulation x 2
-    assert json.loads((run_dir / "metrics.json").read_text())["train"]["ranks_in_sync"] is True
+    train_metrics = json.loads((run_dir / "metrics.json").read_text())["train"]
+    assert train_metrics["ranks_in_sync"] is True
+    # SmolLM2 on Alpaca starts near 2.0 per token; a loss scaled by the number of processes would read ~4
+    assert 0.5 < train_metrics["train_loss"] < 3.0, train_metrics
     assert sorted(p.name for p in run_dir.glob("*.safetensors")) == ["adapter_model.safetensors"]
 
     weights = load_file(run_dir / "adapter_model.safetensors")
