@@ -50,7 +50,7 @@ def test_qlora_adapter_keeps_changing_after_every_evaluation(qlora_run):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["recipe"]["method"]["quantization"] == "4bit" and record["recipe"]["method"]["quant_type"] == "nf4"
     state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
-    assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [1, 2, 3]
+    assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [0, 1, 2, 3]  # 0: before training
 
     adapters = [load_file(run_dir / f"checkpoint-{step}" / "adapter_model.safetensors") for step in (1, 2, 3)]
     for step, (earlier, later) in enumerate(zip(adapters, adapters[1:]), start=1):
