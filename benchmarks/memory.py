@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from transformers import TrainerCallback  # noqa: E402 - after the offline switches
+from worker import peak_rss_mb, reset_peak_rss, run_in_fresh_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -58,13 +58,11 @@ def main() -> int:
     for short in args.methods:
         name = SHORT[short]
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, __file__, "--worker", short, "--steps", str(args.steps), "--data", args.data,
-                   "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
+        result = run_in_fresh_process([__file__, "--worker", short, "--steps", str(args.steps), "--data", args.data,
+                                       "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)])
+        if result is None:
             return 1
-        results.append({"method": name, **json.loads(done.stdout.strip().splitlines()[-1])})
+        results.append({"method": name, **result})
 
     baseline = next((r for r in results if r["method"] == "full"), results[0])
     for r in results:
@@ -113,9 +111,12 @@ def measure(args: argparse.Namespace) -> dict:
         weights_mb = job.trainer.model.get_memory_footprint() / 2**20  # parameters + buffers, as stored
         clock = StepClock()
         job.trainer.add_callback(clock)
-        _reset_peak(on_gpu)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
         job.trainer.train()
-        peak_mb = (torch.cuda.max_memory_allocated() if on_gpu else _rss_kb("VmHWM") * 1024) / 2**20
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else peak_rss_mb()
     tokens = [h["num_tokens"] for h in job.trainer.state.log_history if "num_tokens" in h]
     timed_tokens = tokens[-1] - tokens[0]  # tokens of steps 2..N+1 (step 1 is the warm-up)
     return {"trainable": parameter_summary(job.trainer.model)["trainable"], "weights_mb": round(weights_mb, 1),
@@ -134,22 +135,6 @@ class StepClock(TrainerCallback):
 
     def timed_seconds(self) -> float:
         return self.ends[-1] - self.ends[0]
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak(on_gpu: bool) -> None:
-    if on_gpu:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
 
 
 if __name__ == "__main__":
