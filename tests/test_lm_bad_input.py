@@ -29,13 +29,24 @@ def assistant(text):
     ([user("hi"), user("hello?")], "row 1: the conversation has no assistant turn"),
     ([user("hi"), user("again"), assistant("yes")], "row 1: roles are out of order (user -> user -> assistant)"),
     ([assistant("I start"), user("hi"), assistant("ok")], "roles are out of order"),
-    ([user("hi"), assistant("   ")], "row 1: turn 1 (assistant) has empty content"),
 ])
 def test_bad_conversations_name_the_row_and_the_problem(capsys, tiny_llama, tmp_path, messages, message):
     good = {"messages": [user("fine"), assistant("yes")]}
     data = write_jsonl(tmp_path / "chat.jsonl", [good, {"messages": messages}])
     code, err = sft(capsys, tiny_llama, data, tmp_path)
     assert code == 2 and err.startswith("error:") and message in err, err
+
+
+def test_conversations_with_an_empty_turn_are_dropped_and_counted(capsys, tiny_llama, tmp_path, caplog):
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(6)]
+    rows[3]["output"] = "   "  # as in the real Alpaca data (row 2335 of the shared 5k subset)
+    code, _ = sft(capsys, tiny_llama, write_jsonl(tmp_path / "alpaca.jsonl", rows), tmp_path)
+    assert code == 0
+    assert "dropped 1 of 6 conversations with an empty turn (the first is row 3)" in caplog.text
+
+    nothing = write_jsonl(tmp_path / "empty.jsonl", [{"instruction": "Say.", "input": "", "output": ""}])
+    code, err = sft(capsys, tiny_llama, nothing, tmp_path, "output.dir=" + str(tmp_path / "run2"))
+    assert code == 2 and "every conversation has an empty turn" in err, err
 
 
 def test_template_that_cannot_mark_assistant_tokens_is_explained(capsys, tiny_llama, tmp_path):

@@ -1,17 +1,21 @@
 """Causal-LM data layouts, all turned into one internal form: a list of {role, content} messages.
 
 Plain text stays text (it is cut into blocks later). Every conversation is checked here: it must have an
-assistant turn, roles in order (optional system, then user / assistant alternating, ending with the
-assistant), and no empty content. Errors name the file, the row and the problem.
+assistant turn and roles in order (optional system, then user / assistant alternating, ending with the
+assistant); errors name the file, the row and the problem. Conversations with an empty turn (real datasets
+have a few, e.g. Alpaca's empty outputs) are dropped and counted, not trained on.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from datasets import Dataset
 
 from llmtune.errors import LlmtuneError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 # The standard columns of each format; `data.columns` maps them to other names.
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -55,12 +59,22 @@ def to_conversations(
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
         messages = _messages(row, fmt, mapping)
+        if any(not isinstance(m["content"], str) or not m["content"].strip() for m in messages):
+            return {"messages": []}  # an empty turn (Alpaca has empty outputs): dropped and counted below
         if system_prompt and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": system_prompt}, *messages]
         check_conversation(messages, f"{where}, row {index}")
         return {"messages": messages}
 
-    return rows.map(convert, with_indices=True, remove_columns=rows.column_names, desc=f"Reading {fmt} data")
+    converted = rows.map(convert, with_indices=True, remove_columns=rows.column_names, desc=f"Reading {fmt} data")
+    kept = converted.filter(lambda row: len(row["messages"]) > 0, desc="Dropping empty conversations")
+    if len(kept) < len(converted):
+        first = next(i for i, row in enumerate(converted) if not row["messages"])
+        logger.warning("%s: dropped %d of %d conversations with an empty turn (the first is row %d).",
+                       where, len(converted) - len(kept), len(converted), first)
+    if len(kept) == 0:
+        raise LlmtuneError(f"{where}: every conversation has an empty turn, so there is nothing to train on.")
+    return kept
 
 
 def text_column(rows: Dataset, mapping: dict[str, str], where: str) -> str:
