@@ -94,7 +94,7 @@ def main() -> int:
 def render(results: list[dict], peak: dict, args: argparse.Namespace, preprocessing: dict) -> str:
     lines = [f"SmolLM2-135M-Instruct LoRA (r=16, all-linear) SFT on Alpaca, max length {args.max_length}, batch "
              f"{args.batch_size}, {args.token_budget:,} effective tokens each, {os.cpu_count()} CPU threads. Matmul "
-             f"peak measured in this run: fp32 {peak["fp32"]:.1f} GFLOP/s, bf16 {peak["bf16"]:.1f} GFLOP/s; MFU is "
+             f"peak measured in this run: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s; MFU is "
              "against the peak of the precision the system trained in.", "",
              "| system | effective tokens/s | vs plain Trainer | s/step | padding share | peak RSS (MB) | "
              "held-out answer loss | MFU | precision | activation checkpointing |",
