@@ -83,12 +83,17 @@ def accumulation_for(global_batch: int, per_device: int, processes: int) -> int:
     return global_batch // processes // per_device
 
 
+def launched_with(mode: str) -> bool:
+    """Whether accelerate launched this process in a mode ('FSDP', 'DEEPSPEED'): it exports ACCELERATE_USE_<MODE>."""
+    return os.environ.get(f"ACCELERATE_USE_{mode}", "false").lower() in ("1", "true")
+
+
 def check_launch_environment() -> None:
     """Refuse GPU-only launch modes on a machine without CUDA (accelerate would fail or silently fall back)."""
     if torch.cuda.is_available():
         return
-    for variable, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "false").lower() in ("1", "true"):
+    for mode, what in (("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")):
+        if launched_with(mode):
             raise LlmtuneError(
                 f"This process was launched with {what}, which needs CUDA GPUs, and this machine has none. "
                 "Use --accelerate cpu_ddp (data-parallel processes on CPU) or single."

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llmtune.errors import LlmtuneError
+from llmtune.models.quantization import DTYPES
 from llmtune.models.trained import load_trained
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ PROBE_TEXT = (
     "Fine-tuning adapts a pretrained language model to a task. The quick brown fox jumps over the lazy dog, "
     "and 12 + 30 = 42."
 )
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -49,8 +49,8 @@ def merge_adapter(
     Nothing is written when the merged logits differ from adapter-on-base logits by more than `tolerance`
     times the largest logit (at least 1).
     """
-    if dtype not in SAVE_DTYPES:
-        raise LlmtuneError(f"--dtype is {dtype!r}; choose one of {', '.join(SAVE_DTYPES)}.")
+    if dtype not in DTYPES:
+        raise LlmtuneError(f"--dtype is {dtype!r}; choose one of {', '.join(DTYPES)}.")
     out = Path(out)
     if not into_run and out.exists() and any(out.iterdir()) and not overwrite:
         raise LlmtuneError(
@@ -78,7 +78,7 @@ def merge_adapter(
         )
     logger.info("Merged adapter into %s; logits match adapter-on-base within %.2e", base_path, difference)
 
-    merged = merged.to(SAVE_DTYPES[dtype])
+    merged = merged.to(DTYPES[dtype])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent if not into_run else out, prefix=".merging-"))
     try:

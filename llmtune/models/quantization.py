@@ -6,12 +6,12 @@ The frozen base is loaded quantized; adapters (and the task head) train in full 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 
 from llmtune.config.schema import MethodConfig
+from llmtune.distributed import launched_with
 from llmtune.errors import LlmtuneError
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ def load_arguments(
 
 
 def under_fsdp() -> bool:
-    """Whether this process was launched by accelerate with FSDP (it exports ACCELERATE_USE_FSDP)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    return launched_with("FSDP")
 
 
 def compute_dtype(name: str) -> torch.dtype:
