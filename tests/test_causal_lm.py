@@ -13,6 +13,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from llmtune import build_trainer, load_recipe, train
 from llmtune.cli import main
 from llmtune.data.lm_tokenize import tokenize_conversation
+from llmtune.models.attention import SDPA_VARLEN
 
 CHAT = [
     {"role": "system", "content": "You answer briefly."},
@@ -75,10 +76,11 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
 
 
-def test_packed_batch_gives_the_same_loss_as_unpacked(tiny_llama):
+@pytest.mark.parametrize("attention", ["sdpa", SDPA_VARLEN])
+def test_packed_batch_gives_the_same_loss_as_unpacked(tiny_llama, attention):
     """Tolerance: 1e-5 on the loss, 1e-4 per token (fp32). The control - no position reset - must differ."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attention).eval()
     samples = []
     for row in chats(4):
         encoded = tokenize_conversation(row["messages"], tokenizer, "assistant", 512)
@@ -101,13 +103,14 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(tiny_llama):
     assert (control - reference).abs().max().item() > 1e-3
 
 
-def test_loss_and_update_do_not_depend_on_gradient_accumulation(tiny_llama, tmp_path):
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_loss_and_update_do_not_depend_on_gradient_accumulation(tiny_llama, tmp_path, padding_free):
     """Same global batch (4) as 4x1 and 2x2: SGD step and logged loss agree (per-token normalised loss)."""
     data = write_jsonl(tmp_path / "chats.jsonl", chats(8))
     results = []
     for batch, accumulation in ((4, 1), (2, 2)):
         trainer = build_trainer(sft_recipe(
-            tiny_llama, data, tmp_path / f"b{batch}", "lm.packing=false", "training.optimizer=sgd",
+            tiny_llama, data, tmp_path / f"b{batch}", f"lm.padding_free={padding_free}", "training.optimizer=sgd",
             "training.learning_rate=0.5", f"training.batch_size={batch}", f"training.gradient_accumulation={accumulation}",
             "training.max_grad_norm=0", "training.log_every=1", "training.eval_every=no", "training.save_every=no",
         ))
@@ -124,7 +127,7 @@ def test_sft_run_saves_eos_equal_to_end_of_turn_and_generations(tiny_llama, alpa
     recipe = load_recipe("recipes/smollm2_alpaca_lora.yaml", [
         f"model.name={tiny_llama}", "data.dataset=null", f"data.train_file={alpaca_files['train']}",
         f"data.eval_file={alpaca_files['eval']}", "data.eval_split=null", "data.validation_fraction=0", "data.max_length=128",
-        "training.max_steps=2", "lm.max_new_tokens=4", f"output.dir={tmp_path / 'run'}",
+        "training.max_steps=2", "lm.max_new_tokens=4", "lm.packing=true", f"output.dir={tmp_path / 'run'}",
     ])
     metrics = train(recipe)
     run_dir = tmp_path / "run"
@@ -174,7 +177,7 @@ def test_base_tokenizer_without_template_or_pad_gets_chatml_and_a_pad(tmp_path, 
 def test_data_preview_marks_trained_tokens_and_reports_statistics(tiny_llama, alpaca_files, capsys):
     assert main(["data", "preview", "recipes/smollm2_alpaca_lora.yaml", f"model.name={tiny_llama}", "data.dataset=null",
                  f"data.train_file={alpaca_files['train']}", "data.eval_split=null", "data.validation_fraction=0",
-                 "data.max_length=96",
+                 "data.max_length=96", "lm.packing=true",
                  "-n", "2", "--no-colour"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and "[[" in out and "]]" in out
@@ -190,7 +193,7 @@ def test_mixture_weights_scale_each_source_and_group_by_length(tiny_llama, tmp_p
     main_file = write_jsonl(tmp_path / "main.jsonl", chats(4))
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)])
     for weight, expected in ((0.5, 6), (2, 12)):
-        recipe = sft_recipe(tiny_llama, main_file, tmp_path, "lm.packing=false", "lm.group_by_length=true",
+        recipe = sft_recipe(tiny_llama, main_file, tmp_path, "lm.padding_free=false", "lm.group_by_length=true",
                             f"data.mixture=[{{train_file: {extra}, weight: {weight}, format: prompt_completion}}]")
         assert validate(recipe)["tokens"]["train"]["samples"] == expected
     trainer = build_trainer(recipe)
@@ -216,3 +219,31 @@ def test_chat_command_answers_until_an_empty_line(tiny_llama, tmp_path):
     result = run_cli("chat", str(tmp_path / "run"), "--max-new-tokens", "3", input="Hello there\n\n", cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("model>") == 1 and "you>" in result.stdout
+
+
+def test_scoring_only_labelled_positions_matches_trl_loss_gradient_and_accuracy(tiny_llama, tmp_path):
+    """llmtune projects only labelled positions through the LM head off CUDA; trl scores every position.
+    Same loss (1e-5), same LoRA gradients (1e-5 relative) and same token accuracy on a padding-free batch."""
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(6))
+    trainer = build_trainer(sft_recipe(tiny_llama, data, tmp_path, "method.type=lora", "training.batch_size=6"))
+    assert trainer.labelled_logits_only and trainer.model.config._attn_implementation == SDPA_VARLEN
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(6)]))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one row, no padding
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    results = {}
+    for labelled_only in (True, False):
+        trainer.labelled_logits_only = labelled_only
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        logs: dict = {}
+        trainer.log(logs)
+        results[labelled_only] = (loss.item(), grads, trainer.state.log_history[-1]["mean_token_accuracy"])
+    (loss_ours, grads_ours, acc_ours), (loss_trl, grads_trl, acc_trl) = results[True], results[False]
+    assert loss_ours == pytest.approx(loss_trl, abs=1e-5)
+    assert grads_ours.keys() == grads_trl.keys() and grads_ours
+    for name in grads_ours:
+        scale = grads_trl[name].abs().max().item() + 1e-12
+        assert (grads_ours[name] - grads_trl[name]).abs().max().item() / scale < 1e-5, name
+    assert acc_ours == pytest.approx(acc_trl, abs=1e-6)

@@ -31,6 +31,12 @@ class ModelConfig:
     trust_remote_code: bool = _field(
         False, "Run modelling code shipped with the checkpoint. Only turn on for checkpoints you trust."
     )
+    attention: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = _field(
+        "auto",
+        "Attention kernel: auto, sdpa, eager, flash_attention_2 or sdpa_varlen (llmtune's per-sample SDPA for "
+        "padding-free batches). auto: flash_attention_2 on CUDA when flash-attn is installed and training runs "
+        "in bf16/fp16, else sdpa_varlen for padding-free causal-LM batches, else sdpa.",
+    )
     init: Literal["pretrained", "scratch"] = _field(
         "pretrained",
         "pretrained: load `name`. scratch: build a new model from the `scratch` section (random weights, "
@@ -99,7 +105,11 @@ class MethodConfig:
     )
     r: int = _field(8, "LoRA rank.")
     alpha: int = _field(16, "LoRA scaling numerator (the update is scaled by alpha / r).")
-    dropout: float = _field(0.05, "Dropout on the LoRA input.")
+    dropout: float = _field(
+        0.0,
+        "Dropout on the LoRA input (peft's default, 0). Each adapted layer draws its own mask: on a CPU that cost "
+        "a quarter of a SmolLM2 LoRA step at 0.05 (benchmarks/speed.py).",
+    )
     target_modules: str | list[str] | None = _field(
         None,
         "Modules that get adapters: a list of module names, 'all-linear' (every linear layer but the output "
@@ -157,7 +167,9 @@ class TrainingConfig:
     )
     seed: int = _field(42, "Seed for shuffling, initialisation and dropout.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
-        "auto", "Mixed precision. auto: bf16 on GPUs that support it, fp32 elsewhere."
+        "auto",
+        "Mixed precision (autocast; weights stay fp32). auto: bf16 on GPUs that support it and on CPUs with "
+        "native bf16 (avx512_bf16 or AMX), fp32 elsewhere.",
     )
     eval_every: int | Literal["epoch", "no"] = _field(
         "epoch", "Evaluate every N steps, every 'epoch', or 'no'."
@@ -225,10 +237,17 @@ class LMConfig:
         "Tokens that carry loss. assistant: every assistant turn (completions) only. all: every token. "
         "auto: assistant for sft, all for pretrain.",
     )
-    packing: bool = _field(
-        True, "Pack several samples per sequence with no attention across them (padding-free, position ids reset)."
+    padding_free: bool = _field(
+        True,
+        "Put each batch's samples end to end in one row instead of padding them to the longest: no compute is "
+        "spent on padding, and attention stays within each sample (position ids restart). Off: padded batches.",
     )
-    group_by_length: bool = _field(False, "Without packing: batch samples of similar length to cut padding.")
+    packing: bool = _field(
+        False,
+        "Fill every row up to max_length with several samples (best-fit decreasing, padding-free): fewer, fuller "
+        "steps. Off: each step trains on batch_size samples, as a padded batch would.",
+    )
+    group_by_length: bool = _field(False, "Padded batches (padding_free off): batch samples of similar length.")
     perplexity_file: str | None = _field(
         None, "Text file scored with a sliding window after training (perplexity reported in metrics.json).", path=True
     )

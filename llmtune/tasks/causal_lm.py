@@ -2,7 +2,7 @@
 
 The story, top to bottom: load the data -> tokenizer and model (pretrained, or trained/built from zero)
 -> chat template and end-of-turn -> tokenize with loss masks (assistant turns or all tokens) -> model
-(full, LoRA, DoRA) -> trl SFTTrainer (packing without cross-sample attention) -> evaluate before -> train
+(full, LoRA, DoRA) -> trl SFTTrainer (padding-free batches, no cross-sample attention) -> evaluate before -> train
 -> evaluate after (loss, perplexity, token accuracy, generations) -> save with a generation config whose
 eos is the template's end-of-turn token.
 """
@@ -19,7 +19,7 @@ from typing import Any
 from datasets import Dataset, concatenate_datasets
 from peft import TaskType
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from llmtune.config.schema import DataConfig, Recipe
 from llmtune.data.formats import detect_format, text_column, to_conversations
@@ -36,6 +36,7 @@ from llmtune.errors import LlmtuneError
 from llmtune.generation import generate, perplexity
 from llmtune.hub.push import push, require_token
 from llmtune.models.adapters import apply_method
+from llmtune.models.attention import attention_for
 from llmtune.models.quantization import load_arguments as quantized_loading
 from llmtune.models.scratch import build_model, train_tokenizer
 from llmtune.models.sources import resolve_model
@@ -47,7 +48,8 @@ from llmtune.runs import (
     start_run,
     write_json,
 )
-from llmtune.training import train_and_evaluate, training_arguments
+from llmtune.tasks.lm_trainer import LMTrainer
+from llmtune.training import resolved_precision, train_and_evaluate, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class LMJob:
     recipe: Recipe
-    trainer: SFTTrainer
+    trainer: LMTrainer
     run_dir: Path
     chat: bool  # conversations (chat template, assistant masks) rather than plain text blocks
     stats: dict[str, dict[str, Any]]
@@ -137,7 +139,7 @@ def internal_form(rows: Dataset, fmt: str, data: DataConfig, where: str, columns
 
 
 def build(recipe: Recipe, resume: bool = False) -> LMJob:
-    """Load, tokenize and wrap everything into a ready-to-train SFTTrainer (nothing is trained yet)."""
+    """Load, tokenize and wrap everything into a ready-to-train LMTrainer (nothing is trained yet)."""
     data, lm = recipe.data, recipe.lm
 
     with main_process_first():  # other processes then read the datasets cache
@@ -149,12 +151,16 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
         tokenizer, added_tokens, short_name, model_path = load_tokenizer(recipe, lm_data)
     run_dir = run_dir_for(recipe.output.dir, recipe.task, short_name, resume)
     check_run_dir(run_dir, recipe.output.overwrite, resume)
+    padding_free = chat and (lm.padding_free or lm.packing)  # text blocks are all max_length: nothing to remove
+    attention = attention_for(recipe.model.attention, padding_free, resolved_precision(recipe.training.precision))
     if recipe.model.init == "scratch":
         model = build_model(recipe.scratch, tokenizer)
+        model.set_attn_implementation(attention)
     else:
         source = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
         loading = {"dtype": recipe.model.dtype, **quantized_loading(recipe.method, model_path, **source)}
-        model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, **source, **loading)
+        model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, attn_implementation=attention,
+                                                     **source, **loading)
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     set_generation_eos(model, tokenizer, chat)
@@ -166,26 +172,28 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
     # 4. Model: full, LoRA or DoRA (QLoRA: on the quantized base)
     model = apply_method(model, recipe.method, TaskType.CAUSAL_LM, recipe.training.gradient_checkpointing)
 
-    # 5. Trainer: trl builds labels from the masks and packs without cross-sample attention
+    # 5. Trainer: trl builds labels from the masks and batches samples end to end without cross-sample attention
     has_eval = "eval" in encoded and recipe.training.eval_every != "no"
     packing = lm.packing and chat  # text blocks are already full
     args = training_arguments(
         recipe.training, str(run_dir), "loss", has_eval, SFTConfig,
-        max_length=data.max_length,
+        # Samples are truncated at tokenization; trl refuses a max_length it would not enforce (padding-free
+        # batches without packing).
+        max_length=data.max_length if packing or not padding_free else None,
         packing=packing,
         packing_strategy="bfd",
-        padding_free=packing,
+        padding_free=padding_free,
         completion_only_loss=False,  # the assistant masks already say what is trained
         assistant_only_loss=False,
         dataset_num_proc=data.preprocessing_workers,
-        train_sampling_strategy="group_by_length" if lm.group_by_length and not packing else "random",
+        train_sampling_strategy="group_by_length" if lm.group_by_length and not padding_free else "random",
     )
     callbacks: list[TrainerCallback] = []
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(recipe.training.early_stopping_patience))
     if lm.generation_prompts:
         callbacks.append(GenerationLogger(run_dir / "generations.jsonl", lm.generation_prompts, lm.max_new_tokens, chat))
-    trainer = SFTTrainer(
+    trainer = LMTrainer(
         model=model,
         args=args,
         train_dataset=encoded["train"],

@@ -1,0 +1,61 @@
+"""Which attention kernel a causal LM trains with, and llmtune's per-sample SDPA for padding-free batches.
+
+Padding-free batches put several samples in one row, with position ids restarting at each sample. Flash
+attention (CUDA) reads those boundaries directly. PyTorch's SDPA cannot: transformers builds a block-diagonal
+mask over the whole row, so attention costs (sum of lengths)^2 instead of the sum of length^2, and the mask
+must be materialized. `sdpa_varlen` runs SDPA once per sample instead - the same numbers (the tests compare
+them) at a fraction of the cost. It is registered through transformers' public AttentionInterface.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+logger = logging.getLogger(__name__)
+
+SDPA_VARLEN = "sdpa_varlen"
+
+
+def sdpa_varlen_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """SDPA per sample when one row holds several (position ids restart); plain SDPA for anything else.
+
+    query/key/value are (batch, heads, length, head_dim). The varlen path needs one row whose queries and keys
+    are the same tokens (training and evaluation - not generation with a cache).
+    """
+    if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    positions = position_ids.reshape(-1)
+    starts = (torch.diff(positions) != 1).nonzero().flatten() + 1
+    if len(starts) == 0:  # one sample: causal attention needs no mask
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+    bounds = [0, *starts.tolist(), query.shape[2]]
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    pieces = [
+        sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
+    return torch.cat(pieces, dim=1), None  # (batch, length, heads, head_dim), like sdpa_attention_forward
+
+
+# The mask builder is SDPA's own, so batches that do take the plain SDPA path (padded evaluation, generation)
+# get exactly the mask they would have had.
+AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)
+
+
+def attention_for(requested: str, padding_free: bool, precision: str) -> str:
+    """The attention implementation to load the model with. auto: flash attention 2 on CUDA when the
+    flash-attn package is installed and training runs in bf16/fp16 (its only dtypes), else per-sample SDPA for
+    padding-free batches, else SDPA."""
+    if requested != "auto":
+        return requested
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if flash and precision in ("bf16", "fp16"):
+        return "flash_attention_2"
+    return SDPA_VARLEN if padding_free else "sdpa"
