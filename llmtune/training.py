@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 # llmtune's optimizer names -> transformers' (any other name transformers knows is passed through as is).
 OPTIMIZERS = {
-    "adamw": "adamw_torch",
-    "adamw_fused": "adamw_torch_fused",
+    "adamw": "adamw_torch_fused",  # one fused kernel per step: 3.5x faster than foreach on CPU (5M LoRA weights)
+    "adamw_foreach": "adamw_torch",
     "adamw_8bit": "adamw_bnb_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
     "paged_adamw_32bit": "paged_adamw_32bit",
@@ -55,11 +55,13 @@ def training_arguments(
     main_metric: str,
     has_eval: bool,
     args_class: type[TrainingArguments] = TrainingArguments,
+    padded: bool = True,
     **task_arguments,
 ) -> TrainingArguments:
     """TrainingArguments (or a subclass such as trl's SFTConfig, with its task_arguments) for this recipe.
 
-    `main_metric` picks the best checkpoint unless the recipe names one.
+    `main_metric` picks the best checkpoint unless the recipe names one; `padded` says whether batches are
+    padded (length grouping only helps those).
     """
     check_launch_environment()
     processes = world_size()
@@ -105,6 +107,7 @@ def training_arguments(
         metric_for_best_model=metric if has_eval else None,
         greater_is_better=metric != "loss",
         dataloader_num_workers=cfg.dataloader_workers,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and padded else "random",
         report_to="none",
         ddp_find_unused_parameters=False,  # frozen base weights are not "unused"; searching for them costs a pass
         **task_arguments,

@@ -193,7 +193,7 @@ def test_mixture_weights_scale_each_source_and_group_by_length(tiny_llama, tmp_p
     main_file = write_jsonl(tmp_path / "main.jsonl", chats(4))
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)])
     for weight, expected in ((0.5, 6), (2, 12)):
-        recipe = sft_recipe(tiny_llama, main_file, tmp_path, "lm.padding_free=false", "lm.group_by_length=true",
+        recipe = sft_recipe(tiny_llama, main_file, tmp_path, "lm.padding_free=false",
                             f"data.mixture=[{{train_file: {extra}, weight: {weight}, format: prompt_completion}}]")
         assert validate(recipe)["tokens"]["train"]["samples"] == expected
     trainer = build_trainer(recipe)

@@ -158,7 +158,7 @@ class TrainingConfig:
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
     optimizer: str = _field(
         "adamw",
-        "adamw, adamw_fused, adamw_8bit (bitsandbytes), paged_adamw_8bit, paged_adamw_32bit, lion_8bit, "
+        "adamw (torch's fused AdamW), adamw_foreach (its multi-tensor form), adamw_8bit (bitsandbytes), paged_adamw_8bit, paged_adamw_32bit, lion_8bit, "
         "paged_lion_8bit, adafactor, sgd, rmsprop - or any optimizer name transformers knows. paged_* variants "
         "page optimizer state to CPU memory on CUDA; elsewhere they run as their non-paged form.",
     )
@@ -186,6 +186,11 @@ class TrainingConfig:
         None, "Stop after this many evaluations without improvement of `metric_for_best`."
     )
     dataloader_workers: int = _field(0, "Worker processes feeding batches.")
+    group_by_length: bool = _field(
+        True,
+        "Padded batches: draw samples of similar length together (in shuffled groups), so little compute goes "
+        "to padding. Classification batches are padded; causal-LM batches only with lm.padding_free off.",
+    )
 
 
 @dataclass
@@ -247,7 +252,6 @@ class LMConfig:
         "Fill every row up to max_length with several samples (best-fit decreasing, padding-free): fewer, fuller "
         "steps. Off: each step trains on batch_size samples, as a padded batch would.",
     )
-    group_by_length: bool = _field(False, "Padded batches (padding_free off): batch samples of similar length.")
     perplexity_file: str | None = _field(
         None, "Text file scored with a sliding window after training (perplexity reported in metrics.json).", path=True
     )

@@ -64,11 +64,16 @@ def default_target_modules(model_type: str) -> list[str] | str:
     return DEFAULT_TARGET_MODULES.get(model_type) or PEFT_DEFAULTS.get(model_type) or "all-linear"
 
 
+def unpacked_numel(param: torch.nn.Parameter) -> int:
+    """Number of values in a parameter; bitsandbytes packs two 4-bit values per stored byte."""
+    return param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)
+
+
 def parameter_summary(model: torch.nn.Module) -> dict[str, int | float | list[str]]:
     """Trainable and total parameter counts (4-bit weights counted unpacked) and the adapted module names."""
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)  # two 4-bit values per byte
+        count = unpacked_numel(param)
         total += count
         trainable += count if param.requires_grad else 0
     summary: dict[str, int | float | list[str]] = {

@@ -176,7 +176,7 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
     has_eval = "eval" in encoded and recipe.training.eval_every != "no"
     packing = lm.packing and chat  # text blocks are already full
     args = training_arguments(
-        recipe.training, str(run_dir), "loss", has_eval, SFTConfig,
+        recipe.training, str(run_dir), "loss", has_eval, SFTConfig, padded=chat and not padding_free,
         # Samples are truncated at tokenization; trl refuses a max_length it would not enforce (padding-free
         # batches without packing).
         max_length=data.max_length if packing or not padding_free else None,
@@ -186,7 +186,6 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
         completion_only_loss=False,  # the assistant masks already say what is trained
         assistant_only_loss=False,
         dataset_num_proc=data.preprocessing_workers,
-        train_sampling_strategy="group_by_length" if lm.group_by_length and not padding_free else "random",
     )
     callbacks: list[TrainerCallback] = []
     if recipe.training.early_stopping_patience:

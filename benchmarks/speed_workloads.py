@@ -1,0 +1,278 @@
+"""The speed benchmark's workloads: for each, its data, how every system builds its Trainer, and one held-out
+evaluator shared by all systems.
+
+Baselines are written the way their documentation teaches. The plain Trainer scripts tokenize, pad per batch
+(DataCollatorForLanguageModeling / DataCollatorWithPadding) and train with random batches; TRL gets its
+SFTConfig defaults. All systems of a workload get the same model, adapter settings (llmtune's recipe), data,
+learning rate, batch size and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+@dataclass
+class Workload:
+    title: str
+    recipe: str
+    systems: tuple[str, ...]
+    token_budget: dict[str, int]  # effective training tokens per system run, by machine size
+    batch_size: dict[str, int]
+    overrides: list[str] = field(default_factory=list)  # applied to the recipe for every llmtune run
+
+
+WORKLOADS = {
+    "sft_lora": Workload(
+        "SmolLM2-135M-Instruct LoRA SFT on Alpaca (max length 512)", "smollm2_alpaca_lora.yaml",
+        ("plain_trainer", "trl", "llmtune"), {"cpu": 4000, "gpu": 400_000}, {"cpu": 4, "gpu": 16}),
+    "qlora": Workload(
+        "SmolLM2-135M-Instruct QLoRA (4-bit NF4) SFT on Alpaca (max length 512)", "smollm2_alpaca_qlora.yaml",
+        ("plain_trainer", "llmtune"), {"cpu": 1500, "gpu": 200_000}, {"cpu": 4, "gpu": 16}),
+    "sst2": Workload(
+        "all-MiniLM-L6-v2 LoRA classification on SST-2 (max length 64)", "sst2_minilm_lora.yaml",
+        ("plain_trainer", "llmtune"), {"cpu": 24_000, "gpu": 1_000_000}, {"cpu": 32, "gpu": 128}),
+    "pretrain": Workload(
+        "tiny GPT (4 x 256) pretraining from scratch on Tiny Shakespeare (blocks of 128)",
+        "tiny_gpt_shakespeare_scratch.yaml",
+        ("plain_trainer", "llmtune"), {"cpu": 80_000, "gpu": 4_000_000}, {"cpu": 32, "gpu": 128}),
+}
+SFT_WORKLOADS = ("sft_lora", "qlora")
+
+
+def prepare(workload: str, work: Path, samples: int) -> None:
+    """Write the workload's train and held-out files into `work`."""
+    if workload in SFT_WORKLOADS:
+        rows = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())
+        rows = [r for r in rows if r["output"].strip()]
+        (work / "train.json").write_text(json.dumps(rows[:samples]))
+        (work / "eval.json").write_text(json.dumps(rows[-40:]))
+    elif workload == "sst2":
+        lines = (DATA / "sst2" / "train.tsv").read_text().splitlines()
+        (work / "train.tsv").write_text("\n".join(lines[: samples + 1]) + "\n")
+        (work / "eval.tsv").write_text((DATA / "sst2" / "dev.tsv").read_text())
+    else:
+        text = (DATA / "tinyshakespeare" / "input.txt").read_text()
+        cut = int(len(text) * 0.9)
+        (work / "train.txt").write_text(text[:cut])
+        (work / "eval.txt").write_text(text[cut:cut + 40_000])
+
+
+def llmtune_overrides(workload: str, work: Path, args) -> list[str]:
+    common = [f"training.batch_size={args.batch_size}", "training.gradient_accumulation=1",
+              f"training.learning_rate={args.learning_rate}", "training.epochs=100", "training.warmup=0",
+              "training.scheduler=linear", "training.eval_every=no", "training.save_every=no",
+              f"training.precision={args.precision}", "data.validation_fraction=0", f"output.dir={work / 'run'}"]
+    if workload in SFT_WORKLOADS:
+        return common + ["data.dataset=null", f"data.train_file={work / 'train.json'}", "data.eval_split=null",
+                         "lm.generation_prompts=[]"]
+    if workload == "sst2":
+        return common + ["data.dataset=null", f"data.train_file={work / 'train.tsv'}", "data.eval_split=null"]
+    return common + ["data.dataset=null", f"data.train_file={work / 'train.txt'}", "data.eval_split=null"]
+
+
+def build(workload: str, system: str, args, work: Path):
+    """The Trainer of one system on one workload (nothing trained yet)."""
+    from llmtune import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / WORKLOADS[workload].recipe, llmtune_overrides(workload, work, args))
+    if system == "llmtune":
+        from llmtune import build_trainer
+
+        return build_trainer(recipe)
+    return {"sft_lora": _plain_sft, "qlora": _plain_sft, "sst2": _plain_sst2, "pretrain": _plain_pretrain}[workload](
+        recipe, args, work, trl=system == "trl")
+
+
+def _training_args(args, work: Path, **extra) -> dict:
+    return dict(output_dir=str(work / "out"), per_device_train_batch_size=args.batch_size,
+                learning_rate=args.learning_rate, num_train_epochs=100, logging_steps=1, save_strategy="no",
+                eval_strategy="no", report_to="none", use_cpu=not _cuda(), seed=42, **extra)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _lora(recipe, task_type: str):
+    from peft import LoraConfig
+
+    from llmtune.models.adapters import default_target_modules
+
+    method = recipe.method
+    return LoraConfig(task_type=task_type, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                      target_modules=method.target_modules or default_target_modules(
+                          "bert" if task_type == "SEQ_CLS" else "llama"))
+
+
+def alpaca_messages(row: dict) -> list[dict]:
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def _smollm2(recipe):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from llmtune.models.sources import resolve_model
+
+    path = resolve_model(recipe.model.name).path
+    quantization = None
+    if recipe.method.quantization == "4bit":  # the bitsandbytes docs' QLoRA setting
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16 if _cuda() else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quantization)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _plain_sft(recipe, args, work: Path, trl: bool):
+    from datasets import load_dataset
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from llmtune.training import transformers_optimizer
+
+    model, tokenizer = _smollm2(recipe)
+    rows = load_dataset("json", data_files=str(work / "train.json"), split="train")
+    if trl:  # TRL's SFTTrainer with its defaults, on prompt/completion conversations
+        from trl import SFTConfig, SFTTrainer
+
+        data = rows.map(lambda row: {"prompt": alpaca_messages(row)[:1], "completion": alpaca_messages(row)[1:]},
+                        remove_columns=rows.column_names)
+        config = SFTConfig(**_training_args(args, work), max_length=recipe.data.max_length)
+        return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                          peft_config=_lora(recipe, "CAUSAL_LM"))
+
+    def tokenize(row):  # the transformers docs' way: chat-formatted text, labels = inputs, pad per batch
+        text = tokenizer.apply_chat_template(alpaca_messages(row), tokenize=False)
+        return tokenizer(text, truncation=True, max_length=recipe.data.max_length)
+
+    data = rows.map(tokenize, remove_columns=rows.column_names)
+    if recipe.method.quantization == "4bit":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, _lora(recipe, "CAUSAL_LM"))
+    optimizer = transformers_optimizer(recipe.training.optimizer)  # the QLoRA docs' 8-bit (paged on CUDA) AdamW
+    return Trainer(model=model, args=TrainingArguments(**_training_args(args, work, bf16=args.precision == "bf16",
+                                                                        optim=optimizer)),
+                   train_dataset=data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                   processing_class=tokenizer)
+
+
+def _plain_sst2(recipe, args, work: Path, trl: bool):
+    from datasets import load_dataset
+    from peft import get_peft_model
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from llmtune.models.sources import resolve_model
+
+    path = resolve_model(recipe.model.name).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    rows = load_dataset("csv", data_files=str(work / "train.tsv"), delimiter="\t", split="train")
+    data = rows.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=recipe.data.max_length),
+                    batched=True, remove_columns=["sentence"])
+    model = get_peft_model(model, _lora(recipe, "SEQ_CLS"))
+    return Trainer(model=model, args=TrainingArguments(**_training_args(args, work, bf16=args.precision == "bf16")),
+                   train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+
+
+def _plain_pretrain(recipe, args, work: Path, trl: bool):
+    """The transformers docs' causal-LM recipe: tokenize, concatenate and cut into blocks, Trainer. Same
+    tokenizer and initial model as llmtune's (its tokenizer trainer and model builder, same seed)."""
+    from datasets import load_dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+
+    from llmtune.data.lm_tokenize import ensure_pad_token
+    from llmtune.models.scratch import build_model, train_tokenizer
+
+    rows = load_dataset("text", data_files=str(work / "train.txt"), split="train")
+    tokenizer = train_tokenizer(iter(rows["text"]), recipe.scratch.vocab_size)
+    ensure_pad_token(tokenizer)
+    set_seed(42)
+    model = build_model(recipe.scratch, tokenizer)
+    block = recipe.data.max_length
+
+    def group_texts(batch):
+        ids = [t for text in batch["text"] if text for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+        usable = len(ids) // block * block
+        return {"input_ids": [ids[i:i + block] for i in range(0, usable, block)]}
+
+    data = rows.map(group_texts, batched=True, batch_size=2000, remove_columns=["text"])
+    return Trainer(model=model, args=TrainingArguments(**_training_args(args, work, bf16=args.precision == "bf16")),
+                   train_dataset=data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                   processing_class=tokenizer)
+
+
+# --- one evaluator per workload, the same for every system ------------------------------------------------
+
+
+def held_out(workload: str, model, tokenizer, work: Path, max_length: int) -> dict[str, float]:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        if workload in SFT_WORKLOADS:
+            return {"held_out_loss": _answer_loss(model, tokenizer, work / "eval.json", max_length)}
+        if workload == "sst2":
+            return _classification_loss(model, tokenizer, work / "eval.tsv", max_length)
+        return {"held_out_loss": _text_loss(model, tokenizer, work / "eval.txt", max_length)}
+
+
+def _ids(encoded) -> list[int]:
+    return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+
+
+def _answer_loss(model, tokenizer, eval_file: Path, max_length: int) -> float:
+    """Mean loss per answer token on held-out Alpaca examples."""
+    import torch
+
+    total, count = 0.0, 0
+    for row in json.loads(eval_file.read_text()):
+        messages = alpaca_messages(row)
+        prompt = _ids(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True))
+        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))[:max_length]
+        labels = ([-100] * len(prompt) + full[len(prompt):])[: len(full)]
+        out = model(input_ids=torch.tensor([full]), labels=torch.tensor([labels]), use_cache=False)
+        answer_tokens = sum(1 for t in labels[1:] if t != -100)
+        total += out.loss.item() * answer_tokens
+        count += answer_tokens
+    return total / count
+
+
+def _classification_loss(model, tokenizer, eval_file: Path, max_length: int) -> dict[str, float]:
+    import torch
+
+    rows = [line.rsplit("\t", 1) for line in eval_file.read_text().splitlines()[1:]]
+    losses, correct = [], 0
+    for start in range(0, len(rows), 64):
+        chunk = rows[start:start + 64]
+        batch = tokenizer([s for s, _ in chunk], truncation=True, max_length=max_length, padding=True,
+                          return_tensors="pt")
+        labels = torch.tensor([int(label) for _, label in chunk])
+        logits = model(**batch).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item())
+        correct += int((logits.argmax(-1) == labels).sum())
+    return {"held_out_loss": sum(losses) / len(rows), "held_out_accuracy": correct / len(rows)}
+
+
+def _text_loss(model, tokenizer, eval_file: Path, block: int) -> float:
+    import torch
+
+    ids = tokenizer(eval_file.read_text())["input_ids"]
+    blocks = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)][:64]
+    out = model(input_ids=torch.tensor(blocks), labels=torch.tensor(blocks), use_cache=False)
+    return out.loss.item() if math.isfinite(out.loss.item()) else float("nan")
