@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--size", choices=["cpu", "gpu"], default="gpu" if _cuda() else "cpu")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="Multiply every token budget.")
     parser.add_argument("--train-samples", type=int, default=2000)
+    parser.add_argument("--with-compile", action="store_true", help="Also run llmtune with training.compile=true.")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
     for hidden in ("worker", "work", "system", "precision", "token-budget", "batch-size"):
@@ -72,6 +73,8 @@ def main() -> int:
             budget = int(workload.token_budget[args.size] * args.budget_scale)
             runs = [(system, "auto" if system == "llmtune" else "default") for system in workload.systems]
             runs.append(("llmtune", "bf16"))
+            if args.with_compile:
+                runs.append(("llmtune", "compile"))
             results = []
             for system, precision in runs:
                 tokens = budget if precision != "bf16" else int(budget * BF16_BUDGET_SHARE)
@@ -80,7 +83,8 @@ def main() -> int:
                     __file__, "--worker", name, "--work", str(folder), "--system", system, "--precision", precision,
                     "--token-budget", str(tokens), "--batch-size", str(workload.batch_size[args.size])])
                 if result is not None:
-                    results.append({"system": system if precision != "bf16" else "llmtune (bf16)", **result})
+                    label = {"bf16": "llmtune (bf16)", "compile": "llmtune (torch.compile)"}.get(precision, system)
+                    results.append({"system": label, **result})
             summarize(results, peak)
             report["workloads"][name] = {"title": workload.title, "token_budget": budget, "results": results}
             print(render_workload(name, report["workloads"][name]), flush=True)
@@ -232,7 +236,8 @@ def run_system(args: argparse.Namespace) -> dict:
     workload, work = args.worker, Path(args.work)
     recipe = load_recipe(REPO / "recipes" / WORKLOADS[workload].recipe)
     args.learning_rate, args.batch_size = recipe.training.learning_rate, int(args.batch_size)
-    args.precision = {"default": "fp32", "auto": "auto"}.get(args.precision, args.precision)
+    args.compile = args.precision == "compile"
+    args.precision = {"default": "fp32", "compile": "auto"}.get(args.precision, args.precision)
     trainer = build(workload, args.system, args, work)
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter

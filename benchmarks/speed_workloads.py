@@ -68,7 +68,8 @@ def llmtune_overrides(workload: str, work: Path, args) -> list[str]:
     common = [f"training.batch_size={args.batch_size}", "training.gradient_accumulation=1",
               f"training.learning_rate={args.learning_rate}", "training.epochs=100", "training.warmup=0",
               "training.scheduler=linear", "training.eval_every=no", "training.save_every=no",
-              f"training.precision={args.precision}", "data.validation_fraction=0", f"output.dir={work / 'run'}"]
+              f"training.precision={args.precision}", f"training.compile={getattr(args, 'compile', False)}",
+              "data.validation_fraction=0", f"output.dir={work / 'run'}"]
     if workload in SFT_WORKLOADS:
         return common + ["data.dataset=null", f"data.train_file={work / 'train.json'}", "data.eval_split=null",
                          "lm.generation_prompts=[]"]

@@ -93,6 +93,7 @@ def training_arguments(
         max_grad_norm=cfg.max_grad_norm,
         optim=transformers_optimizer(cfg.optimizer),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        torch_compile=cfg.compile,
         seed=cfg.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",

@@ -158,8 +158,9 @@ class TrainingConfig:
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
     optimizer: str = _field(
         "adamw",
-        "adamw (torch's fused AdamW), adamw_foreach (its multi-tensor form), adamw_8bit (bitsandbytes), paged_adamw_8bit, paged_adamw_32bit, lion_8bit, "
-        "paged_lion_8bit, adafactor, sgd, rmsprop - or any optimizer name transformers knows. paged_* variants "
+        "adamw (torch's fused AdamW), adamw_foreach (its multi-tensor form), adamw_8bit (bitsandbytes), "
+        "paged_adamw_8bit, paged_adamw_32bit, lion_8bit, paged_lion_8bit, adafactor, sgd, rmsprop - or any "
+        "optimizer name transformers knows. paged_* variants "
         "page optimizer state to CPU memory on CUDA; elsewhere they run as their non-paged form.",
     )
     gradient_checkpointing: bool = _field(
@@ -186,6 +187,11 @@ class TrainingConfig:
         None, "Stop after this many evaluations without improvement of `metric_for_best`."
     )
     dataloader_workers: int = _field(0, "Worker processes feeding batches.")
+    compile: bool = _field(
+        False,
+        "torch.compile the model (opt-in): the first steps pay for compilation, and varying batch shapes "
+        "recompile; measure with benchmarks/speed.py before turning it on.",
+    )
     group_by_length: bool = _field(
         True,
         "Padded batches: draw samples of similar length together (in shuffled groups), so little compute goes "

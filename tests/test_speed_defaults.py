@@ -1,0 +1,79 @@
+"""The fast defaults: padding-free batches with per-sample attention, labelled-positions-only scoring, bf16 only
+where the CPU has it, length-grouped padded batches - each must give the numbers the slow way gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+
+from llmtune import build_trainer, load_recipe
+from llmtune.models.attention import SDPA_VARLEN, attention_for
+from llmtune.training import cpu_has_native_bf16, resolved_precision
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", True),
+    ("fpu sse avx2 amx_bf16 amx_tile", True),
+    ("fpu sse avx2 fma", False),
+])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(cpuinfo) is expected
+    assert cpu_has_native_bf16(tmp_path / "missing") is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice of precision")
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch):
+    import llmtune.training as training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert resolved_precision("auto") == "fp32"
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert resolved_precision("auto") == "bf16"
+    assert resolved_precision("fp32") == "fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="off CUDA, auto never picks flash attention")
+def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_only():
+    assert attention_for("auto", padding_free=True, precision="fp32") == SDPA_VARLEN
+    assert attention_for("auto", padding_free=False, precision="fp32") == "sdpa"
+    assert attention_for("eager", padding_free=True, precision="fp32") == "eager"
+
+
+def test_padded_classification_batches_are_grouped_by_length(tmp_path):
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n" + "".join(f"{'word ' * (i % 9 + 1)},{i % 2}\n" for i in range(40)))
+    recipe = load_recipe({"task": "classification", "model": {"name": "minilm"}, "data": {"train_file": str(data)},
+                          "output": {"dir": str(tmp_path / "run")}}, ["data.validation_fraction=0"])
+    assert build_trainer(recipe).args.train_sampling_strategy == "group_by_length"
+    off = load_recipe({"task": "classification", "model": {"name": "minilm"}, "data": {"train_file": str(data)},
+                       "output": {"dir": str(tmp_path / "run2")}}, ["data.validation_fraction=0",
+                                                                   "training.group_by_length=false"])
+    assert build_trainer(off).args.train_sampling_strategy == "random"
+
+
+def test_real_smollm2_fast_path_loss_equals_padded_full_logits_loss(alpaca_files, smollm2_path, tmp_path):
+    """SmolLM2 on real Alpaca rows: llmtune's default batch (one padding-free row, per-sample SDPA, only answer
+    positions through the head) gives the loss a padded batch with full logits gives (1e-4)."""
+    recipe = load_recipe("recipes/smollm2_alpaca_lora.yaml", [
+        "data.dataset=null", f"data.train_file={alpaca_files['train']}", "data.validation_fraction=0",
+        "data.max_length=256", "training.batch_size=4", f"output.dir={tmp_path / 'run'}"])
+    trainer = build_trainer(recipe)
+    assert trainer.labelled_logits_only and trainer.model.config._attn_implementation == SDPA_VARLEN
+    samples = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(samples)
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    trainer.model.eval()
+    with torch.no_grad():
+        fast = trainer.compute_loss(trainer.model, dict(batch)).item()
+
+    reference_model = AutoModelForCausalLM.from_pretrained(smollm2_path, attn_implementation="sdpa").eval()
+    padded = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)(
+        [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
+    with torch.no_grad():  # the fresh LoRA adapter is zero, so the base model is the reference
+        logits = reference_model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    labels = padded["labels"][:, 1:].flatten()
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, ignore_index=-100).item()
+    assert fast == pytest.approx(reference, abs=1e-4)
