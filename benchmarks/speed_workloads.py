@@ -16,6 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+ALPACA_5K = DATA / "alpaca" / "alpaca_5000.json"
 
 
 @dataclass
@@ -49,7 +50,7 @@ SFT_WORKLOADS = ("sft_lora", "qlora")
 def prepare(workload: str, work: Path, samples: int) -> None:
     """Write the workload's train and held-out files into `work`."""
     if workload in SFT_WORKLOADS:
-        rows = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())
+        rows = json.loads(ALPACA_5K.read_text())
         rows = [r for r in rows if r["output"].strip()]
         (work / "train.json").write_text(json.dumps(rows[:samples]))
         (work / "eval.json").write_text(json.dumps(rows[-40:]))
@@ -135,28 +136,15 @@ def _smollm2(recipe):
 
 
 def _plain_sft(recipe, args, work: Path, trl: bool):
-    from datasets import load_dataset
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from llmtune.training import transformers_optimizer
 
     model, tokenizer = _smollm2(recipe)
-    rows = load_dataset("json", data_files=str(work / "train.json"), split="train")
-    if trl:  # TRL's SFTTrainer with its defaults, on prompt/completion conversations
-        from trl import SFTConfig, SFTTrainer
-
-        data = rows.map(lambda row: {"prompt": alpaca_messages(row)[:1], "completion": alpaca_messages(row)[1:]},
-                        remove_columns=rows.column_names)
-        config = SFTConfig(**_training_args(args, work), max_length=recipe.data.max_length)
-        return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                          peft_config=_lora(recipe, "CAUSAL_LM"))
-
-    def tokenize(row):  # the transformers docs' way: chat-formatted text, labels = inputs, pad per batch
-        text = tokenizer.apply_chat_template(alpaca_messages(row), tokenize=False)
-        return tokenizer(text, truncation=True, max_length=recipe.data.max_length)
-
-    data = rows.map(tokenize, remove_columns=rows.column_names)
+    if trl:
+        return trl_sft_trainer(model, tokenizer, recipe, args, work, work / "train.json")
+    data = plain_sft_data(tokenizer, work / "train.json", recipe.data.max_length)
     if recipe.method.quantization == "4bit":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, _lora(recipe, "CAUSAL_LM"))
@@ -165,6 +153,59 @@ def _plain_sft(recipe, args, work: Path, trl: bool):
                                                                         optim=optimizer)),
                    train_dataset=data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                    processing_class=tokenizer)
+
+
+def plain_sft_data(tokenizer, train_file: Path, max_length: int):
+    """The transformers docs' way: chat-formatted text, labels = inputs (the collator pads per batch)."""
+    from datasets import load_dataset
+
+    def tokenize(row):
+        text = tokenizer.apply_chat_template(alpaca_messages(row), tokenize=False)
+        return tokenizer(text, truncation=True, max_length=max_length)
+
+    rows = load_dataset("json", data_files=str(train_file), split="train")
+    return rows.map(tokenize, remove_columns=rows.column_names)
+
+
+def trl_sft_trainer(model, tokenizer, recipe, args, work: Path, train_file: Path):
+    """TRL's SFTTrainer with its defaults, on prompt/completion conversations (it tokenizes in its constructor)."""
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = load_dataset("json", data_files=str(train_file), split="train")
+    data = rows.map(lambda row: {"prompt": alpaca_messages(row)[:1], "completion": alpaca_messages(row)[1:]},
+                    remove_columns=rows.column_names)
+    config = SFTConfig(**_training_args(args, work), max_length=recipe.data.max_length)
+    return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                      peft_config=_lora(recipe, "CAUSAL_LM"))
+
+
+def sft_preprocessing_seconds(system: str, args, work: Path, train_file: Path) -> float:
+    """Seconds from the raw Alpaca file to the tokenized training set, the way `system` does it. TRL tokenizes
+    inside SFTTrainer's constructor, so its time includes wrapping the (already loaded) model in LoRA."""
+    import time
+
+    from llmtune import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / WORKLOADS["sft_lora"].recipe, [
+        "data.dataset=null", f"data.train_file={train_file}", "data.validation_fraction=0", "data.eval_split=null",
+        f"output.dir={work / 'run'}"])
+    if system == "llmtune":
+        from llmtune.tasks import causal_lm
+
+        start = time.perf_counter()
+        lm_data = causal_lm.load_data(recipe)
+        tokenizer, _, _, _ = causal_lm.load_tokenizer(recipe, lm_data)
+        causal_lm.tokenize_splits(recipe, lm_data, tokenizer)
+        return time.perf_counter() - start
+    model, tokenizer = _smollm2(recipe)
+    args.learning_rate, args.precision = recipe.training.learning_rate, "fp32"
+    start = time.perf_counter()
+    if system == "trl":
+        trl_sft_trainer(model, tokenizer, recipe, args, work, train_file)
+    else:
+        plain_sft_data(tokenizer, train_file, recipe.data.max_length)
+    return time.perf_counter() - start
 
 
 def _plain_sst2(recipe, args, work: Path, trl: bool):

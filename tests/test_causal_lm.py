@@ -12,7 +12,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from llmtune import build_trainer, load_recipe, train
 from llmtune.cli import main
-from llmtune.data.lm_tokenize import tokenize_conversation
+from llmtune.data.lm_tokenize import tokenize_conversation, tokenize_conversation_batch
 from llmtune.models.attention import SDPA_VARLEN
 
 CHAT = [
@@ -67,6 +67,20 @@ def test_trainer_labels_are_minus_100_exactly_on_prompt_tokens(tiny_llama, tmp_p
 def test_loss_on_all_trains_every_token(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     assert all(tokenize_conversation(CHAT, tokenizer, "all", 1024)["assistant_masks"])
+
+
+def test_batched_tokenization_keeps_every_conversation_its_own_tokens(tiny_llama):
+    """The dataset is tokenized in batches (one tokenizer call per batch); each row must get exactly what it gets
+    alone - pieces must not shift between rows - including a truncated row and one trained on all tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    conversations = [CHAT, *(row["messages"] for row in chats(5))]
+    for loss_on, max_length in (("assistant", 1024), ("assistant", 20), ("all", 30)):
+        batch = tokenize_conversation_batch(conversations, tokenizer, loss_on, max_length)
+        alone = [tokenize_conversation(c, tokenizer, loss_on, max_length) for c in conversations]
+        assert batch["input_ids"] == [a["input_ids"] for a in alone]
+        assert batch["assistant_masks"] == [a["assistant_masks"] for a in alone]
+        assert batch["truncated"] == [a["truncated"] for a in alone]
+    assert any(tokenize_conversation_batch(conversations, tokenizer, "assistant", 20)["truncated"])
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForCausalLM
 
 from llmtune import build_trainer, load_recipe
 from llmtune.models.attention import SDPA_VARLEN, attention_for
@@ -70,8 +71,13 @@ def test_real_smollm2_fast_path_loss_equals_padded_full_logits_loss(alpaca_files
         fast = trainer.compute_loss(trainer.model, dict(batch)).item()
 
     reference_model = AutoModelForCausalLM.from_pretrained(smollm2_path, attn_implementation="sdpa").eval()
-    padded = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)(
-        [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
+
+    def right_padded(key: str, value: int) -> torch.Tensor:
+        return pad_sequence([torch.tensor(s[key]) for s in samples], batch_first=True, padding_value=value)
+
+    input_ids = right_padded("input_ids", trainer.processing_class.pad_token_id)
+    padded = {"input_ids": input_ids, "labels": right_padded("labels", -100),
+              "attention_mask": right_padded("input_ids", -1).ne(-1).long()}
     with torch.no_grad():  # the fresh LoRA adapter is zero, so the base model is the reference
         logits = reference_model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
     labels = padded["labels"][:, 1:].flatten()

@@ -85,7 +85,8 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokeniz
         if message["role"] != "assistant":
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        last = i == len(messages) - 1  # most rows end on the reply: the full render is the one up to it
+        upto = full if last else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (full.startswith(prompt) and full.startswith(upto) and len(prompt) < len(upto)):
             raise LlmtuneError(
                 "lm.loss_on=assistant needs a chat template that renders each assistant turn as an addition to "
@@ -100,21 +101,36 @@ def tokenize_conversation(
     messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, loss_on: str, max_length: int
 ) -> dict[str, Any]:
     """input_ids and assistant_masks (1 = trained) for one conversation, truncated to max_length."""
-    text, spans = assistant_spans(messages, tokenizer)
-    if loss_on == "all":
-        spans = [(0, len(text))]
-    ids: list[int] = []
-    mask: list[int] = []
-    cursor = 0
-    for start, end in [*spans, (len(text), len(text))]:
-        for piece, trained in ((text[cursor:start], 0), (text[start:end], 1)):
-            if piece:
-                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-                ids += piece_ids
-                mask += [trained] * len(piece_ids)
-        cursor = end
-    truncated = len(ids) > max_length
-    return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length], "truncated": truncated}
+    batch = tokenize_conversation_batch([messages], tokenizer, loss_on, max_length)
+    return {key: values[0] for key, values in batch.items()}
+
+
+def tokenize_conversation_batch(
+    conversations: list[list[dict[str, str]]], tokenizer: PreTrainedTokenizerBase, loss_on: str, max_length: int
+) -> dict[str, list]:
+    """Each conversation's input_ids and assistant_masks. Prompt and reply pieces are tokenized separately - the
+    way generation sees them, a prompt then new tokens - in one batched tokenizer call for the whole batch."""
+    pieces: list[str] = []
+    owners: list[tuple[int, int]] = []  # (conversation, trained) of each piece
+    for row, messages in enumerate(conversations):
+        text, spans = assistant_spans(messages, tokenizer)
+        if loss_on == "all":
+            spans = [(0, len(text))]
+        cursor = 0
+        for start, end in [*spans, (len(text), len(text))]:
+            for piece, trained in ((text[cursor:start], 0), (text[start:end], 1)):
+                if piece:
+                    pieces.append(piece)
+                    owners.append((row, trained))
+            cursor = end
+    ids: list[list[int]] = [[] for _ in conversations]
+    masks: list[list[int]] = [[] for _ in conversations]
+    encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    for (row, trained), piece_ids in zip(owners, encoded):
+        ids[row] += piece_ids
+        masks[row] += [trained] * len(piece_ids)
+    return {"input_ids": [i[:max_length] for i in ids], "assistant_masks": [m[:max_length] for m in masks],
+            "truncated": [len(i) > max_length for i in ids]}
 
 
 @dataclass
@@ -138,19 +154,23 @@ def tokenize_conversations(
     num_proc: int | None = None,
 ) -> tuple[Dataset, TokenStats]:
     """Tokenize a 'messages' dataset; drop (and count) samples that truncation left with no trained token."""
-    encoded = rows.map(
-        lambda row: tokenize_conversation(row["messages"], tokenizer, loss_on, max_length),
-        remove_columns=rows.column_names,
-        num_proc=num_proc,
-        desc=f"Tokenizing {split}",
-    )
-    trained = [sum(m) for m in encoded["assistant_masks"]]
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        out = tokenize_conversation_batch(batch["messages"], tokenizer, loss_on, max_length)
+        return {**out, "tokens": [len(ids) for ids in out["input_ids"]],
+                "trained": [sum(mask) for mask in out["assistant_masks"]]}
+
+    encoded = rows.map(tokenize, batched=True, remove_columns=rows.column_names, num_proc=num_proc,
+                       desc=f"Tokenizing {split}")
+    # Statistics from the small per-row columns: reading the token lists back row by row would cost more than
+    # a cached run's whole preprocessing.
+    counts = encoded.select_columns(["tokens", "trained", "truncated"]).to_dict()
+    trained = counts["trained"]
     keep = [i for i, n in enumerate(trained) if n > 0]
     stats = TokenStats(
         samples=len(encoded),
         dropped_no_trained_tokens=len(encoded) - len(keep),
-        truncated=sum(encoded["truncated"]),
-        tokens=sum(len(ids) for ids in encoded["input_ids"]),
+        truncated=sum(counts["truncated"]),
+        tokens=sum(counts["tokens"]),
         trained_tokens=sum(trained),
     )
     if stats.dropped_no_trained_tokens:
@@ -165,7 +185,7 @@ def tokenize_conversations(
         )
     if len(keep) < len(encoded):
         encoded = encoded.select(keep)
-    return encoded.remove_columns("truncated"), stats
+    return encoded.remove_columns(["tokens", "trained", "truncated"]), stats
 
 
 def tokenize_text_blocks(
