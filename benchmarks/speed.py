@@ -13,7 +13,7 @@ held-out loss, and MFU = 6 x N x tokens/s / the matmul peak of the run's precisi
 budget: on CPUs without native bf16 it is emulated), so every workload has an MFU in both precisions.
 Preprocessing: every SFT system's path from the whole Alpaca 5k file to tokens, cold and with its datasets cache warm.
 
-    .venv/bin/python benchmarks/speed.py                         # about 65 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/speed.py                         # about 75 minutes on 2 CPU cores
     .venv/bin/python benchmarks/speed.py --workloads sft_lora --size gpu
 Writes benchmarks/results/speed.json and benchmarks/RESULTS.md.
 """
@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--budget-scale", type=float, default=1.0, help="Multiply every token budget.")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--with-compile", action="store_true", help="Also run llmtune with training.compile=true.")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="Rounds of the plain Trainer and llmtune runs, interleaved; the fastest of each is kept.")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))

@@ -64,6 +64,8 @@ def test_quantized_lora_trains_and_only_adapters_change(tiny_llama, tmp_path, qu
     assert layers, "nothing was quantized"
     adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)
+    # compute dtype auto is float32 off bf16 GPUs: the adapters stay float32 (trl would store them in bf16)
+    assert {p.dtype for p in adapters.values()} == {torch.float32}
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if n in adapters and not torch.equal(p, adapters[n])]
     assert changed, "no adapter weight changed"

@@ -103,6 +103,21 @@ def prepare_for_training(model: torch.nn.Module, method: MethodConfig, gradient_
     return model
 
 
+def keep_adapters_in_compute_dtype(model: torch.nn.Module, method: MethodConfig) -> None:
+    """Undo trl's bf16 adapters when the 4-/8-bit layers compute in float32.
+
+    trl's SFTTrainer stores a quantized model's trainable weights in bfloat16 (the QLoRA paper's choice, made for
+    GPUs that compute in bf16). With a float32 compute dtype - llmtune's default off bf16 GPUs - that costs twice:
+    every adapter matmul casts to bf16 and back (emulated, so slow, on CPUs without native bf16: 2.3x slower
+    SmolLM2 QLoRA steps on this project's CPU), and updates smaller than bf16's 8-bit mantissa are lost.
+    """
+    if method.quantization == "none" or compute_dtype(method.compute_dtype) != torch.float32:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
 def count_quantized_layers(model: torch.nn.Module) -> int:
     import bitsandbytes as bnb
 

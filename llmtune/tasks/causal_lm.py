@@ -37,6 +37,7 @@ from llmtune.generation import generate, perplexity
 from llmtune.hub.push import push, require_token
 from llmtune.models.adapters import apply_method
 from llmtune.models.attention import attention_for
+from llmtune.models.quantization import keep_adapters_in_compute_dtype
 from llmtune.models.quantization import load_arguments as quantized_loading
 from llmtune.models.scratch import build_model, train_tokenizer
 from llmtune.models.sources import resolve_model
@@ -200,6 +201,7 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    keep_adapters_in_compute_dtype(trainer.model, recipe.method)  # before the optimizer is built, at train()
     if packing:
         stats["train"]["packing_efficiency"] = packing_efficiency(encoded["train"], data.max_length)
     return LMJob(recipe, trainer, run_dir, chat, stats, model_path)
