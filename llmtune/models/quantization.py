@@ -108,7 +108,7 @@ def keep_adapters_in_compute_dtype(model: torch.nn.Module, method: MethodConfig)
 
     trl's SFTTrainer stores a quantized model's trainable weights in bfloat16 (the QLoRA paper's choice, made for
     GPUs that compute in bf16). With a float32 compute dtype - llmtune's default off bf16 GPUs - that costs twice:
-    every adapter matmul casts to bf16 and back (emulated, so slow, on CPUs without native bf16: 2.3x slower
+    every adapter matmul casts to bf16 and back (emulated, so slow, on CPUs without native bf16: 2.6x slower
     SmolLM2 QLoRA steps on this project's CPU), and updates smaller than bf16's 8-bit mantissa are lost.
     """
     if method.quantization == "none" or compute_dtype(method.compute_dtype) != torch.float32:
