@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from llmtune import build_trainer, load_recipe, train
 from llmtune.errors import LlmtuneError
+from llmtune.models.lora_linear import FusedLoraLinear
 
 CHATS = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(24)]
 
@@ -62,6 +63,8 @@ def test_quantized_lora_trains_and_only_adapters_change(tiny_llama, tmp_path, qu
     trainer = build_trainer(recipe)
     layers = [m for m in trainer.model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
     assert layers, "nothing was quantized"
+    # bitsandbytes layers subclass nn.Linear; they keep peft's own bitsandbytes LoRA layers, not the fused one
+    assert not any(isinstance(m, FusedLoraLinear) for m in trainer.model.modules())
     adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)
     # compute dtype auto is float32 off bf16 GPUs: the adapters stay float32 (trl would store them in bf16)

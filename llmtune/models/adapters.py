@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from llmtune.config.schema import MethodConfig
 from llmtune.errors import LlmtuneError
+from llmtune.models.lora_linear import FusedLoraLinear
 from llmtune.models.quantization import prepare_for_training
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ def apply_method(
         modules_to_save=method.modules_to_save,
         use_dora=method.type == "dora",
     )
+    if method.type == "lora" and method.quantization == "none":
+        # bitsandbytes layers subclass nn.Linear, so the fused layer is offered only where the base is a plain one.
+        config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:

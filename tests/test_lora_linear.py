@@ -1,0 +1,157 @@
+"""llmtune's fused LoRA linear layer must compute exactly what peft's layer computes - outputs and gradients - and
+hand everything it does not fuse back to peft, so that saved adapters stay ordinary peft adapters."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from transformers import AutoModelForCausalLM
+
+from llmtune import build_trainer, load_recipe
+from llmtune.models import lora_linear
+from llmtune.models.lora_linear import FusedLoraLinear
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.up = torch.nn.Linear(24, 40, bias=bias)
+        self.down = torch.nn.Linear(40, 24, bias=bias)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def adapted(base: torch.nn.Module, fused: bool, **lora) -> torch.nn.Module:
+    """The same adapters on a copy of `base`, in llmtune's layer or in peft's."""
+    torch.manual_seed(1)  # init_lora_weights=False: B is random too, so every gradient is non-zero
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False, **lora)
+    if fused:
+        config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    return get_peft_model(copy.deepcopy(base), config)
+
+
+def outputs_and_grads(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_()
+    model(x).float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    return [model(x).detach(), x.grad, *grads]
+
+
+@pytest.fixture()
+def fused_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    apply = lora_linear._LoraMatmul.apply
+    monkeypatch.setattr(lora_linear._LoraMatmul, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layer_gives_peft_outputs_and_gradients(bias, fused_calls):
+    base = TwoLinears(bias)
+    x = torch.randn(2, 5, 24)
+    reference = outputs_and_grads(adapted(base, fused=False), x)
+    model = adapted(base, fused=True)
+    assert {type(m) for m in model.modules() if isinstance(m, PeftLoraLinear)} == {FusedLoraLinear}
+    for got, want in zip(outputs_and_grads(model, x), reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert fused_calls, "the fused path was not taken"
+
+
+def test_fused_layer_under_bf16_autocast_matches_peft_and_keeps_float32_adapters(fused_calls):
+    base = TwoLinears(bias=True)
+    x = torch.randn(2, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = outputs_and_grads(adapted(base, fused=False), x)
+        model = adapted(base, fused=True)
+        got = outputs_and_grads(model, x)
+    assert fused_calls and got[0].dtype == torch.bfloat16
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    for g, want in zip(got, reference, strict=True):
+        torch.testing.assert_close(g.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("lora", [{"lora_dropout": 0.1}, {"use_dora": True}], ids=["dropout", "dora"])
+def test_what_the_fused_path_does_not_cover_is_peft_unchanged(lora, fused_calls):
+    base = TwoLinears(bias=True)
+    x = torch.randn(2, 5, 24)
+    torch.manual_seed(2)
+    reference = outputs_and_grads(adapted(base, fused=False, **lora).eval(), x)
+    torch.manual_seed(2)
+    got = outputs_and_grads(adapted(base, fused=True, **lora).eval(), x)
+    for g, want in zip(got, reference, strict=True):
+        torch.testing.assert_close(g, want)
+    assert not fused_calls
+
+
+def test_disabled_or_merged_adapters_give_the_base_or_merged_output(fused_calls):
+    base = TwoLinears(bias=True)
+    x = torch.randn(3, 24)
+    model = adapted(base, fused=True)
+    with torch.no_grad():
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), base(x))
+        assert not fused_calls
+        adapter_output = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), adapter_output, rtol=1e-5, atol=1e-6)
+    assert len(fused_calls) == 2  # only the adapter forward: two layers, one call each
+
+
+def test_real_smollm2_lora_step_matches_peft_layers(alpaca_files, tmp_path, monkeypatch):
+    """SmolLM2 with the Alpaca LoRA recipe (all linear layers): llmtune's default model trains through the fused
+    layer, with peft's loss and adapter gradients on a real batch."""
+    recipe = load_recipe("recipes/smollm2_alpaca_lora.yaml", [
+        "data.dataset=null", f"data.train_file={alpaca_files['train']}", "data.validation_fraction=0",
+        "data.max_length=256", "training.batch_size=4", f"output.dir={tmp_path / 'run'}"])
+    trainer = build_trainer(recipe)
+    model = trainer.model
+    layers = [m for m in model.modules() if isinstance(m, PeftLoraLinear)]
+    assert len(layers) == 7 * model.config.num_hidden_layers and all(type(m) is FusedLoraLinear for m in layers)
+    with torch.no_grad():  # B starts at zero, which would leave A's gradient zero: give it values
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_(std=0.01)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+
+    def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_loss, fused_grads = loss_and_grads()
+    monkeypatch.setattr(FusedLoraLinear, "_fusable_adapter", lambda *args: None)  # peft's own forward
+    peft_loss, peft_grads = loss_and_grads()
+    assert fused_loss == pytest.approx(peft_loss, rel=1e-5)
+    assert len(fused_grads) == 2 * len(layers)
+    for name, grad in peft_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-3, atol=1e-6)
+
+
+def test_trained_adapter_saves_as_a_plain_peft_adapter(tiny_llama, tmp_path):
+    chats = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(16)]
+    recipe = load_recipe(None, [
+        "task=sft", f"model.name={tiny_llama}", f"data.train_file={write_jsonl(tmp_path / 'train.jsonl', chats)}",
+        "data.validation_fraction=0", "method.type=lora", "method.target_modules=all-linear",
+        "training.max_steps=2", "training.batch_size=4", "training.learning_rate=1e-2", "training.save_every=no",
+        f"output.dir={tmp_path / 'run'}"])
+    trainer = build_trainer(recipe)
+    assert any(type(m) is FusedLoraLinear for m in trainer.model.modules())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert not any("custom" in key for key in config)
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "adapter")
+    assert not any(isinstance(m, FusedLoraLinear) for m in reloaded.modules())
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(ids).logits, trainer.model(ids).logits, rtol=1e-5, atol=1e-5)
