@@ -104,6 +104,15 @@ def test_disabled_or_merged_adapters_give_the_base_or_merged_output(fused_calls)
     assert len(fused_calls) == 2  # only the adapter forward: two layers, one call each
 
 
+def test_weights_not_whole_on_this_process_take_peft_path(fused_calls):
+    """Under DeepSpeed ZeRO-3 a weight is gathered only when its own module runs (the fused path skips those
+    calls): a ZeRO-3 weight, marked by its ds_id, must go through peft's forward."""
+    model = adapted(TwoLinears(bias=False), fused=True)
+    model.base_model.model.up.base_layer.weight.ds_id = 0
+    model(torch.randn(3, 24))
+    assert len(fused_calls) == 1  # `down` only
+
+
 def test_real_smollm2_lora_step_matches_peft_layers(alpaca_files, tmp_path, monkeypatch):
     """SmolLM2 with the Alpaca LoRA recipe (all linear layers): llmtune's default model trains through the fused
     layer, with peft's loss and adapter gradients on a real batch."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch.distributed.tensor import DTensor
 
 
 class _LoraMatmul(torch.autograd.Function):
@@ -80,7 +81,16 @@ class FusedLoraLinear(PeftLoraLinear):
             and isinstance(self.lora_dropout[adapter], torch.nn.Identity)
             and self.lora_B[adapter].bias is None
         )
-        same_dtype = x.dtype == base.weight.dtype == self.lora_A[adapter].weight.dtype
-        if frozen_base and plain_lora and (same_dtype or torch.is_autocast_enabled(x.device.type)):
+        weights = (base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+        same_dtype = x.dtype == base.weight.dtype == weights[1].dtype
+        if frozen_base and plain_lora and all(map(_local, weights)) and (
+            same_dtype or torch.is_autocast_enabled(x.device.type)
+        ):
             return adapter
         return None
+
+
+def _local(param: torch.Tensor) -> bool:
+    """Whether the weight is whole on this process. DeepSpeed ZeRO-3 gathers a partitioned weight only when its
+    own module is called, which the fused path skips; FSDP2 outside its unit's forward holds a DTensor shard."""
+    return not hasattr(param, "ds_id") and not isinstance(param, DTensor)
