@@ -5,6 +5,7 @@ Only this module spells transformers' argument names, so their renames stop here
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import threading
@@ -94,6 +95,7 @@ def training_arguments(
         optim=transformers_optimizer(cfg.optimizer),
         gradient_checkpointing=cfg.gradient_checkpointing,
         torch_compile=cfg.compile,
+        use_liger_kernel=liger_kernels_on(cfg.liger_kernels),
         seed=cfg.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -119,6 +121,18 @@ def _cadence(value: int | str) -> tuple[str, int | None]:
     if isinstance(value, int):
         return "steps", value
     return value, None
+
+
+def liger_kernels_on(setting: str) -> bool:
+    """Whether to train with Liger's kernels: they are Triton (CUDA) kernels from the liger-kernel package."""
+    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    if setting == "on" and not available:
+        missing = "a CUDA GPU" if not torch.cuda.is_available() else "the liger-kernel package (pip install liger-kernel)"
+        raise LlmtuneError(
+            f"'training.liger_kernels' is 'on', but this machine lacks {missing}. Use 'auto' (Liger where it "
+            "can run) or 'off'."
+        )
+    return setting == "on" or (setting == "auto" and available)
 
 
 def resolved_precision(precision: str) -> str:

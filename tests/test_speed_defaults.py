@@ -9,6 +9,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM
 
 from llmtune import build_trainer, load_recipe
+from llmtune.errors import LlmtuneError
 from llmtune.models.attention import SDPA_VARLEN, attention_for
 from llmtune.training import cpu_has_native_bf16, resolved_precision
 
@@ -36,6 +37,25 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch):
     assert resolved_precision("fp32") == "fp32"
 
 
+def test_liger_kernels_only_where_they_run(monkeypatch):
+    """Liger's kernels are Triton/CUDA: auto turns them on only with a GPU and the package; 'on' without them
+    is an error naming the field and what is missing."""
+    import llmtune.training as training
+
+    installed = {"liger_kernel": True}
+    monkeypatch.setattr(training.importlib.util, "find_spec", lambda name: object() if installed.get(name) else None)
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: True)
+    assert training.liger_kernels_on("auto") and training.liger_kernels_on("on")
+    assert not training.liger_kernels_on("off")
+    installed["liger_kernel"] = False
+    assert not training.liger_kernels_on("auto")
+    with pytest.raises(LlmtuneError, match=r"training\.liger_kernels.*pip install liger-kernel"):
+        training.liger_kernels_on("on")
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LlmtuneError, match="CUDA GPU"):
+        training.liger_kernels_on("on")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="off CUDA, auto never picks flash attention")
 def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_only():
     assert attention_for("auto", padding_free=True, precision="fp32") == SDPA_VARLEN
@@ -48,7 +68,10 @@ def test_padded_classification_batches_are_grouped_by_length(tmp_path):
     data.write_text("text,label\n" + "".join(f"{'word ' * (i % 9 + 1)},{i % 2}\n" for i in range(40)))
     recipe = load_recipe({"task": "classification", "model": {"name": "minilm"}, "data": {"train_file": str(data)},
                           "output": {"dir": str(tmp_path / "run")}}, ["data.validation_fraction=0"])
-    assert build_trainer(recipe).args.train_sampling_strategy == "group_by_length"
+    trainer = build_trainer(recipe)
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    if not torch.cuda.is_available():
+        assert trainer.args.use_liger_kernel is False  # liger_kernels: auto
     off = load_recipe({"task": "classification", "model": {"name": "minilm"}, "data": {"train_file": str(data)},
                        "output": {"dir": str(tmp_path / "run2")}}, ["data.validation_fraction=0",
                                                                    "training.group_by_length=false"])

@@ -192,6 +192,11 @@ class TrainingConfig:
         "torch.compile the model (opt-in): the first steps pay for compilation, and varying batch shapes "
         "recompile; measure with benchmarks/speed.py before turning it on.",
     )
+    liger_kernels: Literal["auto", "on", "off"] = _field(
+        "auto",
+        "Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, ...) in place of the model's layers, for the decoders "
+        "Liger supports. auto: on when training on CUDA with the liger-kernel package installed; on: required.",
+    )
     group_by_length: bool = _field(
         True,
         "Padded batches: draw samples of similar length together (in shuffled groups), so little compute goes "
