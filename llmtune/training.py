@@ -125,14 +125,17 @@ def _cadence(value: int | str) -> tuple[str, int | None]:
 
 def liger_kernels_on(setting: str) -> bool:
     """Whether to train with Liger's kernels: they are Triton (CUDA) kernels from the liger-kernel package."""
-    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
-    if setting == "on" and not available:
-        missing = "a CUDA GPU" if not torch.cuda.is_available() else "the liger-kernel package (pip install liger-kernel)"
+    if setting == "off":
+        return False
+    on_gpu = torch.cuda.is_available()
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "on" and not (on_gpu and installed):
+        missing = "a CUDA GPU" if not on_gpu else "the liger-kernel package (pip install liger-kernel)"
         raise LlmtuneError(
             f"'training.liger_kernels' is 'on', but this machine lacks {missing}. Use 'auto' (Liger where it "
             "can run) or 'off'."
         )
-    return setting == "on" or (setting == "auto" and available)
+    return on_gpu and installed
 
 
 def resolved_precision(precision: str) -> str:
