@@ -70,7 +70,8 @@ def main() -> int:
         r["speed_vs_full"] = round(r["tokens_per_s"] / baseline["tokens_per_s"], 3)
     table = render(results, baseline["method"], args)
     print(table)
-    from llmtune.runs import library_versions, write_json, write_text
+    from llmtune.files import write_json, write_text
+    from llmtune.runs import library_versions
 
     write_json(Path(args.out), {"settings": vars(args) | {"worker": None}, "results": results,
                                 "versions": library_versions()})
@@ -92,9 +93,8 @@ def render(results: list[dict], baseline: str, args: argparse.Namespace) -> str:
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
-    from llmtune import load_recipe
+    from llmtune import build_trainer, load_recipe
     from llmtune.models.adapters import parameter_summary
-    from llmtune.tasks import causal_lm
 
     on_gpu = torch.cuda.is_available()
     rows = [r for r in json.loads(Path(args.data).read_text()) if r["output"]][: 64 * args.batch_size]
@@ -107,19 +107,19 @@ def measure(args: argparse.Namespace) -> dict:
             "training.save_every=no", "training.log_every=1", "lm.generation_prompts=[]",
             "eval.before_training=false", f"output.dir={Path(work) / 'run'}", *METHODS[SHORT[args.worker]],
         ])
-        job = causal_lm.build(recipe)
-        weights_mb = job.trainer.model.get_memory_footprint() / 2**20  # parameters + buffers, as stored
+        trainer = build_trainer(recipe)
+        weights_mb = trainer.model.get_memory_footprint() / 2**20  # parameters + buffers, as stored
         clock = StepClock()
-        job.trainer.add_callback(clock)
+        trainer.add_callback(clock)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         else:
             reset_peak_rss()
-        job.trainer.train()
+        trainer.train()
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else peak_rss_mb()
-    tokens = [h["num_tokens"] for h in job.trainer.state.log_history if "num_tokens" in h]
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
     timed_tokens = tokens[-1] - tokens[0]  # tokens of steps 2..N+1 (step 1 is the warm-up)
-    return {"trainable": parameter_summary(job.trainer.model)["trainable"], "weights_mb": round(weights_mb, 1),
+    return {"trainable": parameter_summary(trainer.model)["trainable"], "weights_mb": round(weights_mb, 1),
             "peak_train_mb": round(peak_mb, 1), "tokens_per_s": round(timed_tokens / clock.timed_seconds(), 1),
             "seconds_per_step": round(clock.timed_seconds() / args.steps, 2), "device": "cuda" if on_gpu else "cpu"}
 

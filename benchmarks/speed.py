@@ -83,7 +83,8 @@ def main() -> int:
     peak.update({key: max(peak[key], end_peak[key]) for key in peak})
     for block in report["workloads"].values():
         summarize(block["results"], peak)
-    from llmtune.runs import library_versions, write_json, write_text
+    from llmtune.files import write_json, write_text
+    from llmtune.runs import library_versions
 
     report["versions"] = library_versions()
     write_json(Path(args.out), report)
@@ -205,7 +206,7 @@ def machine() -> str:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
                  platform.processor())
-    from llmtune.training import cpu_has_native_bf16
+    from llmtune.precision import cpu_has_native_bf16
 
     return (f"{model}, {torch.get_num_threads()} CPU threads, no GPU, "
             f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16 (no avx512_bf16/AMX)'}")

@@ -191,11 +191,13 @@ def sft_preprocessing_seconds(system: str, args, work: Path, train_file: Path) -
         "data.dataset=null", f"data.train_file={train_file}", "data.validation_fraction=0", "data.eval_split=null",
         f"output.dir={work / 'run'}"])
     if system == "llmtune":
+        from llmtune.pipeline import resolve_source
         from llmtune.tasks import causal_lm
 
+        source = resolve_source(recipe)
         start = time.perf_counter()
         lm_data = causal_lm.load_data(recipe)
-        tokenizer, _, _, _ = causal_lm.load_tokenizer(recipe, lm_data)
+        tokenizer, _ = causal_lm.load_lm_tokenizer(recipe, lm_data, source.path)
         causal_lm.tokenize_splits(recipe, lm_data, tokenizer)
         return time.perf_counter() - start
     model, tokenizer = _smollm2(recipe)
@@ -238,7 +240,7 @@ def _plain_pretrain(recipe, args, work: Path, trl: bool):
     from datasets import load_dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
-    from llmtune.data.lm_tokenize import ensure_pad_token
+    from llmtune.models.loading import ensure_pad_token
     from llmtune.models.scratch import build_model, train_tokenizer
 
     rows = load_dataset("text", data_files=str(work / "train.txt"), split="train")

@@ -10,11 +10,16 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
 
+from llmtune import __version__
 from llmtune.errors import LlmtuneError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = "Compute precision: auto is the run's own evaluation precision (run.json), fp32 for other models."
 
 EXAMPLES = """examples:
   llmtune train recipes/quickstart.yaml
@@ -36,16 +41,21 @@ EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`train RECIPE --resume key=value`): argparse leaves those over.
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     try:
         return args.handler(args)
     except LlmtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:  # TrainingStopped (a checkpoint was saved) or a second Ctrl-C
         print(f"\n{exc or 'Interrupted.'}", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_code", 130)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Show debug logging from the libraries too.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show the libraries' info logging too.")
+    parser.add_argument("--version", action="version", version=f"llmtune {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
@@ -67,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("recipe", help="Path of a YAML recipe (see recipes/).")
     train.add_argument("overrides", nargs="*", help="Recipe overrides such as training.learning_rate=1e-4.")
-    train.add_argument("--resume", action="store_true", help="Continue the run in output.dir from its last checkpoint.")
+    train.add_argument("--resume", action="store_true",
+                       help="Continue the run in output.dir from its newest complete checkpoint.")
+    train.add_argument("--force", action="store_true",
+                       help="With --resume: accept settings that differ from the run's own (recorded in run.json).")
     train.add_argument("--accelerate", metavar="CONFIG",
                        help="Re-launch under `accelerate launch` with a config from accelerate_configs/ by short name "
                        "(single, cpu_ddp, multi_gpu, fsdp, fsdp_qlora, deepspeed_zero2, deepspeed_zero3, ...) or a path.")
@@ -96,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
             sub.add_argument("--raw", action="store_true", help="Continue the prompt text as is (no chat template).")
         sub.add_argument("--max-new-tokens", type=int, default=128, help="Longest reply in tokens.")
+        sub.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
         sub.set_defaults(handler=_generate if name == "generate" else _chat)
 
     merge = commands.add_parser(
@@ -159,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--label-column", help="Label column (default: the run's).")
             sub.add_argument("--metrics", nargs="+", default=["accuracy", "f1", "precision", "recall", "roc_auc"],
                              help="Metrics to compute.")
-        sub.add_argument("--batch-size", type=int, default=32, help="Texts per forward pass.")
+        sub.add_argument("--batch-size", type=int, help="Texts per forward pass (default: the run's eval batch).")
+        sub.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
         sub.set_defaults(handler=_eval if name == "eval" else _predict)
     return parser
 
@@ -170,27 +186,27 @@ def _setup_logging(verbose: bool) -> None:
     # Under a multi-process launch only the main process reports progress; the others speak up on problems.
     level = logging.INFO if is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not verbose:
-        import transformers
-
-        transformers.logging.set_verbosity_warning()
+    # Read by transformers when (and only if) a command imports it: a recipe typo never pays for that import.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "warning")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from llmtune.api import load_recipe, train
+    from llmtune.config.loader import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, before any process starts
+    recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, before anything heavy loads
     if args.accelerate:
         from llmtune.distributed import relaunch
 
-        return relaunch(args.accelerate, [args.recipe, *args.overrides, *(["--resume"] if args.resume else [])],
-                        args.num_processes)
-    train(recipe, resume=args.resume, overrides=args.overrides)
+        flags = [flag for flag, on in (("--resume", args.resume), ("--force", args.force)) if on]
+        return relaunch(args.accelerate, [args.recipe, *args.overrides, *flags], args.num_processes)
+    from llmtune.api import train
+
+    train(recipe, resume=args.resume, overrides=args.overrides, force=args.force)
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from llmtune.api import load_recipe, validate
+    from llmtune.config.loader import load_recipe
 
     if args.explain:
         from llmtune.config.schema import Recipe
@@ -200,6 +216,8 @@ def _validate(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise LlmtuneError("validate needs a recipe path (or --explain).")
     recipe = load_recipe(args.recipe, args.overrides)
+    from llmtune.api import validate
+
     summary = validate(recipe)
     print(json.dumps(summary, indent=2))
     print("recipe OK")
@@ -217,10 +235,30 @@ def _explain(cls: type, prefix: str = "") -> None:
         print(f"  {prefix}{fld.name} = {default!r}\n      {fld.metadata.get('help', '')}")
 
 
-def _load_for_inference(args: argparse.Namespace):
+def _require_kind(run: str, wanted: str, command: str) -> None:
+    """Refuse a run of the wrong kind before loading it, naming the command that fits it."""
+    from llmtune.models.trained import model_kind
+
+    kind = model_kind(run)
+    if kind is None or kind == wanted:
+        return
+    if wanted == "causal_lm":
+        raise LlmtuneError(
+            f"'{run}' is a {kind} run; `llmtune {command}` needs a causal language model (task sft or pretrain). "
+            f"For a classifier use `llmtune predict {run} --text \"...\"` or `llmtune eval {run} --data FILE`."
+        )
+    raise LlmtuneError(
+        f"'{run}' is a causal language model; `llmtune {command}` needs a classification run. Use "
+        f"`llmtune generate {run} --prompt \"...\"`, `llmtune chat {run}`, or `llmtune eval {run} --text-file FILE` "
+        "(perplexity)."
+    )
+
+
+def _load_classifier(args: argparse.Namespace, command: str):
     from llmtune.tasks.classification_predict import Classifier
 
-    classifier = Classifier.load(args.run)
+    _require_kind(args.run, "classification", command)
+    classifier = Classifier.load(args.run, args.precision)
     for key in ("text", "text_pair", "label"):
         value = getattr(args, f"{key}_column", None)
         if value:
@@ -228,26 +266,38 @@ def _load_for_inference(args: argparse.Namespace):
     return classifier
 
 
+def _load_lm(args: argparse.Namespace, command: str):
+    """(model, tokenizer, whether to apply the chat template, compute precision) of a causal-LM run or model."""
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.models.trained import load_trained
+
+    _require_kind(args.run, "causal_lm", command)
+    model, tokenizer, record = load_trained(args.run, AutoModelForCausalLM)
+    chat = bool(tokenizer.chat_template) and not getattr(args, "raw", False)
+    precision = record.get("precision", {}).get("evaluation", "fp32") if args.precision == "auto" else args.precision
+    return model, tokenizer, chat, precision
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from llmtune.data.loading import load_file
-    from llmtune.tasks.classification_predict import evaluate_file
-
     if args.text_file:
-        from transformers import AutoModelForCausalLM
-
+        from llmtune.data.files import read_text_file
         from llmtune.generation import perplexity
-        from llmtune.models.trained import load_trained
+        from llmtune.precision import evaluation_precision
 
-        if not Path(args.text_file).is_file():
-            raise LlmtuneError(f"--text-file '{args.text_file}' does not exist.")
-        model, tokenizer, _ = load_trained(args.run, AutoModelForCausalLM)
-        result = perplexity(model, tokenizer, Path(args.text_file).read_text(), args.max_length, args.stride)
+        text = read_text_file(args.text_file, "--text-file")
+        model, tokenizer, _, precision = _load_lm(args, "eval --text-file")
+        with evaluation_precision(precision, model.device.type):
+            result = perplexity(model, tokenizer, text, args.max_length, args.stride)
         print(json.dumps({"text_file": args.text_file, "max_length": args.max_length,
-                          "stride": args.stride or args.max_length, **result}, indent=2))
+                          "stride": args.stride or args.max_length, "computed_in": precision, **result}, indent=2))
         return 0
     if not args.data:
         raise LlmtuneError("eval needs --data (labelled file, classification runs) or --text-file (perplexity).")
-    classifier = _load_for_inference(args)
+    from llmtune.data.loading import load_file
+    from llmtune.tasks.classification_predict import evaluate_file
+
+    classifier = _load_classifier(args, "eval --data")
     metrics = evaluate_file(classifier, load_file(args.data, "--data"), args.metrics, args.batch_size)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -256,7 +306,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from llmtune.data.loading import load_file, require_columns
 
-    classifier = _load_for_inference(args)
+    classifier = _load_classifier(args, "predict")
     texts, pairs = list(args.text), None
     if args.data:
         rows = load_file(args.data, "--file")
@@ -269,7 +319,7 @@ def _predict(args: argparse.Namespace) -> int:
     predictions = classifier.predict(texts, pairs, args.batch_size)
     lines = [json.dumps({"text": text, **pred}) for text, pred in zip(texts, predictions)]
     if args.out:
-        from llmtune.runs import write_text
+        from llmtune.files import write_text
 
         write_text(Path(args.out), "\n".join(lines) + "\n")
         print(f"Wrote {len(lines)} predictions to {args.out}")
@@ -278,29 +328,23 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_lm(args: argparse.Namespace):
-    from transformers import AutoModelForCausalLM
-
-    from llmtune.models.trained import load_trained
-
-    model, tokenizer, _ = load_trained(args.run, AutoModelForCausalLM)
-    chat = bool(tokenizer.chat_template) and not getattr(args, "raw", False)
-    return model, tokenizer, chat
-
-
 def _generate(args: argparse.Namespace) -> int:
     from llmtune.generation import generate
+    from llmtune.precision import evaluation_precision
 
-    model, tokenizer, chat = _load_lm(args)
-    for record in generate(model, tokenizer, args.prompt, args.max_new_tokens, chat):
+    model, tokenizer, chat, precision = _load_lm(args, "generate")
+    with evaluation_precision(precision, model.device.type):
+        records = generate(model, tokenizer, args.prompt, args.max_new_tokens, chat)
+    for record in records:
         print(json.dumps(record))
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
     from llmtune.generation import generate
+    from llmtune.precision import evaluation_precision
 
-    model, tokenizer, chat = _load_lm(args)
+    model, tokenizer, chat, precision = _load_lm(args, "chat")
     if not chat:
         raise LlmtuneError(f"'{args.run}' has no chat template; use `llmtune generate --raw` to continue text.")
     messages: list[dict[str, str]] = []
@@ -313,7 +357,8 @@ def _chat(args: argparse.Namespace) -> int:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        reply = generate(model, tokenizer, [messages], args.max_new_tokens, chat=True)[0]
+        with evaluation_precision(precision, model.device.type):
+            reply = generate(model, tokenizer, [messages], args.max_new_tokens, chat=True)[0]
         messages.append({"role": "assistant", "content": reply["completion"]})
         print("model>", reply["completion"])
     return 0
@@ -337,9 +382,10 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from llmtune.api import load_recipe
-    from llmtune.preview import preview
+    from llmtune.config.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from llmtune.preview import preview
+
     print(preview(recipe, args.samples, colour=False if args.no_colour else None))
     return 0

@@ -1,9 +1,10 @@
 """Running one recipe on many processes: launch configs, rank-aware helpers and the global batch.
 
 llmtune does not launch processes itself: `accelerate launch` (or torchrun) does, with a config from
-accelerate_configs/. This module finds those configs by short name, re-launches `llmtune train` under
-accelerate, and gives the task modules the few collective operations they need (main process first,
-barriers, a check that data-parallel ranks ended with the same weights).
+`llmtune/accelerate_configs/` (also reachable as `accelerate_configs/` at the top of a checkout). This module finds
+those configs by short name, re-launches `llmtune train` under accelerate, and gives the rest of llmtune the few
+collective operations it needs (main process first, barriers, agreement between ranks). torch and accelerate
+are imported only by the helpers that talk to other processes, so the command line stays quick.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from llmtune.errors import LlmtuneError, did_you_mean
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "accelerate_configs"  # inside the package: wheels carry them
 CPU_CONFIGS = ("single", "cpu_ddp")  # every other config needs CUDA GPUs
 
 
@@ -47,8 +51,8 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
-    """Let the main process load and tokenize first (filling the datasets cache) while the others wait,
-    then read the cache - instead of every rank tokenizing at once and the slowest one timing the others out."""
+    """Let the main process load, convert and tokenize first (filling the caches) while the others wait,
+    then read the caches - instead of every rank converting or tokenizing at once."""
     if world_size() == 1:
         yield
         return
@@ -56,12 +60,27 @@ def main_process_first() -> Iterator[None]:
         yield
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on at least one process (every process must call this at the same point)."""
+    if world_size() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device=_state().device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def ranks_agree(model: torch.nn.Module) -> bool:
     """Whether every data-parallel rank holds the same trainable weights (a float64 checksum per rank)."""
-    params = [p.detach().double() for p in model.parameters() if p.requires_grad]
-    local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
+    import torch
     from accelerate.utils import gather
 
+    params = [p.detach().double() for p in model.parameters() if p.requires_grad]
+    local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)])
     everyone = gather(local.to(_state().device)).view(-1, 2).cpu()
     return bool(torch.allclose(everyone, everyone[0].expand_as(everyone), rtol=1e-9, atol=0))
 
@@ -90,6 +109,8 @@ def launched_with(mode: str) -> bool:
 
 def check_launch_environment() -> None:
     """Refuse GPU-only launch modes on a machine without CUDA (accelerate would fail or silently fall back)."""
+    import torch
+
     if torch.cuda.is_available():
         return
     for mode, what in (("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")):
@@ -118,6 +139,8 @@ def config_path(name: str) -> Path:
             f"--accelerate is {name!r}, which is not one of llmtune's accelerate configs.{did_you_mean(name, names)} "
             f"Available: {', '.join(names)} (files in {CONFIG_DIR}), or the path of your own accelerate config .yaml."
         )
+    import torch
+
     if name not in CPU_CONFIGS and not torch.cuda.is_available():
         raise LlmtuneError(
             f"--accelerate {name} needs CUDA GPUs, and this machine has none. Use --accelerate cpu_ddp for "
@@ -127,10 +150,23 @@ def config_path(name: str) -> Path:
 
 
 def relaunch(config: str, train_args: list[str], num_processes: int | None = None) -> int:
-    """Run `llmtune train ...` again under `accelerate launch` with the named config; return its exit code."""
+    """Run `llmtune train ...` again under `accelerate launch` with the named config; return its exit code.
+
+    Ctrl-C reaches the training processes from the terminal; SIGTERM sent to this process is passed on to the
+    launcher. Either way this process waits for them to save and stop, and exits with their code.
+    """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path(config))]
     if num_processes:
         command += ["--num_processes", str(num_processes)]
     command += ["-m", "llmtune", "train", *train_args]
     logger.info("Launching: %s", " ".join(command))
-    return subprocess.call(command)
+    child = subprocess.Popen(command)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to the whole process group already
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code  # a child killed by signal N reports -N; shells say 128 + N

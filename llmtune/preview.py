@@ -15,6 +15,7 @@ OPEN, CLOSE = "[[", "]]"  # marks trained tokens when the output is not a colour
 
 def preview(recipe: Recipe, samples: int = 3, colour: bool | None = None) -> str:
     """Render `samples` tokenized training samples and the training split's token statistics."""
+    from llmtune.pipeline import resolve_source
     from llmtune.tasks import causal_lm
 
     if recipe.task == "classification":
@@ -22,7 +23,8 @@ def preview(recipe: Recipe, samples: int = 3, colour: bool | None = None) -> str
     if colour is None:
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     lm_data = causal_lm.load_data(recipe)
-    tokenizer, _, _, _ = causal_lm.load_tokenizer(recipe, lm_data)
+    source = resolve_source(recipe)
+    tokenizer, _ = causal_lm.load_lm_tokenizer(recipe, lm_data, source.path if source else None)
     encoded, stats = causal_lm.tokenize_splits(recipe, lm_data, tokenizer)
     train_stats: dict[str, Any] = stats["train"]
     if lm_data.chat and recipe.lm.packing:

@@ -1,16 +1,14 @@
-"""The run directory: claiming it safely, recording what produced it, finding its checkpoints.
+"""The run directory: naming it, refusing to overwrite one by accident, claiming it, and recording what made it.
 
-A run directory holds `run.json` (resolved recipe, library versions, data fingerprints), `metrics.json`,
-the saved model or adapter, `checkpoint-N/` folders and, for tasks that predict, `predictions.jsonl`.
-Every file is written to a temporary name and renamed, so a crash leaves the previous version intact.
+A run directory holds `run.json` (resolved recipe, overrides, precision, library versions, data fingerprints, and
+one entry per resume), `metrics.json`, the saved model or adapter, `checkpoint-N/` folders and, for tasks that
+predict, `predictions.jsonl`. Files are written atomically (llmtune/files.py).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
-import os
 import platform
 import shutil
 import sys
@@ -19,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_utils import get_last_checkpoint
-
-from llmtune.distributed import barrier
+from llmtune.config.vocab import RESUME_SAFE_KEYS
 from llmtune.errors import LlmtuneError
+from llmtune.files import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +46,38 @@ def run_dir_for(template: str, task: str, model: str, resume: bool) -> Path:
         ) from None
 
 
-def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to start where a run already is, unless overwriting or resuming was asked for."""
-    if resume:
-        if last_checkpoint(run_dir) is None:
-            raise LlmtuneError(
-                f"--resume was given, but '{run_dir}' holds no checkpoint-N folder to resume from. "
-                "Start the run without --resume, or point output.dir at the interrupted run."
-            )
-        return
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        what = "a previous run" if (run_dir / RUN_RECORD).exists() or last_checkpoint(run_dir) else "files"
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start a new run where a run (or anything) already is, unless overwriting was asked for."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LlmtuneError(f"'output.dir' is '{run_dir}', which is a file. Choose a folder path for the run.")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        holds_run = (run_dir / RUN_RECORD).exists() or any(run_dir.glob("checkpoint-*"))
         raise LlmtuneError(
-            f"Output directory '{run_dir}' already holds {what}; llmtune will not touch it. Continue it with "
-            "--resume, set output.overwrite=true to replace it, or choose another output.dir."
+            f"Output directory '{run_dir}' already holds {'a previous run' if holds_run else 'files'}; llmtune will "
+            "not touch it. Continue it with --resume, set output.overwrite=true to replace it, or choose another "
+            "output.dir."
         )
-    barrier()  # every process has looked before the main one claims the directory
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail now, not after loading a model, when the run directory cannot be created or written."""
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"'{existing}' is a file, so no folder can be made under it"
+    else:
+        try:
+            probe = tempfile.TemporaryFile(dir=existing)
+            probe.close()
+        except OSError as exc:
+            problem = f"'{existing}' cannot be written ({exc.strerror or exc})"
+    if problem:
+        raise LlmtuneError(
+            f"'output.dir' is '{run_dir}', but {problem}. Choose an output.dir in a folder you can write to, "
+            "e.g. output.dir=runs/my-run."
+        )
 
 
 def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -75,42 +88,34 @@ def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def start_run(
-    run_dir: Path, recipe: Any, overrides: list[str] | None, resume: bool, trainer: Any, **task_record: Any
-) -> None:
-    """Claim the run directory and write run.json (main process only): resolved recipe, overrides, world size,
-    global batch, parameter counts, library versions and task facts."""
-    if trainer.is_world_process_zero():
-        _write_run_record(run_dir, recipe, overrides, resume, trainer, task_record)
-    barrier()  # nobody trains into the directory before it is claimed
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_RECORD
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise LlmtuneError(f"'{path}' cannot be read ({exc}); it is not a complete llmtune run record.") from None
 
 
-def _write_run_record(run_dir: Path, recipe: Any, overrides: list[str] | None, resume: bool, trainer: Any,
-                      task_record: dict) -> None:
-    from llmtune.config.loader import recipe_to_dict
-    from llmtune.data.loading import fingerprint_sources
-    from llmtune.models.adapters import parameter_summary
-
-    claim_run_dir(run_dir, recipe.output.overwrite, resume)
-    args = trainer.args
-    write_json(run_dir / RUN_RECORD, {
-        "recipe": recipe_to_dict(recipe),
-        "overrides": overrides or [],
-        "data": fingerprint_sources(recipe.data),
-        "world_size": args.world_size,
-        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-        "parameters": parameter_summary(trainer.model),
-        **task_record,
-        "versions": library_versions(),
-    })
+def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
+    write_json(run_dir / RUN_RECORD, {**record, "versions": library_versions()})
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+def changed_settings(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Recipe keys whose values differ between two recipe dicts ('training.learning_rate': (old, new)),
+    leaving out the keys that do not change what is trained (RESUME_SAFE_KEYS)."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(before) | set(after)):
+        where = f"{prefix}{key}"
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and where.count(".") == 0:
+            changes |= changed_settings(old, new, f"{where}.")
+        elif old != new and where not in RESUME_SAFE_KEYS:
+            changes[where] = (old, new)
+    return changes
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    versions = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": _cpu_name()}
     for name in TRACKED_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
@@ -119,22 +124,12 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: the old file stays whole until the new one is complete."""
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _cpu_name() -> str:
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())

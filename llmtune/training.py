@@ -1,4 +1,5 @@
-"""The recipe's `training` section as transformers TrainingArguments, plus graceful Ctrl-C.
+"""The recipe's `training` section as transformers TrainingArguments, and the train -> evaluate step every task
+runs (checkpoints that count only when complete, Ctrl-C / SIGTERM, the whole-run training loss).
 
 Only this module spells transformers' argument names, so their renames stop here.
 """
@@ -7,35 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 
-from llmtune.config.schema import TrainingConfig
+from llmtune.callbacks import StopOnSignal, TrainingSanity
+from llmtune.checkpoints import CompleteCheckpoints, newest_complete, save_failure
+from llmtune.config.schema import Recipe, TrainingConfig
+from llmtune.config.vocab import OPTIMIZERS
 from llmtune.distributed import accumulation_for, check_launch_environment, ranks_agree, world_size
-from llmtune.errors import LlmtuneError
-from llmtune.runs import last_checkpoint
+from llmtune.errors import LlmtuneError, TrainingStopped
+from llmtune.precision import resolved_precision
 
 logger = logging.getLogger(__name__)
-
-# llmtune's optimizer names -> transformers' (any other name transformers knows is passed through as is).
-OPTIMIZERS = {
-    "adamw": "adamw_torch_fused",  # one fused kernel per step: 3.5x faster than foreach on CPU (5M LoRA weights)
-    "adamw_foreach": "adamw_torch",
-    "adamw_8bit": "adamw_bnb_8bit",
-    "paged_adamw_8bit": "paged_adamw_8bit",
-    "paged_adamw_32bit": "paged_adamw_32bit",
-    "lion_8bit": "lion_8bit",
-    "paged_lion_8bit": "paged_lion_8bit",
-    "adafactor": "adafactor",
-    "sgd": "sgd",
-    "rmsprop": "rmsprop",
-}
 
 UNPAGED = {"paged_adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "adamw_torch"}
 
@@ -51,10 +39,11 @@ def transformers_optimizer(name: str) -> str:
 
 
 def training_arguments(
-    cfg: TrainingConfig,
+    recipe: Recipe,
     output_dir: str,
     main_metric: str,
     has_eval: bool,
+    resume: bool = False,
     args_class: type[TrainingArguments] = TrainingArguments,
     padded: bool = True,
     **task_arguments,
@@ -62,8 +51,11 @@ def training_arguments(
     """TrainingArguments (or a subclass such as trl's SFTConfig, with its task_arguments) for this recipe.
 
     `main_metric` picks the best checkpoint unless the recipe names one; `padded` says whether batches are
-    padded (length grouping only helps those).
+    padded (length grouping only helps those). A new run evaluates once before the first step
+    (eval.before_training); a resumed one already did.
     """
+    cfg = recipe.training
+    evaluate_first = recipe.eval.before_training and not resume
     check_launch_environment()
     processes = world_size()
     accumulation = cfg.gradient_accumulation
@@ -93,19 +85,24 @@ def training_arguments(
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=transformers_optimizer(cfg.optimizer),
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         torch_compile=cfg.compile,
         use_liger_kernel=liger_kernels_on(cfg.liger_kernels),
         seed=cfg.seed,
+        full_determinism=cfg.deterministic,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         eval_strategy=eval_strategy,
         eval_steps=eval_steps,
+        # Evaluated inside train(), after the model is wrapped for distributed training: calling evaluate() first
+        # registers the bare model with accelerate, and train() then skips the DDP wrapper - every process
+        # silently trains alone (transformers 5.23 / accelerate 1.15).
+        eval_on_start=evaluate_first and eval_strategy != "no",
         save_strategy=save_strategy,
         save_steps=save_steps,
         logging_steps=cfg.log_every,
-        save_total_limit=cfg.keep_checkpoints,
+        save_total_limit=None,  # llmtune rotates checkpoints itself, only once a newer one is complete
         load_best_model_at_end=keep_best,
         metric_for_best_model=metric if has_eval else None,
         greater_is_better=metric != "loss",
@@ -123,6 +120,11 @@ def _cadence(value: int | str) -> tuple[str, int | None]:
     return value, None
 
 
+def early_stopping(cfg: TrainingConfig) -> list[TrainerCallback]:
+    """The early-stopping callback when the recipe asks for one (patience in evaluations)."""
+    return [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
+
+
 def liger_kernels_on(setting: str) -> bool:
     """Whether to train with Liger's kernels: they are Triton (CUDA) kernels from the liger-kernel package."""
     if setting == "off":
@@ -138,111 +140,73 @@ def liger_kernels_on(setting: str) -> bool:
     return on_gpu and installed
 
 
-def resolved_precision(precision: str) -> str:
-    """fp32, bf16 or fp16. auto: bf16 on GPUs that support it and on CPUs with native bf16 matmuls
-    (avx512_bf16 or AMX), where it runs several times faster than fp32; fp32 elsewhere - on other CPUs bf16 is
-    emulated and slower than fp32."""
-    on_gpu = torch.cuda.is_available()
-    if precision == "auto":
-        fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
-        return "bf16" if fast_bf16 else "fp32"
-    if precision == "fp16" and not on_gpu:
-        raise LlmtuneError(
-            "'training.precision' is 'fp16', but there is no GPU: fp16 on a CPU runs at a tiny fraction of fp32 "
-            "speed. Use training.precision=bf16 (CPUs with avx512_bf16 or AMX) or fp32."
-        )
-    return precision
-
-
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU multiplies bf16 in hardware (Linux: the avx512_bf16 or amx_bf16 flag)."""
-    try:
-        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
-
-
-class GracefulInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a resumable checkpoint, stop. Second Ctrl-C: abort now."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> GracefulInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-    def _on_sigint(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("Interrupted: saving a checkpoint after this step (press Ctrl-C again to abort now).")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
-class FirstEvaluation(TrainerCallback):
-    """Keeps the metrics of the evaluation that runs before the first training step."""
-
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] | None = None
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.metrics is None and state.global_step == 0:
-            self.metrics = dict(metrics or {})
-
-
 def train_and_evaluate(
     trainer: Any,
+    cfg: TrainingConfig,
     run_dir: Path,
-    resume: bool,
-    evaluate_before: bool,
+    resume_from: Path | None,
     summarize: Callable[[dict[str, float], str], dict[str, Any]],
 ) -> dict[str, Any]:
-    """Evaluate before (optional), train (resuming if asked, Ctrl-C-safe), evaluate after.
+    """Train (from `resume_from` if given) with complete-only checkpoints and signal handling, then evaluate.
 
-    `summarize(raw_metrics, prefix)` turns the Trainer's prefixed metrics into the task's own names.
-    Raises KeyboardInterrupt, after a checkpoint is saved, when the user pressed Ctrl-C.
+    Returns {'before': ..., 'train': ..., 'after': ...}; `summarize(raw_metrics, prefix)` turns the Trainer's
+    prefixed metrics into the task's own names. Raises TrainingStopped after a signal (a checkpoint is saved),
+    and LlmtuneError when a checkpoint could not be written.
     """
-    metrics: dict[str, Any] = {}
-    has_eval = trainer.eval_dataset is not None
-    first_evaluation = FirstEvaluation()
-    if has_eval and evaluate_before and not resume:
-        # Evaluated inside train(), after the model is wrapped for distributed training: calling
-        # trainer.evaluate() first registers the bare model with accelerate, and train() then skips the DDP
-        # wrapper - every process silently trains alone (transformers 5.23 / accelerate 1.15).
-        trainer.args.eval_on_start = True
-        trainer.add_callback(first_evaluation)
-    checkpoint = last_checkpoint(run_dir) if resume else None
-    with GracefulInterrupt() as interrupt:
-        trainer.add_callback(interrupt)
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    if first_evaluation.metrics is not None:
-        metrics["before"] = summarize(first_evaluation.metrics, "eval_")
-    if interrupt.requested:
-        raise KeyboardInterrupt(
-            f"Training interrupted; a checkpoint is in {last_checkpoint(run_dir)}. "
-            "Continue with the same command plus --resume."
+    stop, sanity = StopOnSignal(cfg.stop_grace_seconds), TrainingSanity(cfg.learning_rate)
+    checkpoints = CompleteCheckpoints(run_dir, cfg.keep_checkpoints)  # last: sees every other callback's decision
+    for callback in (stop, sanity, checkpoints):
+        trainer.add_callback(callback)
+    try:
+        with stop:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except (OSError, RuntimeError) as exc:
+        step = checkpoints.saving_step
+        if step is not None and (run_dir / f"checkpoint-{step}").exists():
+            raise save_failure(exc, run_dir, step) from exc
+        raise
+    finally:
+        for callback in (stop, sanity, checkpoints):
+            trainer.remove_callback(callback)
+    if stop.requested:
+        newest, _ = newest_complete(run_dir)
+        raise TrainingStopped(
+            f"Training stopped at step {trainer.state.global_step}; the checkpoint is {newest}. "
+            "Continue with the same command plus --resume.", stop.exit_code,
         )
-    metrics["train"] = {**result.metrics, "global_step": trainer.state.global_step}
+
+    history = trainer.state.log_history
+    metrics: dict[str, Any] = {}
+    before = next((h for h in history if h.get("step") == 0 and any(k.startswith("eval_") for k in h)), None)
+    if before is not None:  # evaluated at step 0 - kept in the checkpoints' state, so a resumed run has it too
+        metrics["before"] = summarize(before, "eval_")
+    metrics["train"] = {
+        **result.metrics,
+        "train_loss": whole_run_loss(history, result.metrics.get("train_loss")),
+        "global_step": trainer.state.global_step,
+        **sanity.report(),
+    }
     if trainer.args.world_size > 1 and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         # Data-parallel ranks must end identical; a rank that silently trained alone would not.
         metrics["train"]["ranks_in_sync"] = ranks_agree(trainer.model)
         if not metrics["train"]["ranks_in_sync"]:
             logger.error("The %d processes ended with different weights: they did not train together.",
                          trainer.args.world_size)
-    if has_eval:
+    if trainer.eval_dataset is not None and trainer.args.eval_strategy != "no":
         metrics["after"] = summarize(trainer.evaluate(metric_key_prefix="after"), "after_")
     return metrics
+
+
+def whole_run_loss(history: list[dict[str, Any]], fallback: float | None) -> float | None:
+    """Mean training loss over every step of the run, resumed parts included: each logged loss is the mean over
+    the steps since the previous log, so weight it by those steps. (The Trainer's own train_loss covers only
+    the steps of the last train() call.) The loss is logged at every checkpoint and at the end, so the logs
+    cover the whole run."""
+    total = steps = 0.0
+    last = 0
+    for entry in history:
+        if "loss" in entry and "step" in entry and entry["step"] > last:
+            total += entry["loss"] * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    return total / steps if steps else fallback

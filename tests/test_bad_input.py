@@ -99,8 +99,21 @@ def test_output_dir_holding_a_run_is_refused_and_untouched(capsys, base_args, tm
     assert (run / "checkpoint-7" / "model.safetensors").read_bytes() == b"weights"
 
 
-def test_resume_without_checkpoint(capsys, base_args):
-    assert_clean_error(*train(capsys, *base_args, "--resume"), "holds no checkpoint-N folder")
+def test_resume_where_there_is_no_run(capsys, base_args):
+    assert_clean_error(*train(capsys, *base_args, "--resume"), "holds no llmtune run", "without --resume")
+
+
+def test_resume_of_a_run_that_died_before_its_first_checkpoint_gives_advice_that_works(capsys, base_args, tmp_path):
+    """A run that crashed before any checkpoint was whole: --resume says so and what to do; doing it works."""
+    run, args = tmp_path / "run", [*base_args, "training.save_every=no"]
+    assert main(["train", *args]) == 0  # a run record, no checkpoint
+    (run / "checkpoint-1").mkdir()
+    (run / "checkpoint-1" / "optimizer.pt").write_bytes(b"half")  # what a kill during the first save leaves
+    code, err = train(capsys, *args, "--resume")
+    assert_clean_error(code, err, "no complete checkpoint", "checkpoint-1: the save stopped before the end",
+                       "without --resume", "output.overwrite=true")
+    assert (run / "checkpoint-1" / "optimizer.pt").exists()  # nothing was touched
+    assert main(["train", *args, "output.overwrite=true"]) == 0
 
 
 def test_fp16_on_cpu_is_refused(capsys, base_args):

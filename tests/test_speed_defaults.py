@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from llmtune import build_trainer, load_recipe
 from llmtune.errors import LlmtuneError
 from llmtune.models.attention import SDPA_VARLEN, attention_for
-from llmtune.training import cpu_has_native_bf16, resolved_precision
+from llmtune.precision import cpu_has_native_bf16, resolved_precision
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -19,7 +19,8 @@ from llmtune.training import cpu_has_native_bf16, resolved_precision
     ("fpu sse avx2 amx_bf16 amx_tile", True),
     ("fpu sse avx2 fma", False),
 ])
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, flags, expected):
+    monkeypatch.delenv("LLMTUNE_CPU_BF16", raising=False)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
     assert cpu_has_native_bf16(cpuinfo) is expected
@@ -28,11 +29,11 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice of precision")
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch):
-    import llmtune.training as training
-
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    """The probe follows the CPU flags unless LLMTUNE_CPU_BF16 pins it (how the suite runs the bf16 paths on any
+    CPU)."""
+    monkeypatch.setenv("LLMTUNE_CPU_BF16", "0")
     assert resolved_precision("auto") == "fp32"
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("LLMTUNE_CPU_BF16", "1")
     assert resolved_precision("auto") == "bf16"
     assert resolved_precision("fp32") == "fp32"
 

@@ -5,12 +5,9 @@ Each message says which keys clash and how to fix the recipe.
 
 from __future__ import annotations
 
-from transformers.training_args import OptimizerNames
-
 from llmtune.config.schema import Recipe
+from llmtune.config.vocab import OPTIMIZERS, task_metrics
 from llmtune.errors import LlmtuneError, did_you_mean
-from llmtune.metrics import AVAILABLE_METRICS
-from llmtune.training import OPTIMIZERS
 
 
 def check(recipe: Recipe) -> None:
@@ -23,6 +20,19 @@ def check(recipe: Recipe) -> None:
             f"'data.train_file' (a local file). Got dataset={data.dataset!r}, train_file={data.train_file!r}. "
             "On the command line, clear the other one with e.g. data.dataset=null."
         )
+    if not data.dataset:
+        # Split names pick splits of data.dataset; with local files they mean nothing. A recipe written for the
+        # Hub (eval_split: validation) switched to files on the command line (data.dataset=null
+        # data.train_file=... data.eval_file=...) should simply work.
+        for key in ("eval_split", "test_split"):
+            if getattr(data, key) and not getattr(data, key.replace("_split", "_file")):
+                file_key = key.replace("_split", "_file")
+                raise LlmtuneError(
+                    f"'data.{key}' is {getattr(data, key)!r}, a split of 'data.dataset', but data.dataset is empty "
+                    f"(training reads data.train_file). Give the file instead with data.{file_key}=PATH, or "
+                    f"drop the split with data.{key}=null."
+                )
+            setattr(data, key, None)
     if data.eval_split and data.eval_file:
         raise LlmtuneError(
             f"Both 'data.eval_split' ({data.eval_split!r}) and 'data.eval_file' ({data.eval_file!r}) are set; "
@@ -104,11 +114,19 @@ def check(recipe: Recipe) -> None:
                 "or data.validation_fraction."
             )
 
-    optimizers = sorted({*OPTIMIZERS, *(o.value for o in OptimizerNames)})
-    if training.optimizer not in optimizers:
+    if training.optimizer not in OPTIMIZERS:
+        from transformers.training_args import OptimizerNames  # only for names that are not llmtune's own
+
+        optimizers = sorted({*OPTIMIZERS, *(o.value for o in OptimizerNames)})
+        if training.optimizer not in optimizers:
+            raise LlmtuneError(
+                f"'training.optimizer' is {training.optimizer!r}, which is not an optimizer llmtune knows."
+                f"{did_you_mean(training.optimizer, optimizers)} Common choices: {', '.join(OPTIMIZERS)}."
+            )
+    if training.stop_grace_seconds is not None and training.stop_grace_seconds <= 0:
         raise LlmtuneError(
-            f"'training.optimizer' is {training.optimizer!r}, which is not an optimizer llmtune knows."
-            f"{did_you_mean(training.optimizer, optimizers)} Common choices: {', '.join(OPTIMIZERS)}."
+            f"'training.stop_grace_seconds' is {training.stop_grace_seconds}; give a positive number of seconds, "
+            "or leave it empty for no limit."
         )
     if output.push_to_hub:
         check_repo_id(output.push_to_hub, "output.push_to_hub")
@@ -129,16 +147,11 @@ def check_repo_id(repo_id: str, where: str) -> None:
         ) from None
 
 
-LM_METRICS = ("loss", "perplexity", "token_accuracy")
 MIXTURE_KEYS = ("train_file", "dataset", "subset", "train_split", "weight", "format", "columns")
 
 
-def default_metrics(task: str) -> tuple[str, ...]:
-    return AVAILABLE_METRICS if task == "classification" else LM_METRICS
-
-
 def _check_metrics(recipe: Recipe) -> None:
-    valid = default_metrics(recipe.task)
+    valid = task_metrics(recipe.task)
     metrics = recipe.eval.metrics or list(valid)
     for name in metrics:
         if name not in valid:
@@ -163,6 +176,12 @@ def _check_causal_lm(recipe: Recipe) -> None:
                 "Use task=pretrain to build a model from scratch, then classify with model.name=<that run>."
             )
         return
+    if recipe.model.init == "scratch" and data.max_length > recipe.scratch.context_length:
+        raise LlmtuneError(
+            f"'data.max_length' is {data.max_length}, longer than the model built from scratch can see "
+            f"('scratch.context_length' is {recipe.scratch.context_length}). Lower data.max_length or raise "
+            "scratch.context_length."
+        )
     if recipe.task == "pretrain" and data.format not in ("auto", "text"):
         raise LlmtuneError(
             f"'data.format' is {data.format!r}, but task 'pretrain' trains on plain text. "

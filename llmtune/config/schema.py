@@ -166,7 +166,23 @@ class TrainingConfig:
     gradient_checkpointing: bool = _field(
         False, "Recompute activations in the backward pass: less memory, about 30% slower steps."
     )
-    seed: int = _field(42, "Seed for shuffling, initialisation and dropout.")
+    seed: int = _field(
+        42,
+        "Seed of every random number generator (Python, NumPy, torch; every process), set before the data is "
+        "shuffled and the model is built: initial weights, new heads and adapters, sampling and dropout follow it.",
+    )
+    deterministic: bool = _field(
+        False,
+        "Ask torch for deterministic kernels everywhere (torch.use_deterministic_algorithms, deterministic cuDNN "
+        "and CUDA matmul settings). On a CPU runs repeat bit for bit without it; on GPUs it costs speed.",
+    )
+    stop_grace_seconds: int | None = _field(
+        None,
+        "After SIGTERM (what Slurm and Kubernetes send before killing a job), llmtune finishes the current step, "
+        "saves a checkpoint and exits with code 143. If that takes longer than this many seconds it exits at once "
+        "without the new checkpoint (the previous complete one stays). Set it below the scheduler's kill delay. "
+        "Empty: no limit.",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
         "auto",
         "Mixed precision (autocast; weights stay fp32). auto: bf16 on GPUs that support it and on CPUs with "
@@ -281,9 +297,6 @@ class ScratchConfig:
     heads: int = _field(4, "Attention heads.")
     vocab_size: int = _field(8000, "Size of the BPE tokenizer trained on the training data.")
     context_length: int = _field(256, "Longest sequence the model can see (position embeddings).")
-
-
-TASKS = ("classification", "sft", "pretrain")
 
 
 @dataclass

@@ -53,14 +53,6 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None
     return False
 
 
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give a tokenizer without a pad token one it already has (padding positions never carry loss)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        logger.warning("The tokenizer has no pad token; padding with %r (padded positions carry no loss).",
-                       tokenizer.pad_token)
-
-
 def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token id that closes an assistant turn in this chat template (what generation must stop on)."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine."}]

@@ -14,6 +14,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from llmtune.config.schema import DataConfig
+from llmtune.data.files import TEXT_SUFFIXES, check_utf8, unreadable
 from llmtune.errors import LlmtuneError, did_you_mean
 
 FILE_FORMATS = {
@@ -78,6 +79,8 @@ def load_file(path: str | None, key: str) -> Dataset:
             f"Use one of {', '.join(FILE_FORMATS)}."
         )
     builder, options = FILE_FORMATS[suffix]
+    if suffix in TEXT_SUFFIXES:
+        check_utf8(file, key)  # pyarrow's JSON reader takes invalid UTF-8 in and fails later, on first access
     try:
         return load_dataset(builder, data_files=str(file), split="train", **options)
     except Exception as exc:  # datasets raises many types for unreadable files
@@ -86,7 +89,7 @@ def load_file(path: str | None, key: str) -> Dataset:
                 f"'{key}' is '{path}', which holds no data rows (the split would be empty). "
                 "Point it at a file with rows, or leave the key empty."
             ) from None
-        raise LlmtuneError(f"'{key}': could not read '{path}' as {suffix} data: {exc}") from None
+        raise unreadable(file, key, exc) from None
 
 
 def require_columns(dataset: Dataset, split: str, wanted: dict[str, str | None]) -> None:

@@ -11,25 +11,13 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
-from llmtune.models.sources import installed_checkpoint
+from llmtune.models.sources import hub_base_model, installed_checkpoint
 
 TASK_NAMES = {"classification": "text classification", "sft": "instruction tuning (SFT)",
               "pretrain": "language modelling"}
 PIPELINES = {"classification": "text-classification", "sft": "text-generation", "pretrain": "text-generation"}
 AUTO_CLASS_NAMES = {"classification": "AutoModelForSequenceClassification", "sft": "AutoModelForCausalLM",
                     "pretrain": "AutoModelForCausalLM"}
-
-
-def hub_base_model(recipe: dict) -> str | None:
-    """The base model's Hub id when the recipe's model.name has one (installed short names map to theirs)."""
-    name = recipe["model"]["name"]
-    if recipe["model"].get("init") == "scratch":
-        return None
-    known = installed_checkpoint(name)
-    if known:
-        return known.hub_id
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-    return name if looks_like_hub_id else None
 
 
 def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:

@@ -20,8 +20,11 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from llmtune.config.rules import check_repo_id
 from llmtune.errors import LlmtuneError
-from llmtune.hub.model_card import hub_base_model, render
-from llmtune.runs import METRICS_FILE, RUN_RECORD, read_json
+from llmtune.files import read_json
+from llmtune.hub.model_card import render
+from llmtune.models.sources import hub_base_model
+from llmtune.models.trained import name_base_in_adapter_config
+from llmtune.runs import METRICS_FILE, RUN_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +73,15 @@ def push(run: str | Path, repo_id: str, private: bool = False, merged: bool = Fa
 
 
 def _point_adapter_at_hub_base(staging: Path, recipe: dict) -> None:
-    """Adapters record the local folder their base was loaded from; the published one names the Hub id."""
-    config_file = staging / "adapter_config.json"
-    base = hub_base_model(recipe)
-    if not config_file.is_file():
+    """Adapters may record the local folder their base was loaded from; the published one names the Hub id."""
+    if not (staging / "adapter_config.json").is_file():
         return
+    base = hub_base_model(recipe)
     if base is None:
         logger.warning("The base model '%s' has no Hub id; loaders of this adapter must supply the base themselves.",
                        recipe["model"]["name"])
         return
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = base
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    name_base_in_adapter_config(staging, base)
 
 
 def _upload(staging: Path, repo_id: str, private: bool, token: str, kind: str, run_dir: Path) -> str:

@@ -1,18 +1,25 @@
 """Evaluation metrics as `evaluate` modules that ship inside llmtune, so they load with no network.
 
-Each folder holds one module script; `load_metric("f1")` hands it to `evaluate.load` by path.
+Each folder holds one module script; `load_metric("f1")` hands it to `evaluate.load` by path. `MetricComputer`
+turns classifier logits into the recipe's metrics, for training's evaluations and for `llmtune eval` alike.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from llmtune.config.vocab import CLASSIFICATION_METRICS
 
 if TYPE_CHECKING:
     import evaluate
+    import numpy as np
+
+logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent
-AVAILABLE_METRICS = ("accuracy", "f1", "precision", "recall", "roc_auc")
+AVAILABLE_METRICS = CLASSIFICATION_METRICS
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
@@ -20,3 +27,32 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name / f"{name}.py"))
+
+
+def softmax(logits: Any) -> np.ndarray:
+    import torch
+
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=-1).numpy()
+
+
+class MetricComputer:
+    """compute_metrics for the Trainer: logits -> probabilities -> the recipe's metrics."""
+
+    def __init__(self, names: list[str], num_labels: int):
+        if "roc_auc" in names and num_labels != 2:
+            logger.info("roc_auc is defined here for binary tasks only; skipping it for %d labels.", num_labels)
+        self.names = [n for n in names if n != "roc_auc" or num_labels == 2]
+        self.modules = {name: load_metric(name) for name in self.names}
+
+    def __call__(self, prediction: Any) -> dict[str, float]:
+        return self.score(softmax(prediction.predictions), prediction.label_ids)
+
+    def score(self, probabilities: np.ndarray, references: np.ndarray) -> dict[str, float]:
+        predicted = probabilities.argmax(-1)
+        results: dict[str, float] = {}
+        for name, module in self.modules.items():
+            if name == "roc_auc":
+                results.update(module.compute(prediction_scores=probabilities[:, 1], references=references))
+            else:
+                results.update(module.compute(predictions=predicted, references=references))
+        return results

@@ -12,6 +12,7 @@ from llmtune.config.schema import MethodConfig
 from llmtune.errors import LlmtuneError
 from llmtune.models.lora_linear import FusedLoraLinear
 from llmtune.models.quantization import prepare_for_training
+from llmtune.patches.peft_custom_module import use_lora_layer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def apply_method(
     )
     if method.type == "lora" and method.quantization == "none":
         # bitsandbytes layers subclass nn.Linear, so the fused layer is offered only where the base is a plain one.
-        config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+        use_lora_layer(config, torch.nn.Linear, FusedLoraLinear)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:

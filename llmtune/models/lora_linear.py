@@ -8,7 +8,7 @@ gradient. Everything else - parameters, names, saving, merging, DoRA and the oth
 active adapters, mixed-adapter batches - is peft's `lora.Linear`, which this subclasses and falls back to whenever
 the fused path does not apply. Saved adapters are ordinary peft adapters.
 
-It is plugged in through peft's documented custom-module hook (`LoraConfig._register_custom_module`).
+It is plugged in through peft's custom-module hook (llmtune/patches/peft_custom_module.py).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llmtune.errors import LlmtuneError
+from llmtune.files import make_public
 from llmtune.models.quantization import DTYPES
 from llmtune.models.trained import load_trained
 
@@ -88,6 +89,7 @@ def merge_adapter(
             from transformers import GenerationConfig
 
             GenerationConfig.from_pretrained(adapter_dir).save_pretrained(staging)  # the run's stop tokens
+        make_public(staging)
         _publish(staging, out, into_run)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,6 +13,8 @@ import torch
 from llmtune.config.schema import MethodConfig
 from llmtune.distributed import launched_with
 from llmtune.errors import LlmtuneError
+from llmtune.patches.bnb_cpu_repacking import keep_4bit_weights_in_training_layout
+from llmtune.patches.trl_adapter_dtype import adapters_back_to_float32
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def prepare_for_training(model: torch.nn.Module, method: MethodConfig, gradient_
             f"{model.config.model_type} model's layers (it quantizes torch.nn.Linear layers, and this model has "
             "none it can take). Train it with method.quantization=none (LoRA on the full-precision model)."
         )
-    keep_4bit_weights_trainable_on_cpu(model)
+    keep_4bit_weights_in_training_layout(model)  # WORKAROUND: see llmtune/patches/bnb_cpu_repacking.py
     if under_fsdp():
         # peft's preparation upcasts norms and embeddings to fp32, which FSDP cannot flatten with the bf16
         # storage of the 4-bit weights; only let gradients reach the adapters through frozen inputs.
@@ -104,43 +106,16 @@ def prepare_for_training(model: torch.nn.Module, method: MethodConfig, gradient_
 
 
 def keep_adapters_in_compute_dtype(model: torch.nn.Module, method: MethodConfig) -> None:
-    """Undo trl's bf16 adapters when the 4-/8-bit layers compute in float32.
-
-    trl's SFTTrainer stores a quantized model's trainable weights in bfloat16 (the QLoRA paper's choice, made for
-    GPUs that compute in bf16). With a float32 compute dtype - llmtune's default off bf16 GPUs - that costs twice:
-    every adapter matmul casts to bf16 and back (emulated, so slow, on CPUs without native bf16: 2.6x slower
-    SmolLM2 QLoRA steps on this project's CPU), and updates smaller than bf16's 8-bit mantissa are lost.
-    """
+    """Undo trl's bf16 adapters when the 4-/8-bit layers compute in float32 (see patches/trl_adapter_dtype.py)."""
     if method.quantization == "none" or compute_dtype(method.compute_dtype) != torch.float32:
         return
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
-            param.data = param.data.float()
+    adapters_back_to_float32(model)
 
 
 def count_quantized_layers(model: torch.nn.Module) -> int:
     import bitsandbytes as bnb
 
     return sum(isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for module in model.modules())
-
-
-# --- WORKAROUND: bitsandbytes 0.50 repacks 4-bit weights for CPU inference for good --------------------
-# On a CPU with avx512_bf16, Linear4bit.forward in eval mode with an input that does not require grad
-# converts its weight to an inference-only layout and never converts it back. After the first evaluation
-# no gradient flows through those layers: LoRA weights silently stop changing while a loss is still
-# reported, and merging into that base is wrong. Turning the repacking off keeps the training layout.
-# tests/test_quantization.py::test_upstream_cpu_repacking_bug_still_present fails once bitsandbytes fixes it.
-
-
-def keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-# --- end of WORKAROUND -----------------------------------------------------------------------------------
 
 
 def _require_bitsandbytes(kind: str) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtune.errors import LlmtuneError
+from llmtune.files import make_public
+from llmtune.patches.gguf_save import make_gguf_model_savable
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,18 @@ def installed_checkpoint(name: str) -> InstalledCheckpoint | None:
     """The registry-installed checkpoint a short name (or alias) stands for, if any."""
     key = ALIASES.get(name.lower(), name.lower())
     return INSTALLED_CHECKPOINTS.get(key)
+
+
+def hub_base_model(recipe: dict) -> str | None:
+    """The base model's Hub id when the recipe's model.name has one (installed short names map to theirs)."""
+    name = recipe["model"]["name"]
+    if recipe["model"].get("init") == "scratch":
+        return None
+    known = installed_checkpoint(name)
+    if known:
+        return known.hub_id
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+    return name if looks_like_hub_id else None
 
 
 def cache_dir() -> Path:
@@ -119,12 +133,17 @@ def _check_hub_reachable(name: str, revision: str | None, trust_remote_code: boo
 
 
 def gguf_to_safetensors(gguf_path: Path) -> Path:
-    """Dequantize a .gguf checkpoint once into a cached safetensors folder and return that folder."""
+    """Dequantize a .gguf checkpoint once into a cached safetensors folder and return that folder.
+
+    Several processes may ask at once (a multi-process launch with a cold cache): each converts into its own
+    staging folder, and whichever finishes second finds the cache entry already there and uses it.
+    """
     stat = gguf_path.stat()
     digest = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
+    check_gguf_file(gguf_path)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,17 +152,54 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
     folder, file = str(gguf_path.parent), gguf_path.name
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    # A GGUF-loaded model refuses save_pretrained while it still carries the GGUF quantizer; the
-    # weights are already dense fp32, so dropping that marker is what makes them serializable.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    make_gguf_model_savable(model)  # the weights are dense float32 by now (patches/gguf_save.py)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
+        make_public(staging)
+        try:
+            os.replace(staging, target)  # atomic: a crash never leaves a half-written cache entry
+        except OSError:
+            if not (target / "config.json").is_file():  # not another process's finished conversion
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a .gguf file that is not one, or is cut short, with the file's own numbers in the message."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        header = handle.read(24)
+    what = f"'model.name' is '{path}', which is not a usable GGUF checkpoint"
+    if len(header) < 24 or header[:4] != GGUF_MAGIC:
+        found = "an empty file" if size == 0 else f"{size} bytes starting with {header[:4]!r}, not b'GGUF'"
+        raise LlmtuneError(
+            f"{what}: it holds {found}. Check that the download finished and that the file is a GGUF model "
+            "(llama.cpp's format), or point model.name at a folder written by save_pretrained."
+        )
+    version = int.from_bytes(header[4:8], "little")
+    tensors, entries = int.from_bytes(header[8:16], "little"), int.from_bytes(header[16:24], "little")
+    if version not in (1, 2, 3):
+        raise LlmtuneError(f"{what}: its header says GGUF version {version}; llmtune reads versions 1 to 3.")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
+    except Exception as exc:  # gguf raises ValueError / struct.error / IndexError on damaged files
+        raise LlmtuneError(
+            f"{what}: its header announces {tensors} tensors and {entries} metadata entries, but reading them "
+            f"failed after {size:,} bytes ({type(exc).__name__}: {exc}). The file is probably truncated or "
+            "damaged: download it again."
+        ) from None
+    if end > size:
+        raise LlmtuneError(
+            f"{what}: its tensors need {end:,} bytes but the file has {size:,}. It is truncated: download it again."
+        )

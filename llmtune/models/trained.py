@@ -13,29 +13,28 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from llmtune.errors import LlmtuneError
+from llmtune.files import make_public, read_json, write_json
 from llmtune.models.adapters import is_adapter
 from llmtune.models.sources import resolve_model
-from llmtune.runs import RUN_RECORD, read_json
+from llmtune.patches.bnb_cpu_repacking import keep_4bit_weights_in_training_layout
+from llmtune.patches.fsdp_full_state_dict import gather_full_state_dict_for_saving
+from llmtune.runs import RUN_RECORD
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_SUBDIR = "adapter"  # where a run saved as 'merged' keeps its adapter
 AUTO_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}
+CAUSAL_TASKS = ("sft", "pretrain")
 
 
-def save_trained(trainer: Any, run_dir: Path, save: str, base_path: str | None) -> None:
-    """Leave the adapter, merged or full model at the top of the run dir, with tokenizer and configs.
+def save_trained(trainer: Any, target: Path, hub_base: str | None = None) -> None:
+    """Save the adapter (with the model and generation configs loaders need) or the full model in `target`.
 
-    'merged' keeps the adapter in adapter/ and merges it into a full-precision copy of the base. Called on
-    every process; only the main one writes.
+    Called on every process (ZeRO-3 / FSDP gather the weights together); only the main one writes. An adapter's
+    config names its base by Hub id when there is one (`hub_base`), not by this machine's cache path.
     """
-    if save == "auto":
-        save = "adapter" if is_adapter(trainer.model) else "full"
-    target = run_dir / ADAPTER_SUBDIR if save == "merged" else run_dir
-    if trainer.is_fsdp_enabled:
-        # Gather the shards into one whole state dict for the final save (checkpoints may stay sharded).
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(target))  # every process takes part (ZeRO-3 / FSDP gather); the main one writes
+    gather_full_state_dict_for_saving(trainer)  # FSDP: one whole state dict for the final save
+    trainer.save_model(str(target))
     if not trainer.is_world_process_zero():
         return
     if is_adapter(trainer.model):
@@ -45,18 +44,23 @@ def save_trained(trainer: Any, run_dir: Path, save: str, base_path: str | None) 
         inner.config.save_pretrained(target)
         if inner.can_generate():
             inner.generation_config.save_pretrained(target)
-    if save == "merged":
-        from llmtune.models.merge import merge_adapter
+        if hub_base:
+            name_base_in_adapter_config(target, hub_base)
+    make_public(target)
 
-        merge_adapter(target, run_dir, base=base_path, into_run=True)
-    logger.info("Saved the %s to %s", "adapter" if save == "adapter" else f"{save} model", run_dir)
+
+def name_base_in_adapter_config(folder: Path, base: str) -> None:
+    """Point an adapter's config at its base by name (a Hub id) instead of the folder it was loaded from."""
+    path = folder / "adapter_config.json"
+    if path.is_file():
+        write_json(path, {**json.loads(path.read_text()), "base_model_name_or_path": base})
 
 
 def load_trained(
     path: str | Path, auto_class: Any = None, base: str | None = None, full_precision: bool = False
-) -> tuple[torch.nn.Module, Any, dict | None]:
-    """(model in eval mode, tokenizer, run.json recipe or None) from a run, a checkpoint-N folder, an adapter
-    folder or a model name (Hub id, .gguf file, installed short name).
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, run.json record or {}) from a run, a checkpoint-N folder, an adapter folder
+    or a model name (Hub id, .gguf file, installed short name).
 
     An adapter is put on its base: `base` if given, else the one the run trained on. `full_precision` loads
     that base in float32 even when training quantized it (for merging). `auto_class` defaults to the
@@ -65,7 +69,7 @@ def load_trained(
     folder = Path(path)
     if not folder.is_dir():
         folder = Path(resolve_model(str(path)).path)
-    run_dir = next((d for d in (folder, folder.parent) if (d / RUN_RECORD).exists()), None)
+    run_dir = find_run_dir(folder)
     record = read_json(run_dir / RUN_RECORD) if run_dir else {}
     config_dir = next((d for d in (folder, run_dir) if d and (d / "config.json").exists()), None)
     if config_dir is None:
@@ -86,12 +90,42 @@ def load_trained(
 
                 loading["quantization_config"] = BitsAndBytesConfig.from_dict(dict(quantization))
         base_model = auto_class.from_pretrained(base_path, config=config, use_safetensors=True, **loading)
+        if "quantization_config" in loading:
+            keep_4bit_weights_in_training_layout(base_model)  # score as training did (patches/bnb_cpu_repacking.py)
         model = PeftModel.from_pretrained(base_model, folder)
     else:
         model = (auto_class or AutoModelForCausalLM).from_pretrained(folder, use_safetensors=True)
     tokenizer_dir = folder if (folder / "tokenizer_config.json").exists() else run_dir
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return model.eval(), tokenizer, record.get("recipe")
+    return model.eval(), tokenizer, record
+
+
+def find_run_dir(folder: Path) -> Path | None:
+    """The run directory a folder belongs to: itself, or the run holding this checkpoint-N / adapter folder."""
+    return next((d for d in (folder, folder.parent) if (d / RUN_RECORD).exists()), None)
+
+
+def model_kind(path: str | Path) -> str | None:
+    """'classification' or 'causal_lm' for a run, checkpoint or model folder - read from run.json or config.json,
+    without loading weights; None when it cannot be told (e.g. a Hub id)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    run_dir = find_run_dir(folder)
+    if run_dir is not None:
+        task = read_json(run_dir / RUN_RECORD).get("recipe", {}).get("task")
+        return "causal_lm" if task in CAUSAL_TASKS else task
+    for candidate in (folder, folder / ADAPTER_SUBDIR):
+        if (candidate / "adapter_config.json").is_file():
+            task_type = json.loads((candidate / "adapter_config.json").read_text()).get("task_type")
+            return {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(task_type)
+    if (folder / "config.json").is_file():
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            return "classification"
+        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            return "causal_lm"
+    return None
 
 
 def find_base(adapter_dir: Path, adapter: dict, record: dict, base: str | None) -> str:

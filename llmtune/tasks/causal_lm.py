@@ -2,9 +2,10 @@
 
 The story, top to bottom: load the data -> tokenizer and model (pretrained, or trained/built from zero)
 -> chat template and end-of-turn -> tokenize with loss masks (assistant turns or all tokens) -> model
-(full, LoRA, DoRA) -> trl SFTTrainer (padding-free batches, no cross-sample attention) -> evaluate before -> train
--> evaluate after (loss, perplexity, token accuracy, generations) -> save with a generation config whose
-eos is the template's end-of-turn token.
+(full, LoRA, DoRA) -> trl SFTTrainer (padding-free batches, no cross-sample attention). The pipeline
+(llmtune/pipeline.py) then evaluates before (loss, perplexity, token accuracy), trains, evaluates after and saves
+with a generation config whose eos is the template's end-of-turn token; this task adds the perplexity of
+`lm.perplexity_file` and greedy generations at every evaluation.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from typing import Any
 
 from datasets import Dataset, concatenate_datasets
 from peft import TaskType
-from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTConfig
 
 from llmtune.config.schema import DataConfig, Recipe
+from llmtune.data.files import read_text_file
 from llmtune.data.formats import detect_format, text_column, to_conversations
 from llmtune.data.lm_tokenize import (
     end_of_turn_token,
-    ensure_pad_token,
     setup_chat_template,
     tokenize_conversations,
     tokenize_text_blocks,
@@ -34,35 +35,18 @@ from llmtune.data.loading import describe_source, load_file, load_splits
 from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
 from llmtune.generation import generate, perplexity
-from llmtune.hub.push import push, require_token
 from llmtune.models.adapters import apply_method
 from llmtune.models.attention import attention_for
+from llmtune.models.loading import ensure_pad_token, load_tokenizer, pretrained_arguments
 from llmtune.models.quantization import keep_adapters_in_compute_dtype
-from llmtune.models.quantization import load_arguments as quantized_loading
 from llmtune.models.scratch import build_model, train_tokenizer
-from llmtune.models.sources import resolve_model
-from llmtune.models.trained import save_trained
-from llmtune.runs import (
-    METRICS_FILE,
-    check_run_dir,
-    run_dir_for,
-    start_run,
-    write_json,
-)
-from llmtune.tasks.lm_trainer import LMTrainer
-from llmtune.training import resolved_precision, train_and_evaluate, training_arguments
+from llmtune.models.sources import ResolvedModel
+from llmtune.patches.trl_labelled_logits import LMTrainer
+from llmtune.precision import resolved_precision
+from llmtune.tasks.job import Job
+from llmtune.training import early_stopping, training_arguments
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LMJob:
-    recipe: Recipe
-    trainer: LMTrainer
-    run_dir: Path
-    chat: bool  # conversations (chat template, assistant masks) rather than plain text blocks
-    stats: dict[str, dict[str, Any]]
-    model_path: str | None
 
 
 @dataclass
@@ -89,23 +73,19 @@ def load_data(recipe: Recipe) -> LMData:
     return LMData(splits, fmt, chat, loss_on, mixture_sources(data, chat))
 
 
-def load_tokenizer(recipe: Recipe, lm_data: LMData) -> tuple[Any, bool, str, str | None]:
-    """(tokenizer with pad token and chat template, whether tokens were added, short name, model path)."""
+def load_lm_tokenizer(recipe: Recipe, lm_data: LMData, model_path: str | None) -> tuple[Any, bool]:
+    """(tokenizer with pad token and chat template, whether tokens were added). With model.init=scratch a BPE
+    tokenizer is trained on the training data; otherwise the checkpoint's own is loaded."""
     if recipe.model.init == "scratch":
         train = internal_form(lm_data.splits["train"], lm_data.fmt, recipe.data, "the training data")
         corpus = (train["text"] if not lm_data.chat
                   else ("\n".join(m["content"] for m in row["messages"]) for row in train))
         tokenizer = train_tokenizer(iter(corpus), recipe.scratch.vocab_size)
-        short_name, model_path = f"scratch-{recipe.scratch.architecture}", None
+        ensure_pad_token(tokenizer)
     else:
-        source = resolve_model(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-        )
-        short_name, model_path = source.short_name, source.path
-    ensure_pad_token(tokenizer)
+        tokenizer = load_tokenizer(model_path, recipe)
     added = setup_chat_template(tokenizer, recipe.lm.chat_template) if lm_data.chat else False
-    return tokenizer, added, short_name, model_path
+    return tokenizer, added
 
 
 def tokenize_splits(recipe: Recipe, lm_data: LMData, tokenizer: Any) -> tuple[dict[str, Dataset], dict[str, Any]]:
@@ -139,9 +119,11 @@ def internal_form(rows: Dataset, fmt: str, data: DataConfig, where: str, columns
     return rows if column == "text" else rows.rename_column(column, "text")
 
 
-def build(recipe: Recipe, resume: bool = False) -> LMJob:
-    """Load, tokenize and wrap everything into a ready-to-train LMTrainer (nothing is trained yet)."""
+def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: bool = False) -> Job:
+    """Load, tokenize and wrap everything into a ready-to-train LMTrainer (nothing is trained yet).
+    `source` is the resolved checkpoint, or None for a model built from scratch."""
     data, lm = recipe.data, recipe.lm
+    model_path = source.path if source else None
 
     with main_process_first():  # other processes then read the datasets cache
         # 1. Data: raw rows of every source, and whether they are conversations or plain text
@@ -149,19 +131,15 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
         chat = lm_data.chat
 
         # 2. Tokenizer (chat template, pad token) and model (pretrained, or built from scratch)
-        tokenizer, added_tokens, short_name, model_path = load_tokenizer(recipe, lm_data)
-    run_dir = run_dir_for(recipe.output.dir, recipe.task, short_name, resume)
-    check_run_dir(run_dir, recipe.output.overwrite, resume)
+        tokenizer, added_tokens = load_lm_tokenizer(recipe, lm_data, model_path)
     padding_free = chat and (lm.padding_free or lm.packing)  # text blocks are all max_length: nothing to remove
     attention = attention_for(recipe.model.attention, padding_free, resolved_precision(recipe.training.precision))
-    if recipe.model.init == "scratch":
+    if model_path is None:
         model = build_model(recipe.scratch, tokenizer)
         model.set_attn_implementation(attention)
     else:
-        source = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
-        loading = {"dtype": recipe.model.dtype, **quantized_loading(recipe.method, model_path, **source)}
-        model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, attn_implementation=attention,
-                                                     **source, **loading)
+        model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attention,
+                                                     **pretrained_arguments(recipe, model_path))
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     set_generation_eos(model, tokenizer, chat)
@@ -177,7 +155,7 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
     has_eval = "eval" in encoded and recipe.training.eval_every != "no"
     packing = lm.packing and chat  # text blocks are already full
     args = training_arguments(
-        recipe.training, str(run_dir), "loss", has_eval, SFTConfig, padded=chat and not padding_free,
+        recipe, str(run_dir), "loss", has_eval, resume, SFTConfig, padded=chat and not padding_free,
         # Samples are truncated at tokenization; trl refuses a max_length it would not enforce (padding-free
         # batches without packing).
         max_length=data.max_length if packing or not padding_free else None,
@@ -188,9 +166,7 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
         assistant_only_loss=False,
         dataset_num_proc=data.preprocessing_workers,
     )
-    callbacks: list[TrainerCallback] = []
-    if recipe.training.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(recipe.training.early_stopping_patience))
+    callbacks: list[TrainerCallback] = early_stopping(recipe.training)
     if lm.generation_prompts:
         callbacks.append(GenerationLogger(run_dir / "generations.jsonl", lm.generation_prompts, lm.max_new_tokens, chat))
     trainer = LMTrainer(
@@ -204,34 +180,23 @@ def build(recipe: Recipe, resume: bool = False) -> LMJob:
     keep_adapters_in_compute_dtype(trainer.model, recipe.method)  # before the optimizer is built, at train()
     if packing:
         stats["train"]["packing_efficiency"] = packing_efficiency(encoded["train"], data.max_length)
-    return LMJob(recipe, trainer, run_dir, chat, stats, model_path)
+
+    def score_perplexity_file(run_dir: Path) -> dict[str, Any]:
+        text = read_text_file(lm.perplexity_file, "lm.perplexity_file")
+        return {"perplexity_file": perplexity(trainer.model, tokenizer, text, data.max_length, lm.stride)}
+
+    return Job(trainer, model_path, summarize=lm_metrics,
+               record={"token_stats": stats, "format": lm_data.fmt, "loss_on": lm_data.loss_on},
+               metrics={"data": stats},
+               after_training=score_perplexity_file if lm.perplexity_file else None)
 
 
-def run(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train, evaluate and save; returns the metrics written to metrics.json."""
-    if recipe.output.push_to_hub:
-        require_token()  # fail before training, not after it
-    job = build(recipe, resume)
-    trainer, run_dir = job.trainer, job.run_dir
-    start_run(run_dir, recipe, overrides, resume, trainer, model_path=job.model_path, token_stats=job.stats)
-    metrics: dict[str, Any] = {"data": job.stats}
-    metrics |= train_and_evaluate(trainer, run_dir, resume, recipe.eval.before_training, lm_metrics)
-    if recipe.lm.perplexity_file:
-        text = Path(recipe.lm.perplexity_file).read_text()
-        metrics["perplexity_file"] = perplexity(trainer.model, trainer.processing_class, text,
-                                                recipe.data.max_length, recipe.lm.stride)
-
-    save_trained(trainer, run_dir, recipe.output.save, job.model_path)
-    if not trainer.is_world_process_zero():
-        return metrics
-    write_json(run_dir / METRICS_FILE, metrics)  # one writer, one report, one push
-    for name in ("loss", "perplexity", "token_accuracy"):
-        if name in metrics.get("before", {}) and name in metrics.get("after", {}):
-            logger.info("%-14s before %.4f -> after %.4f", name, metrics["before"][name], metrics["after"][name])
-    logger.info("Run saved in %s", run_dir)
-    if recipe.output.push_to_hub:
-        push(run_dir, recipe.output.push_to_hub, recipe.output.hub_private)
-    return metrics
+def validate(recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:
+    """What `llmtune validate` reports: the data format and its token statistics as training would see them."""
+    lm_data = load_data(recipe)
+    tokenizer, _ = load_lm_tokenizer(recipe, lm_data, source.path if source else None)
+    _, stats = tokenize_splits(recipe, lm_data, tokenizer)
+    return {"format": lm_data.fmt, "loss_on": lm_data.loss_on, "tokens": stats}
 
 
 # --- pieces -------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Use a trained classifier: load a run (full model or adapter) and predict or evaluate on new text."""
+"""Use a trained classifier: load a run (full model or adapter) and predict or evaluate on new text - in the
+precision and batch size the run evaluated with, so `llmtune eval` reproduces the run's own numbers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from llmtune.errors import LlmtuneError
+from llmtune.metrics import MetricComputer, softmax
 from llmtune.models.trained import load_trained
-from llmtune.tasks.classification import softmax
+from llmtune.precision import evaluation_precision
 
 
 @dataclass
@@ -22,28 +24,33 @@ class Classifier:
     labels: list[str]
     max_length: int
     columns: dict[str, str | None]  # text / text_pair / label column names the run was trained with
+    precision: str = "fp32"  # the run's evaluation precision (run.json), or what the user asked for
+    batch_size: int = 32  # the run's evaluation batch size: the same batches give the same numbers
 
     @classmethod
-    def load(cls, path: str | Path) -> Classifier:
-        """Load a run directory or one of its checkpoint-N folders."""
+    def load(cls, path: str | Path, precision: str = "auto") -> Classifier:
+        """Load a run directory or one of its checkpoint-N folders. precision 'auto' is the run's own."""
         if not Path(path).is_dir():
             raise LlmtuneError(f"'{path}' is not a folder. Give a run directory or one of its checkpoint-N folders.")
-        model, tokenizer, recipe = load_trained(path, AutoModelForSequenceClassification)
-        config = model.config
-        data = recipe["data"] if recipe else {}
+        model, tokenizer, record = load_trained(path, AutoModelForSequenceClassification)
+        recipe = record.get("recipe") or {}
+        data, training = recipe.get("data", {}), recipe.get("training", {})
         columns = {
             "text": data.get("text_column", "text"),
             "text_pair": data.get("text_pair_column"),
             "label": data.get("label_column", "label"),
         }
-        labels = [config.id2label[i] for i in range(config.num_labels)]
-        return cls(model, tokenizer, labels, data.get("max_length", 512), columns)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if precision == "auto":
+            precision = record.get("precision", {}).get("evaluation", "fp32")
+        batch_size = training.get("eval_batch_size") or 2 * training.get("batch_size", 16)
+        return cls(model, tokenizer, labels, data.get("max_length", 512), columns, precision, batch_size)
 
     @torch.inference_mode()
-    def predict(
-        self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32
-    ) -> list[dict[str, Any]]:
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int | None = None
+                ) -> list[dict[str, Any]]:
         """One {'label', 'probabilities'} record per text (or text pair)."""
+        batch_size = batch_size or self.batch_size
         results = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
@@ -51,8 +58,9 @@ class Classifier:
             batch = self.tokenizer(
                 chunk, pair, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
             )
-            probabilities = softmax(self.model(**batch).logits.float().numpy())
-            for probs in probabilities:
+            with evaluation_precision(self.precision, self.model.device.type):
+                logits = self.model(**batch).logits
+            for probs in softmax(logits.float().numpy()):
                 results.append({
                     "label": self.labels[int(probs.argmax())],
                     "probabilities": {name: round(float(p), 6) for name, p in zip(self.labels, probs)},
@@ -61,11 +69,10 @@ class Classifier:
 
 
 def evaluate_file(
-    classifier: Classifier, rows: Any, metrics: list[str], batch_size: int = 32
+    classifier: Classifier, rows: Any, metrics: list[str], batch_size: int | None = None
 ) -> dict[str, float]:
     """Metrics of a trained classifier on labelled rows (a datasets.Dataset)."""
     from llmtune.data.loading import require_columns
-    from llmtune.tasks.classification import MetricComputer
 
     columns = classifier.columns
     require_columns(rows, "eval", {"--text-column": columns["text"], "--text-pair-column": columns["text_pair"],
@@ -86,4 +93,4 @@ def evaluate_file(
     predictions = classifier.predict(rows[columns["text"]], pairs, batch_size)
     probabilities = np.array([[p["probabilities"][name] for name in classifier.labels] for p in predictions])
     scores = MetricComputer(metrics, len(classifier.labels)).score(probabilities, np.array(references))
-    return {"samples": len(references), **scores}
+    return {"samples": len(references), "computed_in": classifier.precision, **scores}

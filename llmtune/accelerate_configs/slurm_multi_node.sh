@@ -8,6 +8,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
 #SBATCH --output=%x-%j.log
+#SBATCH --signal=TERM@120             # SIGTERM 2 min before the time limit: llmtune saves a checkpoint, exits 143
 set -euo pipefail
 
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}

@@ -5,6 +5,12 @@ output head (576 x 49k for SmolLM2: a fifth of the model's work per token) and t
 entropy over the whole vocabulary on top. trl's fused head skips unlabelled positions only on Triton devices, so on
 CUDA it is used as is; elsewhere this trainer asks the model for the labelled positions' logits only
 (`logits_to_keep`) and computes the same token-summed cross entropy and token accuracy from them.
+
+It overrides SFTTrainer's `compute_loss` and `log` and relies on two trl behaviours: the loss is summed over
+labelled tokens and divided by `num_items_in_batch`, and token accuracy is reported as `mean_token_accuracy`
+(under "eval_" whatever prefix evaluate() was given). Canary:
+tests/test_causal_lm.py::test_scoring_only_labelled_positions_matches_trl_loss_gradient_and_accuracy compares
+this trainer with trl's own on the same batch and fails when trl's loss, gradient or metric changes.
 """
 
 from __future__ import annotations

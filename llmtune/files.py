@@ -1,0 +1,64 @@
+"""Writing files so that a crash never leaves a half-written one, with the permissions a plain `open` would give.
+
+Each file is written under a temporary name in the same folder and renamed over the target: readers see the old
+file or the new one, never a piece. Temporary files and folders are created private (0600 / 0700) by
+`tempfile`; before they are renamed into place they get the mode a normal file or folder would have under the
+user's umask (typically 0644 / 0755), so a shared group or a serving account can read a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write text atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: the old file stays whole until the new one is complete."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def make_public(folder: Path) -> None:
+    """Give a folder made by tempfile (and everything in it) the modes a plain mkdir / open would have."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), folder_mode())
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode())
+    os.chmod(folder, folder_mode())

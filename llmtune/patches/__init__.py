@@ -1,0 +1,13 @@
+"""Every place llmtune relies on a library's private API or overrides its internals - and nowhere else.
+
+Each module holds one such use, says why it is needed (a documented bug, a missing public hook), and is pinned by
+a canary test in tests/test_patches.py that fails when the upstream behaviour it relies on changes, so a library
+upgrade tells us which workaround to drop or adapt:
+
+- `bnb_cpu_repacking`: bitsandbytes repacks 4-bit weights for CPU inference for good (gradients stop).
+- `peft_custom_module`: peft's (underscored) hook that swaps in llmtune's fused LoRA layer.
+- `gguf_save`: a GGUF-loaded model refuses `save_pretrained` until its quantizer marker is dropped.
+- `trl_adapter_dtype`: trl stores a quantized model's adapters in bf16 even when the 4-bit layers compute in fp32.
+- `trl_labelled_logits`: trl's SFTTrainer scoring only the positions that carry loss (off CUDA).
+- `fsdp_full_state_dict`: gathering FSDP shards for the final save through accelerate's plugin object.
+"""

@@ -1,0 +1,228 @@
+"""The one flow every task runs, in order:
+
+    seed -> resolve the checkpoint -> run directory checks -> task.build (data, tokenizer, model, trainer)
+    -> claim the run directory, write run.json -> evaluate before, train, evaluate after (complete-only
+    checkpoints, Ctrl-C / SIGTERM) -> task.after_training -> save (adapter, merged or full) -> metrics.json
+    -> report -> push
+
+A task module (llmtune/tasks/) fills in only `build` (and `validate`); everything listed here happens once, in
+this module, for every task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmtune.checkpoints import describe_write_error, prepare_resume
+from llmtune.config.schema import Recipe
+from llmtune.distributed import barrier, main_process_first
+from llmtune.errors import LlmtuneError
+from llmtune.files import make_public, write_json
+from llmtune.models.adapters import is_adapter, parameter_summary
+from llmtune.models.loading import check_max_length
+from llmtune.models.sources import ResolvedModel, hub_base_model, resolve_model
+from llmtune.precision import resolved_precision
+from llmtune.runs import (
+    METRICS_FILE,
+    RUN_RECORD,
+    changed_settings,
+    check_new_run_dir,
+    check_writable,
+    claim_run_dir,
+    read_run_record,
+    run_dir_for,
+    write_run_record,
+)
+from llmtune.tasks import task_module
+from llmtune.tasks.job import Job
+from llmtune.training import train_and_evaluate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """A built run: the task's job, where it lives, and - when resuming - where it continues from."""
+
+    recipe: Recipe
+    job: Job
+    run_dir: Path
+    resume_from: Path | None = None
+    previous: dict[str, Any] | None = None  # run.json of the run being resumed
+    changed: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # settings changed by --force
+
+
+def seed_everything(recipe: Recipe) -> None:
+    """Seed Python, NumPy and torch (every process alike) before anything random happens: data shuffling, new heads,
+    adapters, models built from scratch. `training.deterministic` also asks torch for deterministic kernels."""
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed, deterministic=recipe.training.deterministic)
+
+
+def resolve_source(recipe: Recipe) -> ResolvedModel | None:
+    """The checkpoint to start from (None for a model built from scratch). A .gguf file is converted once, by the
+    main process first; the others then find the converted copy."""
+    if recipe.model.init == "scratch":
+        return None
+    with main_process_first():
+        return resolve_model(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+
+
+def build(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
+    """Check the run directory, then let the task build its ready-to-train job (nothing is written yet)."""
+    seed_everything(recipe)
+    source = resolve_source(recipe)
+    name = source.short_name if source else f"scratch-{recipe.scratch.architecture}"
+    run_dir = run_dir_for(recipe.output.dir, recipe.task, name, resume)
+    previous, changed, resume_from = None, {}, None
+    if resume:
+        previous, changed = check_resume_settings(run_dir, recipe, force)
+        resume_from = prepare_resume(run_dir)
+    else:
+        check_new_run_dir(run_dir, recipe.output.overwrite)
+    check_writable(run_dir)
+    if source:
+        check_max_length(recipe, source.path)
+    barrier()  # every process has checked before the main one claims the directory
+    job = task_module(recipe.task).build(recipe, source, run_dir, resume)
+    return Run(recipe, job, run_dir, resume_from, previous, changed)
+
+
+def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the recipe end to end; returns the metrics written to metrics.json."""
+    if recipe.output.push_to_hub:
+        from llmtune.hub.push import require_token
+
+        require_token()  # fail before training, not after it
+    run = build(recipe, resume, force)
+    job, run_dir = run.job, run.run_dir
+    trainer = job.trainer
+    if trainer.is_world_process_zero():
+        claim_run_dir(run_dir, recipe.output.overwrite, resume)
+        write_run_record(run_dir, run_record(run, overrides))
+    barrier()  # nobody trains into the directory before it is claimed
+
+    metrics = {**job.metrics, **train_and_evaluate(trainer, recipe.training, run_dir, run.resume_from, job.summarize)}
+    if job.after_training:
+        metrics |= job.after_training(run_dir)
+    save(run)
+    if not trainer.is_world_process_zero():
+        return metrics
+    write_json(run_dir / METRICS_FILE, metrics)  # one writer, one report, one push
+    log_summary(metrics, run_dir)
+    if recipe.output.push_to_hub:
+        from llmtune.hub.push import push
+
+        push(run_dir, recipe.output.push_to_hub, recipe.output.hub_private)
+    return metrics
+
+
+def validate(recipe: Recipe) -> dict[str, Any]:
+    """Everything `train` checks before training, without training: model, output directory, length, data."""
+    source = resolve_source(recipe)
+    name = source.short_name if source else f"scratch-{recipe.scratch.architecture}"
+    check_writable(run_dir_for(recipe.output.dir, recipe.task, name, resume=False))
+    if source:
+        check_max_length(recipe, source.path)
+    model = {"name": recipe.model.name, "resolved": source.path, "source": source.kind} if source else "from scratch"
+    return {"task": recipe.task, "model": model, "method": recipe.method.type,
+            **task_module(recipe.task).validate(recipe, source)}
+
+
+# --- steps ----------------------------------------------------------------------------------------------------
+
+
+def recipe_record(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """The resolved recipe as saved in run.json: output.dir is the run's actual folder."""
+    data = dataclasses.asdict(recipe)
+    data["output"]["dir"] = str(run_dir)
+    return data
+
+
+def check_resume_settings(run_dir: Path, recipe: Recipe, force: bool) -> tuple[dict[str, Any], dict]:
+    """The run being resumed (its run.json) and the training settings the command changes - refused without
+    --force, since the rest of the run would then train differently from its start."""
+    if not (run_dir / RUN_RECORD).is_file():
+        raise LlmtuneError(
+            f"--resume: '{run_dir}' holds no llmtune run (no {RUN_RECORD}). Point output.dir at the folder of the "
+            "run to continue, or start a new run without --resume."
+        )
+    previous = read_run_record(run_dir)
+    changed = changed_settings(previous.get("recipe", {}), recipe_record(recipe, run_dir))
+    if changed and not force:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in ((k, *v) for k, v in changed.items()))
+        raise LlmtuneError(
+            f"--resume: the command changes settings of the run in '{run_dir}' ({listed}). The rest of the run "
+            "would train differently from its start. Resume with the run's own settings (drop those overrides), "
+            "or add --force to continue with the new values (run.json records the change)."
+        )
+    if changed:
+        logger.warning("--force: resuming with changed settings: %s", ", ".join(changed))
+    return previous, changed
+
+
+def run_record(run: Run, overrides: list[str] | None) -> dict[str, Any]:
+    """run.json: what produced this run. A resumed run keeps its record and adds an entry to 'resumes'."""
+    recipe, trainer = run.recipe, run.job.trainer
+    if run.previous is not None:
+        resumes = [*run.previous.get("resumes", []), {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_checkpoint": run.resume_from.name,
+            "overrides": overrides or [], "changed": {k: {"from": a, "to": b} for k, (a, b) in run.changed.items()},
+        }]
+        return {**run.previous, "recipe": recipe_record(recipe, run.run_dir), "resumes": resumes}
+    args = trainer.args
+    precision = resolved_precision(recipe.training.precision)
+    from llmtune.data.loading import fingerprint_sources
+
+    return {
+        "recipe": recipe_record(recipe, run.run_dir),
+        "overrides": overrides or [],
+        "data": fingerprint_sources(recipe.data),
+        "model_path": run.job.model_path,
+        "world_size": args.world_size,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        # Evaluation runs through the same autocast as training; `llmtune eval` and `predict` reuse it.
+        "precision": {"training": precision, "evaluation": precision},
+        "seed": recipe.training.seed,
+        "parameters": parameter_summary(trainer.model),
+        **run.job.record,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def save(run: Run) -> None:
+    """Leave the adapter, merged or full model at the top of the run directory (every process takes part)."""
+    from llmtune.models.merge import merge_adapter
+    from llmtune.models.trained import ADAPTER_SUBDIR, save_trained
+
+    recipe, trainer, run_dir = run.recipe, run.job.trainer, run.run_dir
+    kind = recipe.output.save
+    if kind == "auto":
+        kind = "adapter" if is_adapter(trainer.model) else "full"
+    target = run_dir / ADAPTER_SUBDIR if kind == "merged" else run_dir
+    try:
+        save_trained(trainer, target, hub_base_model(dataclasses.asdict(recipe)))
+        if kind == "merged" and trainer.is_world_process_zero():
+            merge_adapter(target, run_dir, base=run.job.model_path, into_run=True)
+    except (OSError, RuntimeError) as exc:
+        raise LlmtuneError(
+            f"Saving the trained model in '{run_dir}' failed: {describe_write_error(exc, run_dir)}. The checkpoints "
+            "in that folder are intact: once the problem is fixed, run the same command plus --resume."
+        ) from exc
+    if trainer.is_world_process_zero():
+        make_public(run_dir)
+        logger.info("Saved the %s to %s", "adapter" if kind == "adapter" else f"{kind} model", run_dir)
+
+
+def log_summary(metrics: dict[str, Any], run_dir: Path) -> None:
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    for name, value in after.items():
+        if name in before and not name.endswith(("runtime", "per_second", "epoch", "preparation_time")):
+            logger.info("%-14s before %.4f -> after %.4f", name, before[name], value)
+    logger.info("Run saved in %s", run_dir)

@@ -1,0 +1,126 @@
+"""The import contract: llmtune's rooms depend on each other in one direction only, with no circles.
+
+Floors from top to bottom; a module may import from its own room or any floor below it, never above, and two
+rooms on one floor (tasks, hub) never import each other. Imports inside functions count too: a lazy import is
+still a dependency. See ../shared/ARCHITECTURE.md for the rooms and why.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "llmtune"
+
+# room (a module or a package, dotted under llmtune) -> floor. The pieces every task uses (floor 4) are ordered
+# among themselves too: files < distributed, precision, metrics < runs, data < checkpoints, callbacks, generation
+# < models < training.
+FLOORS = {
+    "__main__": 10,
+    "cli": 9,
+    "api": 8,
+    "preview": 7,
+    "pipeline": 6,
+    "tasks": 5, "hub": 5,
+    "training": 4.6,
+    "models": 4.5,
+    "checkpoints": 4.4, "callbacks": 4.4, "generation": 4.4,
+    "runs": 4.3, "data": 4.3,
+    "distributed": 4.2, "precision": 4.2, "metrics": 4.2,
+    "files": 4.1,
+    "patches": 3,
+    "config": 2,
+    "errors": 1,
+}
+
+
+def room_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+@functools.cache
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(relative.parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def imports_of(module: str, path: Path) -> set[str]:
+    """llmtune modules imported anywhere in the file (top level or inside functions)."""
+    targets = set()
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names if alias.name.startswith("llmtune")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.startswith("llmtune"):
+                known = modules()
+                for alias in node.names:  # `from llmtune.models import merge` imports the module llmtune.models.merge
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return targets
+
+
+@functools.cache
+def graph() -> dict[str, set[str]]:
+    return {name: imports_of(name, path) - {name} for name, path in modules().items()}
+
+
+def test_every_room_has_a_floor():
+    rooms = {room_of(name) for name in modules()} - {"__init__"}
+    assert rooms <= set(FLOORS), f"new room(s) {rooms - set(FLOORS)}: give them a floor in this test"
+
+
+@pytest.mark.parametrize("module", sorted(modules()))
+def test_imports_point_down(module):
+    if module == "llmtune":  # the package's lazy re-export of the API
+        return
+    here = room_of(module)
+    for target in sorted(graph()[module]):
+        there = room_of(target)
+        if target == "llmtune" or there == here:
+            continue
+        assert FLOORS[there] < FLOORS[here], (
+            f"{module} (room {here}, floor {FLOORS[here]}) imports {target} (room {there}, floor {FLOORS[there]}): "
+            "imports must point to a lower floor"
+        )
+
+
+def test_no_import_circles():
+    edges = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in edges.get(node, ()):
+            if target == "llmtune":
+                continue
+            if state.get(target) == 1:
+                cycle = stack[stack.index(target):] + [target]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name)
+
+
+def test_the_check_itself_sees_lazy_and_relative_imports(tmp_path):
+    """A back-edge hidden inside a function is still found (the contract would otherwise be toothless)."""
+    source = tmp_path / "probe.py"
+    source.write_text("def f():\n    from llmtune.cli import main\n    from . import errors\n")
+    assert imports_of("llmtune.runs", source) == {"llmtune.cli", "llmtune.errors"}
