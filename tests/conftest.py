@@ -21,6 +21,42 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+        help="on: run as on a CPU with native bf16 (training.precision auto -> bf16, bitsandbytes' avx512_bf16 "
+        "probe true), whatever this CPU has; off: as on one without; auto: this CPU as it is.",
+    )
+
+
+def pytest_configure(config):
+    mode = config.getoption("--cpu-bf16")
+    if mode == "auto":
+        return
+    os.environ["LLMTUNE_CPU_BF16"] = "1" if mode == "on" else "0"
+    if mode == "on":
+        # bitsandbytes asks its native library once per 4-bit layer; make it answer "avx512_bf16" here and in
+        # every subprocess a test starts (tests/bnb_probe/sitecustomize.py).
+        os.environ["LLMTUNE_TEST_BNB_AVX512BF16"] = "1"
+        probe = str(Path(__file__).resolve().parent / "bnb_probe")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH")]))
+        force_bnb_avx512bf16_probe()
+
+
+def force_bnb_avx512bf16_probe() -> None:
+    import bitsandbytes.nn.modules
+
+    bitsandbytes.nn.modules.has_avx512bf16 = lambda: True
+
+
+@pytest.fixture()
+def bnb_avx512bf16(monkeypatch):
+    """bitsandbytes as on a CPU with avx512_bf16 (where its 4-bit layers repack weights for inference)."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "sst2" / "train.tsv").exists():
@@ -116,3 +152,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The installed SmolLM2-135M-Instruct .gguf file itself (not the converted copy)."""
+    from llmtune.models.sources import _installed_path
+
+    return _installed_path("smollm2-135m-instruct")

@@ -70,6 +70,25 @@ def test_lora_run_saves_adapter_with_head_and_cli_predict_eval_agree(tiny_bert, 
     assert evaluated["accuracy"] == pytest.approx(saved["accuracy"])  # same model, same data, same number
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_llmtune_eval_reproduces_the_runs_own_evaluation_in_its_precision(tiny_bert, reviews_files, tmp_path, capsys,
+                                                                          precision):
+    """A bf16 run evaluates in bf16; run.json records it and `llmtune eval` scores the saved model the same way, so
+    the numbers agree - on CPUs with and without native bf16 alike."""
+    run_dir = tmp_path / precision
+    train(recipe_for(tiny_bert, reviews_files, run_dir, f"training.precision={precision}", "data.test_file=null",
+                     "training.epochs=1"))
+    assert json.loads((run_dir / "run.json").read_text())["precision"] == {"training": precision,
+                                                                           "evaluation": precision}
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--data", str(reviews_files["eval"])]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    saved = json.loads((run_dir / "metrics.json").read_text())["after"]
+    assert evaluated["computed_in"] == precision
+    for name in ("accuracy", "f1", "precision", "recall", "roc_auc"):
+        assert evaluated[name] == pytest.approx(saved[name], abs=1e-6), name
+
+
 def test_dora_and_merged_save(tiny_bert, reviews_files, tmp_path):
     run_dir = tmp_path / "dora"
     train(recipe_for(tiny_bert, reviews_files, run_dir, "method.type=dora", "output.save=merged", "training.max_steps=3"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,14 @@ def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
         splits["test"] = load_file(cfg.test_file, "data.test_file")
 
     if cfg.validation_fraction:
+        rows = len(splits["train"])
+        held_out = math.ceil(rows * cfg.validation_fraction)  # how datasets counts the eval rows
+        if held_out < 1 or held_out >= rows:
+            raise LlmtuneError(
+                f"'data.validation_fraction' is {cfg.validation_fraction}, which holds out {held_out} of the "
+                f"{rows} training rows ({describe_source(cfg, 'train')}): both parts need at least one row. "
+                "Give more rows, change the fraction, or set data.eval_file instead."
+            )
         parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
         splits["train"], splits["eval"] = parts["train"], parts["test"]
 

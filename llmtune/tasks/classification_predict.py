@@ -47,11 +47,11 @@ class Classifier:
         return cls(model, tokenizer, labels, data.get("max_length", 512), columns, precision, batch_size)
 
     @torch.inference_mode()
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int | None = None
-                ) -> list[dict[str, Any]]:
-        """One {'label', 'probabilities'} record per text (or text pair)."""
+    def probabilities(self, texts: list[str], pairs: list[str] | None = None, batch_size: int | None = None
+                      ) -> np.ndarray:
+        """Class probabilities, one row per text (or text pair), in label order."""
         batch_size = batch_size or self.batch_size
-        results = []
+        rows = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             pair = pairs[start : start + batch_size] if pairs else None
@@ -60,12 +60,17 @@ class Classifier:
             )
             with evaluation_precision(self.precision, self.model.device.type):
                 logits = self.model(**batch).logits
-            for probs in softmax(logits.float().numpy()):
-                results.append({
-                    "label": self.labels[int(probs.argmax())],
-                    "probabilities": {name: round(float(p), 6) for name, p in zip(self.labels, probs)},
-                })
-        return results
+            rows.append(softmax(logits.float().numpy()))
+        return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)))
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int | None = None
+                ) -> list[dict[str, Any]]:
+        """One {'label', 'probabilities'} record per text (or text pair)."""
+        return [
+            {"label": self.labels[int(probs.argmax())],
+             "probabilities": {name: round(float(p), 6) for name, p in zip(self.labels, probs)}}
+            for probs in self.probabilities(texts, pairs, batch_size)
+        ]
 
 
 def evaluate_file(
@@ -90,7 +95,6 @@ def evaluate_file(
                 f"Its labels are: {', '.join(classifier.labels)}."
             )
     pairs = rows[columns["text_pair"]] if columns["text_pair"] else None
-    predictions = classifier.predict(rows[columns["text"]], pairs, batch_size)
-    probabilities = np.array([[p["probabilities"][name] for name in classifier.labels] for p in predictions])
+    probabilities = classifier.probabilities(rows[columns["text"]], pairs, batch_size)
     scores = MetricComputer(metrics, len(classifier.labels)).score(probabilities, np.array(references))
     return {"samples": len(references), "computed_in": classifier.precision, **scores}

@@ -1,0 +1,133 @@
+"""Canaries for llmtune/patches: each test pins the upstream behaviour a patch relies on or works around, and fails
+when a library release changes it - the signal to drop or adapt that patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    """A 1-layer Llama 64 wide: the smallest that bitsandbytes' CPU repacking (64-value blocks) accepts."""
+    folder = tmp_path_factory.mktemp("llama64")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    return folder
+
+
+def quantized(folder):
+    return AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+
+
+def test_bnb_still_repacks_4bit_weights_after_eval(llama64, bnb_avx512bf16):
+    """patches/bnb_cpu_repacking.py. On a CPU with avx512_bf16, one eval-mode forward without grad leaves the 4-bit
+    weights in an inference-only layout, after which gradients through the layer are missing (the native bf16
+    kernel, real hardware) or wrong (the fallback elsewhere). When this fails, bitsandbytes has fixed it."""
+    import bitsandbytes as bnb
+
+    from llmtune.patches.bnb_cpu_repacking import keep_4bit_weights_in_training_layout
+
+    def gradient_after_an_evaluation(patched: bool) -> tuple[torch.Tensor | None, torch.Tensor, bool]:
+        model = quantized(llama64)
+        if patched:
+            keep_4bit_weights_in_training_layout(model)
+        layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+        torch.manual_seed(1)
+        x = torch.randn(3, layer.in_features, requires_grad=True)
+        layer(x).sum().backward()
+        true_grad, x.grad = x.grad.clone(), None
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(3, layer.in_features))  # an evaluation step
+        layer.train()
+        layer(x).sum().backward()
+        repacked = bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+        return x.grad, true_grad, repacked
+
+    grad, true_grad, repacked = gradient_after_an_evaluation(patched=False)
+    assert repacked, "bitsandbytes no longer leaves the weights repacked after an evaluation: drop the workaround"
+    assert grad is None or not torch.allclose(grad, true_grad, atol=1e-3), "gradients after evaluation are right again"
+    grad, true_grad, repacked = gradient_after_an_evaluation(patched=True)
+    assert not repacked and grad is not None
+    torch.testing.assert_close(grad, true_grad)
+
+
+def test_peft_custom_module_hook_builds_our_layer_and_saves_a_plain_config(tmp_path):
+    """patches/peft_custom_module.py: the hook makes peft build llmtune's layer, and stays out of the saved config."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmtune.models.lora_linear import FusedLoraLinear
+    from llmtune.patches.peft_custom_module import use_lora_layer
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    config = LoraConfig(r=2, target_modules=["0"])
+    use_lora_layer(config, torch.nn.Linear, FusedLoraLinear)
+    peft_model = get_peft_model(model, config)
+    assert type(peft_model.base_model.model[0]) is FusedLoraLinear
+    peft_model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert not any("custom" in key for key in saved)
+
+
+def test_trl_still_casts_quantized_adapters_to_bf16(llama64, tmp_path):
+    """patches/trl_adapter_dtype.py: trl's SFTTrainer stores a quantized model's LoRA weights in bf16. When it
+    stops (or gains a setting for it), the patch that casts them back to float32 can go."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    from llmtune.patches.trl_adapter_dtype import adapters_back_to_float32
+
+    model = get_peft_model(quantized(llama64), LoraConfig(r=2, target_modules=["q_proj"]))
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 4})
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", activation_checkpointing=False,
+                     dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tiny_tokenizer())
+    dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert dtypes == {torch.bfloat16}, f"trl no longer casts the adapters (dtypes {dtypes}): drop the patch"
+    assert adapters_back_to_float32(trainer.model) > 0
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(64)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                   pad_token="t0", eos_token="t1")
+
+
+def test_accelerate_fsdp_plugin_still_switches_state_dict_type():
+    """patches/fsdp_full_state_dict.py: the final FSDP save switches accelerate's plugin to a full state dict.
+    The save itself needs GPUs (benchmarks/gpu_check.py); here, that the switch still exists and takes effect."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import StateDictType
+
+    plugin = FullyShardedDataParallelPlugin(state_dict_type="SHARDED_STATE_DICT")
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    assert plugin.state_dict_type == StateDictType.FULL_STATE_DICT
+
+
+@pytest.mark.slow
+def test_gguf_loaded_model_still_refuses_to_save_without_the_patch(smollm2_gguf, tmp_path):
+    """patches/gguf_save.py: a model loaded from a GGUF file refuses save_pretrained until its quantizer marker is
+    dropped; with the patch it saves and reloads with the same outputs."""
+    from llmtune.patches.gguf_save import make_gguf_model_savable
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                 dtype=torch.float32)
+    with pytest.raises(ValueError, match="gguf"):
+        model.save_pretrained(tmp_path / "refused")
+    make_gguf_model_savable(model)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
