@@ -21,6 +21,7 @@ from llmtune.config.schema import Recipe, TrainingConfig
 from llmtune.config.vocab import OPTIMIZERS
 from llmtune.distributed import accumulation_for, check_launch_environment, ranks_agree, world_size
 from llmtune.errors import LlmtuneError, TrainingStopped
+from llmtune.patches.length_grouped_order import SeededLengthGroupedOrder
 from llmtune.precision import resolved_precision
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ def train_and_evaluate(
     """
     stop, sanity = StopOnSignal(cfg.stop_grace_seconds), TrainingSanity(cfg.learning_rate)
     checkpoints = CompleteCheckpoints(run_dir, cfg.keep_checkpoints)  # last: sees every other callback's decision
-    for callback in (stop, sanity, checkpoints):
+    callbacks = (SeededLengthGroupedOrder(cfg.seed), stop, sanity, checkpoints)
+    for callback in callbacks:
         trainer.add_callback(callback)
     try:
         with stop:
@@ -166,7 +168,7 @@ def train_and_evaluate(
             raise save_failure(exc, run_dir, step) from exc
         raise
     finally:
-        for callback in (stop, sanity, checkpoints):
+        for callback in callbacks:
             trainer.remove_callback(callback)
     if stop.requested:
         newest, _ = newest_complete(run_dir)

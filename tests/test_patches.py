@@ -131,3 +131,18 @@ def test_gguf_loaded_model_still_refuses_to_save_without_the_patch(smollm2_gguf,
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_transformers_still_builds_length_grouped_batches_without_a_generator(tiny_bert, reviews_files, tmp_path):
+    """patches/length_grouped_order.py: the training LengthGroupedSampler draws from the global RNG. When
+    transformers gives it a generator of its own (seeded per epoch), the patch can go."""
+    from llmtune import build_trainer, load_recipe
+    from llmtune.patches.length_grouped_order import train_sampler
+
+    recipe = load_recipe("recipes/quickstart.yaml", [
+        f"model.name={tiny_bert}", f"data.train_file={reviews_files['train']}", "data.eval_file=null",
+        "data.test_file=null", f"output.dir={tmp_path / 'run'}"])
+    loader = build_trainer(recipe).get_train_dataloader()
+    sampler = train_sampler(loader)
+    assert sampler is not None, "llmtune no longer finds the length-grouped sampler"
+    assert sampler.generator is None, "transformers now seeds the length-grouped order itself: drop the patch"

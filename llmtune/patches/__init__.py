@@ -10,4 +10,6 @@ upgrade tells us which workaround to drop or adapt:
 - `trl_adapter_dtype`: trl stores a quantized model's adapters in bf16 even when the 4-bit layers compute in fp32.
 - `trl_labelled_logits`: trl's SFTTrainer scoring only the positions that carry loss (off CUDA).
 - `fsdp_full_state_dict`: gathering FSDP shards for the final save through accelerate's plugin object.
+- `length_grouped_order`: a seeded generator for transformers' length-grouped sampler, so resumed runs see the
+  same batches.
 """
