@@ -6,9 +6,12 @@ key, the value and what would be valid.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +94,8 @@ def load_file(path: str | None, key: str) -> Dataset:
     if suffix in TEXT_SUFFIXES:
         check_utf8(file, key)  # pyarrow's JSON reader takes invalid UTF-8 in and fails later, on first access
     try:
-        return load_dataset(builder, data_files=str(file), split="train", **options)
+        with quiet_logger("datasets"):  # a failure is explained below, with the row; the library's own log is noise
+            return load_dataset(builder, data_files=str(file), split="train", **options)
     except Exception as exc:  # datasets raises many types for unreadable files
         if "corresponds to no data" in str(exc) or file.stat().st_size == 0:
             raise LlmtuneError(
@@ -99,6 +103,18 @@ def load_file(path: str | None, key: str) -> Dataset:
                 "Point it at a file with rows, or leave the key empty."
             ) from None
         raise unreadable(file, key, exc) from None
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Keep a library's logger to CRITICAL messages for the duration."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def require_columns(dataset: Dataset, split: str, wanted: dict[str, str | None]) -> None:
