@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,23 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(LlmtuneError, match="not valid YAML"):
         load_recipe(write(tmp_path, "data: [unclosed\n"))
+
+
+def test_a_hub_recipe_switched_to_local_files_drops_its_split_names():
+    """The README's offline SST-2 command: data.dataset=null plus files; the recipe's eval_split goes with the Hub."""
+    recipe = load_recipe("recipes/sst2_minilm_full.yaml", ["data.dataset=null", "data.train_file=train.tsv",
+                                                           "data.eval_file=dev.tsv"])
+    assert recipe.data.eval_split is None and recipe.data.eval_file.endswith("dev.tsv")
+    with pytest.raises(LlmtuneError, match=r"'data.eval_split' is 'validation'.*data\.eval_file=PATH.*eval_split=null"):
+        load_recipe("recipes/sst2_minilm_full.yaml", ["data.dataset=null", "data.train_file=train.tsv"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("training.warmup=.nan", "must be a finite number"),
+    ("training.epochs=.inf", "must be a finite number"),
+    ("method.dropout=1.5", "must be in [0, 1)"),
+    ("training.weight_decay=-0.1", "must be 0 or more"),
+])
+def test_numbers_out_of_range(override, message):
+    with pytest.raises(LlmtuneError, match=re.escape(message)):
+        load_recipe("recipes/quickstart.yaml", [override])

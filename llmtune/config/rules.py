@@ -85,6 +85,11 @@ def check(recipe: Recipe) -> None:
                 f"Both 'training.global_batch_size' ({training.global_batch_size}) and 'training.gradient_accumulation' "
                 f"({training.gradient_accumulation}) are set, and the first decides the second. Keep one of them."
             )
+    for key in ("weight_decay", "max_grad_norm", "warmup"):
+        if getattr(training, key) < 0:
+            raise LlmtuneError(f"'training.{key}' is {getattr(training, key)}; it must be 0 or more.")
+    if not 0 <= method.dropout < 1:
+        raise LlmtuneError(f"'method.dropout' is {method.dropout}; it must be in [0, 1) (0 turns dropout off).")
     if training.learning_rate <= 0:
         raise LlmtuneError(f"'training.learning_rate' is {training.learning_rate}; it must be positive, e.g. 5e-5.")
     if training.max_steps is not None and training.max_steps <= 0:
