@@ -103,6 +103,7 @@ def test_resume_where_there_is_no_run(capsys, base_args):
     assert_clean_error(*train(capsys, *base_args, "--resume"), "holds no llmtune run", "without --resume")
 
 
+@pytest.mark.slow  # two training runs
 def test_resume_of_a_run_that_died_before_its_first_checkpoint_gives_advice_that_works(capsys, base_args, tmp_path):
     """A run that crashed before any checkpoint was whole: --resume says so and what to do; doing it works."""
     run, args = tmp_path / "run", [*base_args, "training.save_every=no"]

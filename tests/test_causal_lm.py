@@ -117,7 +117,7 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(tiny_llama, attention):
     assert (control - reference).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("padding_free", [True, False])
+@pytest.mark.parametrize("padding_free", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_loss_and_update_do_not_depend_on_gradient_accumulation(tiny_llama, tmp_path, padding_free):
     """Same global batch (4) as 4x1 and 2x2: SGD step and logged loss agree (per-token normalised loss)."""
     data = write_jsonl(tmp_path / "chats.jsonl", chats(8))
@@ -226,6 +226,7 @@ def test_llama_from_scratch_builds_and_runs():
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") != tokenizer.unk_token_id
 
 
+@pytest.mark.slow  # a real process
 def test_chat_command_answers_until_an_empty_line(tiny_llama, tmp_path):
     from conftest import REPO, run_cli
 
@@ -262,3 +263,23 @@ def test_scoring_only_labelled_positions_matches_trl_loss_gradient_and_accuracy(
         scale = grads_trl[name].abs().max().item() + 1e-12
         assert (grads_ours[name] - grads_trl[name]).abs().max().item() / scale < 1e-5, name
     assert acc_ours == pytest.approx(acc_trl, abs=1e-6)
+
+
+def test_tokenized_cache_keys_change_with_every_setting_and_the_tokenizer(tiny_llama, tmp_path):
+    """llmtune names tokenized datasets itself (cheap keys instead of pickling the tokenizer); a changed setting,
+    template or tokenizer must give a new key, or a stale cache would be read."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from llmtune.data.fingerprint import derived_fingerprint
+
+    rows = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    key = derived_fingerprint(rows, "conversations", "llmtune/data/lm_tokenize.py", tokenizer, max_length=64)
+    assert key == derived_fingerprint(rows, "conversations", "llmtune/data/lm_tokenize.py", tokenizer, max_length=64)
+    assert key != derived_fingerprint(rows, "conversations", "llmtune/data/lm_tokenize.py", tokenizer, max_length=32)
+    assert key != derived_fingerprint(rows.select([0, 0]), "conversations", "llmtune/data/lm_tokenize.py", tokenizer,
+                                      max_length=64)
+    other = AutoTokenizer.from_pretrained(tiny_llama)
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert key != derived_fingerprint(rows, "conversations", "llmtune/data/lm_tokenize.py", other, max_length=64)

@@ -70,7 +70,7 @@ def test_lora_run_saves_adapter_with_head_and_cli_predict_eval_agree(tiny_bert, 
     assert evaluated["accuracy"] == pytest.approx(saved["accuracy"])  # same model, same data, same number
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])
 def test_llmtune_eval_reproduces_the_runs_own_evaluation_in_its_precision(tiny_bert, reviews_files, tmp_path, capsys,
                                                                           precision):
     """A bf16 run evaluates in bf16; run.json records it and `llmtune eval` scores the saved model the same way, so
@@ -89,6 +89,7 @@ def test_llmtune_eval_reproduces_the_runs_own_evaluation_in_its_precision(tiny_b
         assert evaluated[name] == pytest.approx(saved[name], abs=1e-6), name
 
 
+@pytest.mark.slow  # an end-to-end run; the fast tier keeps one per feature
 def test_dora_and_merged_save(tiny_bert, reviews_files, tmp_path):
     run_dir = tmp_path / "dora"
     train(recipe_for(tiny_bert, reviews_files, run_dir, "method.type=dora", "output.save=merged", "training.max_steps=3"))
@@ -125,6 +126,7 @@ def test_python_api_builds_a_trainer_the_user_drives(tiny_bert, reviews_files, t
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+@pytest.mark.slow  # an end-to-end run; the fast tier keeps one per feature
 def test_early_stopping_stops_when_the_metric_stalls(tiny_bert, reviews_files, tmp_path):
     recipe = recipe_for(tiny_bert, reviews_files, tmp_path / "es", "training.learning_rate=1e-12",
                         "training.max_steps=40", "training.eval_every=2", "training.early_stopping_patience=2",

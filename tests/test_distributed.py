@@ -12,6 +12,7 @@ import yaml
 from conftest import REPO, SHARED_DATA, run_cli
 from safetensors.torch import load_file
 
+from llmtune.cli import main
 from llmtune.distributed import CONFIG_DIR, CPU_CONFIGS, accumulation_for, available_configs
 from llmtune.errors import LlmtuneError
 
@@ -48,16 +49,17 @@ def test_every_accelerate_config_is_accepted_by_accelerate():
             assert config.distributed_type.value == "MULTI_GPU" and config.num_processes == 2 and not config.use_cpu
 
 
-def test_unknown_config_name_lists_the_available_ones():
-    result = run_cli("train", "recipes/quickstart.yaml", "--accelerate", "cpu-ddp", cwd=REPO)
-    assert result.returncode == 2
-    assert 'Did you mean "cpu_ddp"' in result.stderr and "deepspeed_zero3" in result.stderr
+def test_unknown_config_name_lists_the_available_ones(capsys):
+    assert main(["train", "recipes/quickstart.yaml", "--accelerate", "cpu-ddp"]) == 2
+    err = capsys.readouterr().err
+    assert 'Did you mean "cpu_ddp"' in err and "deepspeed_zero3" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_gpu_only_config_on_a_cpu_machine_names_the_one_to_use():
-    result = run_cli("train", "recipes/quickstart.yaml", "--accelerate", "fsdp", cwd=REPO)
-    assert result.returncode == 2 and "needs CUDA GPUs" in result.stderr and "cpu_ddp" in result.stderr
+def test_gpu_only_config_on_a_cpu_machine_names_the_one_to_use(capsys):
+    assert main(["train", "recipes/quickstart.yaml", "--accelerate", "fsdp"]) == 2
+    err = capsys.readouterr().err
+    assert "needs CUDA GPUs" in err and "cpu_ddp" in err
     assert set(CPU_CONFIGS) == {"single", "cpu_ddp"}
 
 
@@ -104,6 +106,7 @@ def sst2_args(files, out, *extra):
             "training.early_stopping_patience=null", "training.save_every=no", f"output.dir={out}", *extra]
 
 
+@pytest.mark.slow  # two real processes
 def test_two_process_classification_trains_together_and_evaluates_every_sample_once(sst2_files, tmp_path):
     run_dir = tmp_path / "ddp"
     result = accelerate_launch("cpu_ddp", *sst2_args(sst2_files, run_dir, "training.batch_size=16"))
@@ -132,6 +135,7 @@ def test_two_process_classification_trains_together_and_evaluates_every_sample_o
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
 
 
+@pytest.mark.slow  # two real processes
 def test_two_process_lora_sft_saves_one_whole_adapter_that_loads(alpaca_files, smollm2_path, tmp_path):
     from llmtune.models.trained import load_trained
 

@@ -114,6 +114,7 @@ def test_weights_not_whole_on_this_process_take_peft_path(fused_calls):
     assert len(fused_calls) == 1  # `down` only
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_real_smollm2_lora_step_matches_peft_layers(alpaca_files, tmp_path, monkeypatch):
     """SmolLM2 with the Alpaca LoRA recipe (all linear layers): llmtune's default model trains through the fused
     layer, with peft's loss and adapter gradients on a real batch."""
@@ -145,7 +146,7 @@ def test_real_smollm2_lora_step_matches_peft_layers(alpaca_files, tmp_path, monk
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])
 def test_trained_adapter_saves_as_a_plain_peft_adapter(tiny_llama, tmp_path, precision):
     """The saved adapter is exactly the trained one, in either training precision. (After bf16 training the
     Trainer's model keeps accelerate's bf16-autocast wrapper on its forward, so it is compared unwrapped: with the

@@ -21,6 +21,9 @@ TOKEN = "hf_llmtune_test_secret_0123456789"
 CHATS = [{"prompt": f"Say the word number {i}.", "completion": f"Word {i}."} for i in range(16)]
 
 
+pytestmark = pytest.mark.slow  # pushes over HTTP and merges in real processes
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_llama):
     folder = tmp_path_factory.mktemp("lora-run")

@@ -43,7 +43,7 @@ override_values = st.one_of(st.text(max_size=20), st.sampled_from(["1", "-1", "0
                                                                    "{a: 1}", "epoch", "lora", "']['"]))
 overrides = st.lists(st.one_of(st.builds(lambda k, v: f"{k}={v}", override_keys, override_values),
                                st.text(max_size=25)), max_size=4)
-CHECKS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CHECKS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def accepted_or_explained(call) -> None:
@@ -69,7 +69,7 @@ def test_the_generator_reaches_valid_recipes():
     """The mapping strategy must produce accepted recipes too, or the property above only tests rejections."""
     accepted = 0
 
-    @settings(max_examples=200, deadline=None, database=None)
+    @settings(max_examples=100, deadline=None, database=None)
     @given(recipes)
     def count(raw):
         nonlocal accepted
@@ -80,7 +80,7 @@ def test_the_generator_reaches_valid_recipes():
             pass
 
     count()
-    assert accepted >= 5, accepted
+    assert accepted >= 3, accepted
 
 
 @CHECKS

@@ -47,8 +47,8 @@ def test_quantized_lora_trains_and_only_adapters_change(tiny_llama, tmp_path, qu
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "dora"])  # QDoRA: the crash seen
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])
 def test_qlora_and_qdora_keep_learning_and_reload_as_on_a_bf16_cpu(tiny_llama, tmp_path, bnb_avx512bf16, method,
                                                                    precision):
     """With bitsandbytes behaving as on a CPU with avx512_bf16 (where 4-bit layers repack themselves at the first
@@ -151,6 +151,7 @@ def test_missing_bitsandbytes_says_what_to_install(tiny_llama, tmp_path, monkeyp
         train(recipe_for(tiny_llama, tmp_path, "method.quantization=8bit"))
 
 
+@pytest.mark.slow  # a QLoRA run and a merge
 def test_save_merged_after_qlora_merges_into_a_full_precision_base(tiny_llama, tmp_path):
     from peft import PeftModel
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
 
 
 def test_quickstart_recipe_improves_accuracy_on_held_out_reviews(tmp_path):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune import load_recipe, train
 from llmtune.models.sources import _installed_path, resolve_model
+
+pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
 
 
 def test_gguf_is_converted_once_and_the_cache_matches_the_gguf_weights(tmp_path, monkeypatch):

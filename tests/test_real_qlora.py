@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune import load_recipe, train
 
+pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
+
 PROMPT = [{"role": "user", "content": "Give three tips for staying healthy."}]
 
 

@@ -15,6 +15,8 @@ from llmtune import load_recipe, train
 sys.path.insert(0, str(REPO / "benchmarks"))
 from perplexity_check import independent_perplexity  # noqa: E402 - the benchmark's reference loop, shared
 
+pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
+
 UNSEEN_PROMPTS = [
     "Name a fruit that is yellow. Answer in one word.",
     "Write one short sentence about the sea.",

@@ -16,6 +16,8 @@ from conftest import REPO, run_cli
 
 from llmtune import load_recipe, train
 
+pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
+
 MAJORITY_RATE = 444 / 872
 
 

@@ -3,6 +3,7 @@ and end with identical metrics on a CPU; another seed gives other weights and ot
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import REPO, write_jsonl
 
@@ -46,18 +47,26 @@ def final_metrics(overrides: list[str], run_dir, seed: int) -> dict:
             for section, values in metrics.items() if section in ("before", "train", "after")}
 
 
-def test_same_seed_same_run_other_seed_other_run(tiny_bert, tiny_llama, reviews_files, tmp_path):
-    for kind in ("classification_lora", "sft_lora", "pretrain_scratch"):
-        overrides = recipes(kind, tiny_bert, tiny_llama, reviews_files, tmp_path)
-        first = initial_weights(overrides, tmp_path / f"{kind}-a", seed=7)
-        second = initial_weights(overrides, tmp_path / f"{kind}-b", seed=7)
-        other = initial_weights(overrides, tmp_path / f"{kind}-c", seed=8)
-        assert first.keys() == second.keys()
-        assert all(torch.equal(first[k], second[k]) for k in first), f"{kind}: same seed, different initial weights"
-        assert not all(torch.equal(first[k], other[k]) for k in first), f"{kind}: another seed, same initial weights"
+KINDS = ("classification_lora", "sft_lora", "pretrain_scratch")
 
-        run_a = final_metrics(overrides, tmp_path / f"{kind}-run-a", seed=7)
-        run_b = final_metrics(overrides, tmp_path / f"{kind}-run-b", seed=7)
-        run_c = final_metrics(overrides, tmp_path / f"{kind}-run-c", seed=8)
-        assert run_a == run_b, f"{kind}: same seed, different metrics"
-        assert run_a["after"]["loss"] != run_c["after"]["loss"], f"{kind}: another seed, same final loss"
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_same_initial_weights_other_seed_other_weights(tiny_bert, tiny_llama, reviews_files, tmp_path, kind):
+    overrides = recipes(kind, tiny_bert, tiny_llama, reviews_files, tmp_path)
+    first = initial_weights(overrides, tmp_path / "a", seed=7)
+    second = initial_weights(overrides, tmp_path / "b", seed=7)
+    other = initial_weights(overrides, tmp_path / "c", seed=8)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first), "same seed, different initial weights"
+    assert not all(torch.equal(first[k], other[k]) for k in first), "another seed, same initial weights"
+
+
+@pytest.mark.slow  # three training runs per kind
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_same_metrics_other_seed_other_metrics(tiny_bert, tiny_llama, reviews_files, tmp_path, kind):
+    overrides = recipes(kind, tiny_bert, tiny_llama, reviews_files, tmp_path)
+    run_a = final_metrics(overrides, tmp_path / "run-a", seed=7)
+    run_b = final_metrics(overrides, tmp_path / "run-b", seed=7)
+    run_c = final_metrics(overrides, tmp_path / "run-c", seed=8)
+    assert run_a == run_b, "same seed, different metrics"
+    assert run_a["after"]["loss"] != run_c["after"]["loss"], "another seed, same final loss"

@@ -12,6 +12,8 @@ from transformers import AutoTokenizer
 
 from llmtune import load_recipe, train
 
+pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
+
 
 def unigram_cross_entropy(tokenizer, train_text: str, eval_text: str) -> float:
     """Cross-entropy (nats/token) of the eval text under the training text's add-one-smoothed unigram distribution."""

@@ -79,6 +79,7 @@ def test_padded_classification_batches_are_grouped_by_length(tmp_path):
     assert build_trainer(off).args.train_sampling_strategy == "random"
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_real_smollm2_fast_path_loss_equals_padded_full_logits_loss(alpaca_files, smollm2_path, tmp_path):
     """SmolLM2 on real Alpaca rows: llmtune's default batch (one padding-free row, per-sample SDPA, only answer
     positions through the head) gives the loss a padded batch with full logits gives (1e-4)."""

@@ -17,6 +17,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from llmtune.data.fingerprint import derived_fingerprint
 from llmtune.errors import LlmtuneError
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,9 @@ def tokenize_conversations(
         return {**out, "tokens": [len(ids) for ids in out["input_ids"]],
                 "trained": [sum(mask) for mask in out["assistant_masks"]]}
 
+    fingerprint = derived_fingerprint(rows, "conversations", __file__, tokenizer, loss_on=loss_on, max_length=max_length)
     encoded = rows.map(tokenize, batched=True, remove_columns=rows.column_names, num_proc=num_proc,
+                       new_fingerprint=fingerprint,
                        desc=f"Tokenizing {split}")
     # Statistics from the small per-row columns: reading the token lists back row by row would cost more than
     # a cached run's whole preprocessing.
@@ -194,7 +197,9 @@ def tokenize_text_blocks(
         return {"input_ids": chunks, "assistant_masks": [[1] * block_size for _ in chunks]}
 
     # Large batches so that little text is lost at batch boundaries.
+    fingerprint = derived_fingerprint(rows, "text-blocks", __file__, tokenizer, column=column, block_size=block_size)
     encoded = rows.map(blocks, batched=True, batch_size=2000, remove_columns=rows.column_names, num_proc=num_proc,
+                       new_fingerprint=fingerprint,
                        desc=f"Tokenizing {split} into {block_size}-token blocks")
     if len(encoded) == 0:
         raise LlmtuneError(

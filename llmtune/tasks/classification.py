@@ -19,6 +19,7 @@ from peft import TaskType
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer
 
 from llmtune.config.schema import DataConfig, Recipe
+from llmtune.data.fingerprint import derived_fingerprint
 from llmtune.data.loading import load_splits, require_columns
 from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
@@ -161,6 +162,10 @@ def encode(
         remove_columns=rows.column_names,
         num_proc=data.preprocessing_workers,
         desc=f"Tokenizing {split}",
+        new_fingerprint=derived_fingerprint(
+            rows, "classification-encode", __file__, tokenizer, text=data.text_column, pair=data.text_pair_column,
+            label=data.label_column if has_labels else None, max_length=data.max_length, labels=sorted(
+                label_ids.items(), key=lambda item: str(item[0]))),
     )
     if split == "test" and has_labels and all(v == -1 for v in encoded["labels"]):
         encoded = encoded.remove_columns("labels")  # an unlabeled test split (e.g. GLUE's -1 labels)
