@@ -50,12 +50,15 @@ def final_metrics(overrides: list[str], run_dir, seed: int) -> dict:
 KINDS = ("classification_lora", "sft_lora", "pretrain_scratch")
 
 
+def three_runs(what, kind: str, tiny_bert, tiny_llama, files, tmp_path) -> list:
+    """`what` (initial weights or final metrics) of seed 7 twice, then seed 8."""
+    overrides = recipes(kind, tiny_bert, tiny_llama, files, tmp_path)
+    return [what(overrides, tmp_path / name, seed) for name, seed in (("a", 7), ("b", 7), ("c", 8))]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_seed_same_initial_weights_other_seed_other_weights(tiny_bert, tiny_llama, reviews_files, tmp_path, kind):
-    overrides = recipes(kind, tiny_bert, tiny_llama, reviews_files, tmp_path)
-    first = initial_weights(overrides, tmp_path / "a", seed=7)
-    second = initial_weights(overrides, tmp_path / "b", seed=7)
-    other = initial_weights(overrides, tmp_path / "c", seed=8)
+    first, second, other = three_runs(initial_weights, kind, tiny_bert, tiny_llama, reviews_files, tmp_path)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first), "same seed, different initial weights"
     assert not all(torch.equal(first[k], other[k]) for k in first), "another seed, same initial weights"
@@ -64,9 +67,6 @@ def test_same_seed_same_initial_weights_other_seed_other_weights(tiny_bert, tiny
 @pytest.mark.slow  # three training runs per kind
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_seed_same_metrics_other_seed_other_metrics(tiny_bert, tiny_llama, reviews_files, tmp_path, kind):
-    overrides = recipes(kind, tiny_bert, tiny_llama, reviews_files, tmp_path)
-    run_a = final_metrics(overrides, tmp_path / "run-a", seed=7)
-    run_b = final_metrics(overrides, tmp_path / "run-b", seed=7)
-    run_c = final_metrics(overrides, tmp_path / "run-c", seed=8)
+    run_a, run_b, run_c = three_runs(final_metrics, kind, tiny_bert, tiny_llama, reviews_files, tmp_path)
     assert run_a == run_b, "same seed, different metrics"
     assert run_a["after"]["loss"] != run_c["after"]["loss"], "another seed, same final loss"
