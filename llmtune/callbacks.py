@@ -14,7 +14,7 @@ import threading
 import torch
 from transformers import TrainerCallback
 
-from llmtune.distributed import any_rank
+from llmtune.distributed import any_rank, launched_with
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,11 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def _fingerprint(model: torch.nn.Module) -> list[tuple[float, float]]:
+def _fingerprint(model: torch.nn.Module) -> list[tuple[float, float]] | None:
+    """Sum and norm of every trainable weight; None where weights are sharded across processes (FSDP, DeepSpeed
+    ZeRO-3 leave each rank an empty or partial tensor, and comparing those says nothing)."""
+    if launched_with("FSDP") or launched_with("DEEPSPEED"):
+        return None
     with torch.no_grad():
         return [(p.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(p, dtype=torch.float64).item())
                 for p in model.parameters() if p.requires_grad]
@@ -88,29 +92,36 @@ def _fingerprint(model: torch.nn.Module) -> list[tuple[float, float]]:
 
 class TrainingSanity(TrainerCallback):
     """Warns when a run cannot have learned anything: its learning rate stayed at ~0 (e.g. a one-step run whose
-    warm-up starts at 0), or none of its trainable weights changed. Both facts go into metrics.json."""
+    warm-up starts at 0), or none of its trainable weights changed. Both facts go into metrics.json. A train()
+    call that runs no step (a resumed run that was already at its end) is not judged."""
 
     def __init__(self, peak_learning_rate: float) -> None:
         self.peak = peak_learning_rate
-        self.max_learning_rate = 0.0
+        self.max_learning_rate: float | None = None
         self.weights_changed: bool | None = None
-        self._start: list[tuple[float, float]] = []
+        self._start: list[tuple[float, float]] | None = None
+        self._steps = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._start = _fingerprint(model) if model is not None else []
+        self._start = _fingerprint(model) if model is not None else None
+        self._steps, self.max_learning_rate, self.weights_changed = 0, None, None
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._steps += 1
         if optimizer is not None:
-            self.max_learning_rate = max(self.max_learning_rate, float(optimizer.param_groups[0]["lr"]))
+            rate = float(optimizer.param_groups[0]["lr"])
+            self.max_learning_rate = max(self.max_learning_rate or 0.0, rate)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and self._start:
+        if self._steps == 0:
+            return
+        if model is not None and self._start is not None:
             self.weights_changed = _fingerprint(model) != self._start
-        if state.global_step > 0 and self.max_learning_rate <= self.peak * 1e-3:
+        if self.max_learning_rate is not None and self.max_learning_rate <= self.peak * 1e-3:
             logger.warning(
                 "The learning rate never rose above %.3g over %d step(s) (peak set: %g), so training changed "
                 "(almost) nothing. With few steps, warm-up keeps it near 0: lower training.warmup or train longer.",
-                self.max_learning_rate, state.global_step, self.peak)
+                self.max_learning_rate, self._steps, self.peak)
         if self.weights_changed is False:
             logger.warning("No trainable weight changed during training: check the learning rate, the data and "
                            "which weights are trainable (method.*).")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def why_incomplete(checkpoint: Path) -> str | None:
     """None when the checkpoint is complete, else what is wrong with it (for messages)."""
+    if not checkpoint.is_dir():
+        return "it does not exist"
     marker = checkpoint / MARKER
     if marker.is_file():
         try:
@@ -61,26 +64,36 @@ def why_incomplete(checkpoint: Path) -> str | None:
             if path.stat().st_size != size:
                 return f"{name} has {path.stat().st_size:,} of its {size:,} bytes"
         return None
-    state = checkpoint / TRAINER_STATE
-    if not state.is_file():
-        present = sorted(p.name for p in checkpoint.iterdir())
-        return f"the save stopped before the end (no {TRAINER_STATE}; it holds {', '.join(present) or 'nothing'})"
-    try:
-        json.loads(state.read_text())
-    except ValueError:
-        return f"its {TRAINER_STATE} is cut short"
-    # A checkpoint from before llmtune marked them: transformers writes trainer_state.json after the weights and
+    present = sorted(p.name for p in checkpoint.iterdir())
+    if _marks_checkpoints(checkpoint.parent):
+        return f"the save stopped before the end (no {MARKER}; it holds {', '.join(present) or 'nothing'})"
+    # A run started before llmtune marked checkpoints: transformers writes trainer_state.json after the weights and
     # optimizer state, so a whole one means the rest was written.
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return f"the save stopped before the end (no whole {TRAINER_STATE}; it holds {', '.join(present) or 'nothing'})"
     return None
 
 
+def _marks_checkpoints(run_dir: Path) -> bool:
+    """Whether this run marks its complete checkpoints (every run since the marker exists says so in run.json)."""
+    try:
+        return "checkpoint_marker" in json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return True
+
+
 def mark_complete(checkpoint: Path) -> None:
-    """Record every file of a finished checkpoint with its size; the marker is written last, atomically."""
+    """Record every file of a finished checkpoint with its size, after flushing each to disk; the marker is written
+    last, atomically - so a marked checkpoint survives a crash of the machine too, not only of the process."""
     make_public(checkpoint)
-    files = {
-        str(path.relative_to(checkpoint)): path.stat().st_size
-        for path in sorted(checkpoint.rglob("*")) if path.is_file() and path.name != MARKER
-    }
+    files = {}
+    for path in sorted(checkpoint.rglob("*")):
+        if path.is_file() and path.name != MARKER:
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+            files[str(path.relative_to(checkpoint))] = path.stat().st_size
     write_json(checkpoint / MARKER, {"step": checkpoint_step(checkpoint), "files": files})
 
 
@@ -166,18 +179,17 @@ def save_failure(exc: BaseException, run_dir: Path, step: int) -> LlmtuneError:
 
     The half-written checkpoint is removed (it is not resumable and takes the space that is missing)."""
     partial = run_dir / f"{PREFIX}{step}"
+    removed = ""
     if partial.is_dir() and why_incomplete(partial) is not None and is_main_process():
         shutil.rmtree(partial, ignore_errors=True)
+        removed = f" The unfinished {PREFIX}{step} was removed."
     newest, _ = newest_complete(run_dir)
     reason = describe_write_error(exc, run_dir)
-    resume = (f"The previous checkpoint, {newest.name}, is intact: once there is room, continue with the same "
-              "command plus --resume." if newest else
-              "There is no earlier checkpoint; once there is room, run the same command again with "
+    resume = (f"The newest complete checkpoint, {newest.name}, is intact: once there is room, continue with the "
+              "same command plus --resume." if newest else
+              "There is no complete checkpoint yet; once there is room, run the same command again with "
               "output.overwrite=true.")
-    return LlmtuneError(
-        f"Saving checkpoint {PREFIX}{step} in '{run_dir}' failed: {reason}. The unfinished {PREFIX}{step} was "
-        f"removed. {resume}"
-    )
+    return LlmtuneError(f"Saving checkpoint {PREFIX}{step} in '{run_dir}' failed: {reason}.{removed} {resume}")
 
 
 def describe_write_error(exc: BaseException, folder: Path) -> str:

@@ -1,7 +1,7 @@
 """`llmtune` command line: train, validate, eval, predict, generate, chat, data preview, merge, push.
 
-Errors the user can fix are printed as one paragraph (no traceback) with exit code 2; an interrupted
-training run exits with 130 after saving a resumable checkpoint.
+Errors the user can fix are printed as one paragraph (no traceback) with exit code 2; a training run stopped by
+Ctrl-C or SIGTERM saves a resumable checkpoint and exits with 130 or 143.
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ def _train(args: argparse.Namespace) -> int:
         from llmtune.distributed import relaunch
 
         flags = [flag for flag, on in (("--resume", args.resume), ("--force", args.force)) if on]
-        return relaunch(args.accelerate, [args.recipe, *args.overrides, *flags], args.num_processes)
+        return relaunch(args.accelerate, [args.recipe, *args.overrides, *flags], args.num_processes,
+                        recipe.training.stop_grace_seconds)
     from llmtune.api import train
 
     train(recipe, resume=args.resume, overrides=args.overrides, force=args.force)

@@ -50,13 +50,15 @@ def barrier() -> None:
 
 
 @contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
+def main_process_first(local: bool = False) -> Iterator[None]:
     """Let the main process load, convert and tokenize first (filling the caches) while the others wait,
-    then read the caches - instead of every rank converting or tokenizing at once."""
+    then read the caches - instead of every rank converting or tokenizing at once. `local`: the main process of
+    each machine, for caches that live on each machine's own disk."""
     if world_size() == 1:
         yield
         return
-    with _state().main_process_first():
+    state = _state()
+    with state.local_main_process_first() if local else state.main_process_first():
         yield
 
 
@@ -149,24 +151,40 @@ def config_path(name: str) -> Path:
     return path
 
 
-def relaunch(config: str, train_args: list[str], num_processes: int | None = None) -> int:
+# After forwarding a signal, torchrun's agent SIGKILLs workers that are still running after this many seconds
+# (its default is 30): long enough for the step and checkpoint that a SIGTERM asks for.
+SHUTDOWN_SECONDS = 600
+
+
+def relaunch(config: str, train_args: list[str], num_processes: int | None = None,
+             grace_seconds: int | None = None) -> int:
     """Run `llmtune train ...` again under `accelerate launch` with the named config; return its exit code.
 
-    Ctrl-C reaches the training processes from the terminal; SIGTERM sent to this process is passed on to the
-    launcher. Either way this process waits for them to save and stop, and exits with their code.
+    SIGTERM and Ctrl-C sent to this process go to the launcher, whose agent passes them on to the training
+    processes and gives them `grace_seconds` (default 600) to save a checkpoint before killing them. This process
+    then exits 128 + the signal (130, 143) if they stopped on it, else with their code.
     """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path(config))]
     if num_processes:
         command += ["--num_processes", str(num_processes)]
     command += ["-m", "llmtune", "train", *train_args]
     logger.info("Launching: %s", " ".join(command))
-    child = subprocess.Popen(command)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to the whole process group already
-    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    env = {**os.environ}
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace_seconds + 30 if grace_seconds else SHUTDOWN_SECONDS))
+    child = subprocess.Popen(command, env=env)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if signum == signal.SIGTERM:  # Ctrl-C reaches the launcher from the terminal already (same process group)
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if received and code != 0:
+        return 128 + received[0]  # the launcher itself reports a forwarded signal as a failure (exit 1)
     return 128 - code if code < 0 else code  # a child killed by signal N reports -N; shells say 128 + N

@@ -16,7 +16,13 @@ from typing import Any
 
 
 def current_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
+    try:  # Linux reports it without changing it (changing it, even briefly, races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
     os.umask(mask)
     return mask
 
@@ -56,9 +62,10 @@ def read_json(path: Path) -> Any:
 
 def make_public(folder: Path) -> None:
     """Give a folder made by tempfile (and everything in it) the modes a plain mkdir / open would have."""
+    files_mode, folders_mode = file_mode(), folder_mode()
     for root, dirs, files in os.walk(folder):
         for name in dirs:
-            os.chmod(os.path.join(root, name), folder_mode())
+            os.chmod(os.path.join(root, name), folders_mode)
         for name in files:
-            os.chmod(os.path.join(root, name), file_mode())
-    os.chmod(folder, folder_mode())
+            os.chmod(os.path.join(root, name), files_mode)
+    os.chmod(folder, folders_mode)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtune.checkpoints import describe_write_error, prepare_resume
+from safetensors import SafetensorError
+
+from llmtune.checkpoints import MARKER, describe_write_error, prepare_resume
 from llmtune.config.schema import Recipe
 from llmtune.distributed import barrier, main_process_first
 from llmtune.errors import LlmtuneError
@@ -40,7 +42,7 @@ from llmtune.runs import (
 )
 from llmtune.tasks import task_module
 from llmtune.tasks.job import Job
-from llmtune.training import train_and_evaluate
+from llmtune.training import attach_run_callbacks, liger_kernels_on, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def resolve_source(recipe: Recipe) -> ResolvedModel | None:
     main process first; the others then find the converted copy."""
     if recipe.model.init == "scratch":
         return None
-    with main_process_first():
+    with main_process_first(local=True):  # the cache is per machine
         return resolve_model(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
 
 
@@ -86,11 +88,10 @@ def build(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
         resume_from = prepare_resume(run_dir)
     else:
         check_new_run_dir(run_dir, recipe.output.overwrite)
-    check_writable(run_dir)
-    if source:
-        check_max_length(recipe, source.path)
+    check_before_loading(recipe, source, run_dir)
     barrier()  # every process has checked before the main one claims the directory
     job = task_module(recipe.task).build(recipe, source, run_dir, resume)
+    attach_run_callbacks(job.trainer, recipe.training, run_dir)
     return Run(recipe, job, run_dir, resume_from, previous, changed)
 
 
@@ -124,15 +125,31 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
 
 
 def validate(recipe: Recipe) -> dict[str, Any]:
-    """Everything `train` checks before training, without training: model, output directory, length, data."""
+    """Everything `train` checks before training, without training: model, output directory, precision, length,
+    data. A run already in output.dir is reported (train would need --resume or output.overwrite=true)."""
     source = resolve_source(recipe)
     name = source.short_name if source else f"scratch-{recipe.scratch.architecture}"
-    check_writable(run_dir_for(recipe.output.dir, recipe.task, name, resume=False))
+    run_dir = run_dir_for(recipe.output.dir, recipe.task, name, resume=False)
+    check_before_loading(recipe, source, run_dir)
+    model = {"name": recipe.model.name, "resolved": source.path, "source": source.kind} if source else "from scratch"
+    summary = {"task": recipe.task, "model": model, "method": recipe.method.type,
+               "precision": resolved_precision(recipe.training.precision),
+               **task_module(recipe.task).validate(recipe, source)}
+    try:
+        check_new_run_dir(run_dir, recipe.output.overwrite)
+    except LlmtuneError:
+        summary["output_dir"] = f"{run_dir} already holds a run: train it with --resume or output.overwrite=true"
+    return summary
+
+
+def check_before_loading(recipe: Recipe, source: ResolvedModel | None, run_dir: Path) -> None:
+    """The checks that need no weights: the run directory can be written, the precision and kernels exist on this
+    machine, data.max_length fits the checkpoint's positions."""
+    check_writable(run_dir)
+    resolved_precision(recipe.training.precision)  # fp16 without a GPU is refused here
+    liger_kernels_on(recipe.training.liger_kernels)  # 'on' without CUDA or the package likewise
     if source:
         check_max_length(recipe, source.path)
-    model = {"name": recipe.model.name, "resolved": source.path, "source": source.kind} if source else "from scratch"
-    return {"task": recipe.task, "model": model, "method": recipe.method.type,
-            **task_module(recipe.task).validate(recipe, source)}
 
 
 # --- steps ----------------------------------------------------------------------------------------------------
@@ -193,6 +210,7 @@ def run_record(run: Run, overrides: list[str] | None) -> dict[str, Any]:
         "parameters": parameter_summary(trainer.model),
         **run.job.record,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "checkpoint_marker": MARKER,  # checkpoints count only with it (llmtune/checkpoints.py)
     }
 
 
@@ -207,13 +225,14 @@ def save(run: Run) -> None:
         kind = "adapter" if is_adapter(trainer.model) else "full"
     target = run_dir / ADAPTER_SUBDIR if kind == "merged" else run_dir
     try:
-        save_trained(trainer, target, hub_base_model(dataclasses.asdict(recipe)))
+        save_trained(trainer, target, hub_base_model(dataclasses.asdict(recipe)), recipe.model.revision)
         if kind == "merged" and trainer.is_world_process_zero():
             merge_adapter(target, run_dir, base=run.job.model_path, into_run=True)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         raise LlmtuneError(
-            f"Saving the trained model in '{run_dir}' failed: {describe_write_error(exc, run_dir)}. The checkpoints "
-            "in that folder are intact: once the problem is fixed, run the same command plus --resume."
+            f"Saving the trained model in '{run_dir}' failed: {describe_write_error(exc, run_dir)}. Complete "
+            "checkpoints in that folder, if the run saved any, are intact: once the problem is fixed, run the same "
+            "command plus --resume (without one, run it again with output.overwrite=true)."
         ) from exc
     if trainer.is_world_process_zero():
         make_public(run_dir)

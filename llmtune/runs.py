@@ -102,12 +102,13 @@ def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 def changed_settings(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
     """Recipe keys whose values differ between two recipe dicts ('training.learning_rate': (old, new)),
-    leaving out the keys that do not change what is trained (RESUME_SAFE_KEYS)."""
+    leaving out the keys that do not change what is trained (RESUME_SAFE_KEYS) and keys the earlier recipe does
+    not have (added to llmtune after that run started: it ran with their default)."""
     changes: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(before) | set(after)):
+    for key in sorted(before):
         where = f"{prefix}{key}"
-        old, new = before.get(key), after.get(key)
-        if isinstance(old, dict) and isinstance(new, dict) and where.count(".") == 0:
+        old, new = before[key], after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and not prefix:
             changes |= changed_settings(old, new, f"{where}.")
         elif old != new and where not in RESUME_SAFE_KEYS:
             changes[where] = (old, new)

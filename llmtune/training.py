@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 
 from llmtune.callbacks import StopOnSignal, TrainingSanity
@@ -43,7 +44,7 @@ def training_arguments(
     recipe: Recipe,
     output_dir: str,
     main_metric: str,
-    has_eval: bool,
+    eval_set: bool,
     resume: bool = False,
     args_class: type[TrainingArguments] = TrainingArguments,
     padded: bool = True,
@@ -51,12 +52,14 @@ def training_arguments(
 ) -> TrainingArguments:
     """TrainingArguments (or a subclass such as trl's SFTConfig, with its task_arguments) for this recipe.
 
-    `main_metric` picks the best checkpoint unless the recipe names one; `padded` says whether batches are
-    padded (length grouping only helps those). A new run evaluates once before the first step
-    (eval.before_training); a resumed one already did.
+    `main_metric` picks the best checkpoint unless the recipe names one; `eval_set` says whether there is evaluation
+    data; `padded` whether batches are padded (length grouping only helps those). With an eval set, a new run
+    evaluates once before the first step (eval.before_training) - also with eval_every=no, which only turns off
+    evaluations during training; a resumed run already did.
     """
     cfg = recipe.training
-    evaluate_first = recipe.eval.before_training and not resume
+    has_eval = eval_set and cfg.eval_every != "no"
+    evaluate_first = eval_set and recipe.eval.before_training and not resume
     check_launch_environment()
     processes = world_size()
     accumulation = cfg.gradient_accumulation
@@ -99,7 +102,7 @@ def training_arguments(
         # Evaluated inside train(), after the model is wrapped for distributed training: calling evaluate() first
         # registers the bare model with accelerate, and train() then skips the DDP wrapper - every process
         # silently trains alone (transformers 5.23 / accelerate 1.15).
-        eval_on_start=evaluate_first and eval_strategy != "no",
+        eval_on_start=evaluate_first,
         save_strategy=save_strategy,
         save_steps=save_steps,
         logging_steps=cfg.log_every,
@@ -141,6 +144,19 @@ def liger_kernels_on(setting: str) -> bool:
     return on_gpu and installed
 
 
+def attach_run_callbacks(trainer: Any, cfg: TrainingConfig, run_dir: Path) -> None:
+    """What every llmtune Trainer carries, also when a Python user drives it: complete-only checkpoints with
+    rotation (last, so it sees every other callback's decision), the seeded length-grouped order, the sanity
+    checks."""
+    for callback in (SeededLengthGroupedOrder(cfg.seed), TrainingSanity(cfg.learning_rate),
+                     CompleteCheckpoints(run_dir, cfg.keep_checkpoints)):
+        trainer.add_callback(callback)
+
+
+def _callback(trainer: Any, kind: type) -> Any:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kind))
+
+
 def train_and_evaluate(
     trainer: Any,
     cfg: TrainingConfig,
@@ -154,22 +170,19 @@ def train_and_evaluate(
     prefixed metrics into the task's own names. Raises TrainingStopped after a signal (a checkpoint is saved),
     and LlmtuneError when a checkpoint could not be written.
     """
-    stop, sanity = StopOnSignal(cfg.stop_grace_seconds), TrainingSanity(cfg.learning_rate)
-    checkpoints = CompleteCheckpoints(run_dir, cfg.keep_checkpoints)  # last: sees every other callback's decision
-    callbacks = (SeededLengthGroupedOrder(cfg.seed), stop, sanity, checkpoints)
-    for callback in callbacks:
-        trainer.add_callback(callback)
+    checkpoints, sanity = _callback(trainer, CompleteCheckpoints), _callback(trainer, TrainingSanity)
+    stop = StopOnSignal(cfg.stop_grace_seconds)
+    trainer.add_callback(stop)
     try:
         with stop:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         step = checkpoints.saving_step
         if step is not None and (run_dir / f"checkpoint-{step}").exists():
             raise save_failure(exc, run_dir, step) from exc
         raise
     finally:
-        for callback in callbacks:
-            trainer.remove_callback(callback)
+        trainer.remove_callback(stop)
     if stop.requested:
         newest, _ = newest_complete(run_dir)
         raise TrainingStopped(
@@ -194,7 +207,7 @@ def train_and_evaluate(
         if not metrics["train"]["ranks_in_sync"]:
             logger.error("The %d processes ended with different weights: they did not train together.",
                          trainer.args.world_size)
-    if trainer.eval_dataset is not None and trainer.args.eval_strategy != "no":
+    if trainer.eval_dataset is not None:
         metrics["after"] = summarize(trainer.evaluate(metric_key_prefix="after"), "after_")
     return metrics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -34,19 +35,12 @@ def pytest_configure(config):
     if mode == "auto":
         return
     os.environ["LLMTUNE_CPU_BF16"] = "1" if mode == "on" else "0"
-    if mode == "on":
-        # bitsandbytes asks its native library once per 4-bit layer; make it answer "avx512_bf16" here and in
-        # every subprocess a test starts (tests/bnb_probe/sitecustomize.py).
-        os.environ["LLMTUNE_TEST_BNB_AVX512BF16"] = "1"
-        probe = str(Path(__file__).resolve().parent / "bnb_probe")
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH")]))
-        force_bnb_avx512bf16_probe()
-
-
-def force_bnb_avx512bf16_probe() -> None:
-    import bitsandbytes.nn.modules
-
-    bitsandbytes.nn.modules.has_avx512bf16 = lambda: True
+    # bitsandbytes asks its native library once per 4-bit layer; make it answer as asked, here and in every
+    # subprocess a test starts (tests/bnb_probe/sitecustomize.py, on PYTHONPATH).
+    os.environ["LLMTUNE_TEST_BNB_AVX512BF16"] = "1" if mode == "on" else "0"
+    probe = Path(__file__).resolve().parent / "bnb_probe"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")]))
+    runpy.run_path(str(probe / "sitecustomize.py"))
 
 
 @pytest.fixture()

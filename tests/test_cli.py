@@ -30,6 +30,8 @@ def test_options_may_come_before_the_overrides(capsys, tmp_path):
                  "training.epochs=1"])
     assert code == 2
     assert "holds no llmtune run" in capsys.readouterr().err  # --resume and both overrides reached the run check
+    assert main(["train", "recipes/quickstart.yaml", "--resume", "training.epochs=many"]) == 2
+    assert "'training.epochs' is 'many'" in capsys.readouterr().err  # the override after the option is applied
 
 
 def test_a_recipe_typo_is_reported_fast_and_without_loading_libraries(tmp_path):

@@ -178,7 +178,7 @@ def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint
         assert result.returncode == 2, result.stderr[-3000:]
         assert "Traceback" not in result.stderr
         assert message.startswith("error: Saving checkpoint checkpoint-4") and "the disk is full" in message, message
-        assert "checkpoint-2, is intact" in message and "--resume" in message
+        assert "checkpoint-4 was removed" in message and "checkpoint-2, is intact" in message and "--resume" in message
         state = json.loads(result.stdout.split("STATE", 1)[1])
         assert state == {"checkpoint-2": None}  # complete, and the half-written checkpoint-4 is gone
     finally:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import yaml
+from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +18,7 @@ from llmtune.errors import LlmtuneError
 
 SECTIONS = {f.name: [g.name for g in dataclasses.fields(f.default_factory())]
             for f in dataclasses.fields(Recipe) if f.default_factory is not dataclasses.MISSING}
-BASE = yaml.safe_load(Path("recipes/quickstart.yaml").read_text())
+BASE = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
 KEYS = sorted({*SECTIONS, *(k for keys in SECTIONS.values() for k in keys)})
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
@@ -102,7 +102,7 @@ def test_any_yaml_document_gives_a_recipe_or_an_llmtune_error(tmp_path_factory, 
 @CHECKS
 @given(overrides)
 def test_any_overrides_give_a_recipe_or_an_llmtune_error(items):
-    accepted_or_explained(lambda: load_recipe("recipes/quickstart.yaml", items))
+    accepted_or_explained(lambda: load_recipe(REPO / "recipes" / "quickstart.yaml", items))
 
 
 column_names = st.lists(st.one_of(st.sampled_from(sorted({c for cols in FORMAT_COLUMNS.values() for c in cols})),

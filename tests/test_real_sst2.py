@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, run_cli
 
 from llmtune import load_recipe, train
+from llmtune.models.sources import resolve_model
 
 pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
 
@@ -62,16 +63,22 @@ def test_adapter_loads_with_plain_peft_and_matches_llmtune_predict(lora_run, sha
     inputs = tmp_path / "sentences.json"
     inputs.write_text(json.dumps(sentences))
 
-    llmtune_out = run_cli("predict", str(run_dir), *sum((["--text", s] for s in sentences), []), cwd=REPO)
+    llmtune_out = run_cli("predict", str(run_dir), "--precision", "fp32", *sum((["--text", s] for s in sentences), []),
+                          cwd=REPO)
     assert llmtune_out.returncode == 0, llmtune_out.stderr[-2000:]
     ours = [json.loads(line) for line in llmtune_out.stdout.strip().splitlines()]
 
-    # A user's script: plain peft + transformers, llmtune never imported.
+    # The adapter names its base by Hub id (AutoPeftModelForSequenceClassification finds it where the Hub is
+    # reachable); offline, a user's script puts it on the local copy. Plain peft + transformers, no llmtune.
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    base = resolve_model("minilm").path
     script = textwrap.dedent(f"""
         import json, sys, torch
-        from peft import AutoPeftModelForSequenceClassification
-        from transformers import AutoTokenizer
-        model = AutoPeftModelForSequenceClassification.from_pretrained({str(run_dir)!r}).eval()
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=2)
+        model = PeftModel.from_pretrained(base, {str(run_dir)!r}).eval()
         tokenizer = AutoTokenizer.from_pretrained({str(run_dir)!r})
         texts = json.load(open({str(inputs)!r}))
         with torch.no_grad():

@@ -16,6 +16,9 @@ MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MAIN_PORT=${MAIN_PORT:-29500}
 CONFIG=${CONFIG:-accelerate_configs/multi_node.yaml}   # or fsdp.yaml / deepspeed_zero3.yaml
 
+# On that SIGTERM, torchrun gives the training processes this long to save a checkpoint (its default is 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
+
 # Each node's `accelerate launch` overrides the config's node-specific fields from the Slurm environment.
 srun --kill-on-bad-exit=1 bash -c "accelerate launch --config_file $CONFIG \
   --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \

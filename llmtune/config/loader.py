@@ -46,11 +46,6 @@ def load_recipe(source: str | Path | dict | None = None, overrides: list[str] | 
     return recipe
 
 
-def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain data, for saving next to a run."""
-    return dataclasses.asdict(recipe)
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split 'section.key=value' into (['section', 'key'], parsed value)."""
     if "=" not in item:

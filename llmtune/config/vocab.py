@@ -30,7 +30,7 @@ LM_METRICS = ("loss", "perplexity", "token_accuracy")
 RESUME_SAFE_KEYS = (
     "output.dir", "output.overwrite", "output.push_to_hub", "output.hub_private", "output.license",
     "training.log_every", "training.keep_checkpoints", "training.dataloader_workers", "training.eval_batch_size",
-    "training.stop_grace_seconds", "data.preprocessing_workers", "eval.before_training", "lm.generation_prompts",
+    "training.stop_grace_seconds", "eval.before_training", "lm.generation_prompts",
     "lm.max_new_tokens", "lm.perplexity_file", "lm.stride",
 )
 

@@ -20,18 +20,14 @@ from datasets import Dataset
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything in a tokenizer that decides its output (computed once per tokenizer object)."""
-    cached = getattr(tokenizer, "_llmtune_fingerprint", None)
-    if cached:
-        return cached
+    """A hash of everything in a tokenizer that decides its output (5-30 ms; not cached on the object, which a
+    caller may change between uses)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     extra = json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map, tokenizer.chat_template,
                         getattr(tokenizer, "padding_side", None), getattr(tokenizer, "truncation_side", None)],
                        sort_keys=True, default=str)
-    digest = hashlib.sha256((content + extra).encode()).hexdigest()[:32]
-    tokenizer._llmtune_fingerprint = digest
-    return digest
+    return hashlib.sha256((content + extra).encode()).hexdigest()[:32]
 
 
 @functools.cache

@@ -81,7 +81,7 @@ def _point_adapter_at_hub_base(staging: Path, recipe: dict) -> None:
         logger.warning("The base model '%s' has no Hub id; loaders of this adapter must supply the base themselves.",
                        recipe["model"]["name"])
         return
-    name_base_in_adapter_config(staging, base)
+    name_base_in_adapter_config(staging, base, recipe["model"].get("revision"))
 
 
 def _upload(staging: Path, repo_id: str, private: bool, token: str, kind: str, run_dir: Path) -> str:

@@ -10,8 +10,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmtune.config.vocab import CLASSIFICATION_METRICS
-
 if TYPE_CHECKING:
     import evaluate
     import numpy as np
@@ -19,11 +17,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent
-AVAILABLE_METRICS = CLASSIFICATION_METRICS
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
-    """Load one of AVAILABLE_METRICS from the scripts bundled with llmtune (offline)."""
+    """Load one of the classification metrics (config/vocab.py) from the scripts bundled with llmtune (offline)."""
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name / f"{name}.py"))

@@ -27,7 +27,7 @@ AUTO_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequen
 CAUSAL_TASKS = ("sft", "pretrain")
 
 
-def save_trained(trainer: Any, target: Path, hub_base: str | None = None) -> None:
+def save_trained(trainer: Any, target: Path, hub_base: str | None = None, revision: str | None = None) -> None:
     """Save the adapter (with the model and generation configs loaders need) or the full model in `target`.
 
     Called on every process (ZeRO-3 / FSDP gather the weights together); only the main one writes. An adapter's
@@ -45,15 +45,19 @@ def save_trained(trainer: Any, target: Path, hub_base: str | None = None) -> Non
         if inner.can_generate():
             inner.generation_config.save_pretrained(target)
         if hub_base:
-            name_base_in_adapter_config(target, hub_base)
+            name_base_in_adapter_config(target, hub_base, revision)
     make_public(target)
 
 
-def name_base_in_adapter_config(folder: Path, base: str) -> None:
-    """Point an adapter's config at its base by name (a Hub id) instead of the folder it was loaded from."""
+def name_base_in_adapter_config(folder: Path, base: str, revision: str | None = None) -> None:
+    """Point an adapter's config at its base by name (a Hub id, and the revision trained on) instead of the folder
+    it was loaded from, so that plain peft finds it on any machine."""
     path = folder / "adapter_config.json"
     if path.is_file():
-        write_json(path, {**json.loads(path.read_text()), "base_model_name_or_path": base})
+        config = {**json.loads(path.read_text()), "base_model_name_or_path": base}
+        if revision:
+            config["revision"] = revision
+        write_json(path, config)
 
 
 def load_trained(
@@ -113,8 +117,12 @@ def model_kind(path: str | Path) -> str | None:
         return None
     run_dir = find_run_dir(folder)
     if run_dir is not None:
-        task = read_json(run_dir / RUN_RECORD).get("recipe", {}).get("task")
-        return "causal_lm" if task in CAUSAL_TASKS else task
+        try:
+            task = read_json(run_dir / RUN_RECORD).get("recipe", {}).get("task")
+        except (OSError, ValueError, AttributeError):
+            task = None  # a damaged run.json: tell by the model's own config below
+        if task:
+            return "causal_lm" if task in CAUSAL_TASKS else task
     for candidate in (folder, folder / ADAPTER_SUBDIR):
         if (candidate / "adapter_config.json").is_file():
             task_type = json.loads((candidate / "adapter_config.json").read_text()).get("task_type")

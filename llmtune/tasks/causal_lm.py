@@ -152,10 +152,9 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
     model = apply_method(model, recipe.method, TaskType.CAUSAL_LM, recipe.training.gradient_checkpointing)
 
     # 5. Trainer: trl builds labels from the masks and batches samples end to end without cross-sample attention
-    has_eval = "eval" in encoded and recipe.training.eval_every != "no"
     packing = lm.packing and chat  # text blocks are already full
     args = training_arguments(
-        recipe, str(run_dir), "loss", has_eval, resume, SFTConfig, padded=chat and not padding_free,
+        recipe, str(run_dir), "loss", "eval" in encoded, resume, SFTConfig, padded=chat and not padding_free,
         # Samples are truncated at tokenization; trl refuses a max_length it would not enforce (padding-free
         # batches without packing).
         max_length=data.max_length if packing or not padding_free else None,

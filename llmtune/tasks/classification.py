@@ -19,12 +19,13 @@ from peft import TaskType
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer
 
 from llmtune.config.schema import DataConfig, Recipe
+from llmtune.config.vocab import CLASSIFICATION_METRICS
 from llmtune.data.fingerprint import derived_fingerprint
 from llmtune.data.loading import load_splits, require_columns
 from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
 from llmtune.files import write_text
-from llmtune.metrics import AVAILABLE_METRICS, MetricComputer, softmax
+from llmtune.metrics import MetricComputer, softmax
 from llmtune.models.adapters import apply_method
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
 from llmtune.models.sources import ResolvedModel
@@ -65,19 +66,18 @@ def build(recipe: Recipe, source: ResolvedModel, run_dir: Path, resume: bool = F
     model = apply_method(model, recipe.method, TaskType.SEQ_CLS, recipe.training.gradient_checkpointing)
 
     # 4. Trainer
-    has_eval = "eval" in encoded and recipe.training.eval_every != "no"
     trainer = Trainer(
         model=model,
         # The loss is a mean over examples. With token averaging across devices on (the default), transformers
         # multiplies every loss that accepts **kwargs by the number of processes, expecting it to be divided by
         # the global token count - which a classification loss never is: losses and gradients would double.
-        args=training_arguments(recipe, str(run_dir), MAIN_METRIC, has_eval, resume,
+        args=training_arguments(recipe, str(run_dir), MAIN_METRIC, "eval" in encoded, resume,
                                 average_tokens_across_devices=False),
         train_dataset=encoded["train"],
         eval_dataset=encoded.get("eval"),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=MetricComputer(recipe.eval.metrics or list(AVAILABLE_METRICS), len(labels)),
+        compute_metrics=MetricComputer(recipe.eval.metrics or list(CLASSIFICATION_METRICS), len(labels)),
         callbacks=early_stopping(recipe.training),
     )
     return Job(
