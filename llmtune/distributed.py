@@ -31,9 +31,13 @@ CPU_CONFIGS = ("single", "cpu_ddp")  # every other config needs CUDA GPUs
 
 
 def _state():
+    """accelerate's process state. Without CUDA it must be asked for CPU processes: a plain PartialState() under
+    torchrun then reports one process (DistributedType.NO) on every rank, and its barriers and main-process-first
+    blocks silently do nothing - until TrainingArguments(use_cpu=True) sets it up properly, after loading."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def world_size() -> int:

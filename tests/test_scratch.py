@@ -50,7 +50,8 @@ def test_tiny_gpt_from_scratch_beats_unigram_then_takes_sft(tmp_path):
     sft_dir = tmp_path / "sft"
     train(load_recipe("recipes/tiny_gpt_shakespeare_sft.yaml", [
         f"model.name={pretrain_dir}", "data.dataset=null", f"data.train_file={write_jsonl(tmp_path / 'chat.jsonl', chat)}",
-        "data.format=messages", "data.validation_fraction=0", "training.max_steps=3", f"output.dir={sft_dir}",
+        "data.format=messages", "data.validation_fraction=0", "data.max_length=64",  # the model's context length
+        "training.max_steps=3", f"output.dir={sft_dir}",
     ]))
     generation = json.loads((sft_dir / "generation_config.json").read_text())
     eos = generation["eos_token_id"]
