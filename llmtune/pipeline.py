@@ -85,10 +85,11 @@ def build(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     previous, changed, resume_from = None, {}, None
     if resume:
         previous, changed = check_resume_settings(run_dir, recipe, force)
-        resume_from = prepare_resume(run_dir)
     else:
         check_new_run_dir(run_dir, recipe.output.overwrite)
     check_before_loading(recipe, source, run_dir)
+    if resume:
+        resume_from = prepare_resume(run_dir)  # last: it removes incomplete checkpoints
     barrier()  # every process has checked before the main one claims the directory
     job = task_module(recipe.task).build(recipe, source, run_dir, resume)
     attach_run_callbacks(job.trainer, recipe.training, run_dir)
