@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+from llmtune.data.lm_tokenize import end_of_turn_token
+
+logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -77,3 +84,36 @@ def perplexity(
     model.train(was_training)
     loss = nll_sum / max(scored, 1)
     return {"perplexity": math.exp(loss), "loss": loss, "tokens": scored}
+
+
+def set_generation_eos(model: Any, tokenizer: Any, chat: bool) -> None:
+    """Make generation stop where training taught the model to stop: the template's end-of-turn token."""
+    stop = [end_of_turn_token(tokenizer)] if chat else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # The model config agrees with the tokenizer too; otherwise the Trainer "aligns" them and puts the
+    # tokenizer's eos in front of the end-of-turn token.
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+class GenerationLogger(TrainerCallback):
+    """Greedy generations for a fixed prompt list at every evaluation, appended to generations.jsonl."""
+
+    def __init__(self, path: Path, prompts: list[str], max_new_tokens: int, chat: bool):
+        self.path, self.prompts, self.max_new_tokens, self.chat = path, prompts, max_new_tokens, chat
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if model is None or processing_class is None or not state.is_world_process_zero:
+            return
+        records = generate(model, processing_class, self.prompts, self.max_new_tokens, self.chat)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            for record in records:
+                handle.write(json.dumps({"step": state.global_step, **record}) + "\n")
+        for record in records:
+            logger.info("step %d | %s -> %r%s", state.global_step, record["prompt"], record["completion"][:120],
+                        "" if record["stopped"] else " [no stop]")
+

@@ -18,8 +18,11 @@ def preview(recipe: Recipe, samples: int = 3, colour: bool | None = None) -> str
     from llmtune.pipeline import resolve_source
     from llmtune.tasks import causal_lm
 
-    if recipe.task == "classification":
-        raise LlmtuneError("data preview shows loss masks of causal-LM data: use it with task=sft or task=pretrain.")
+    if recipe.task not in ("sft", "pretrain"):
+        raise LlmtuneError(
+            f"data preview shows the loss masks of SFT / pretraining data, and this recipe's task is {recipe.task}. "
+            "Use `llmtune validate` to see how its data is read."
+        )
     if colour is None:
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     lm_data = causal_lm.load_data(recipe)

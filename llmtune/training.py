@@ -48,6 +48,7 @@ def training_arguments(
     resume: bool = False,
     args_class: type[TrainingArguments] = TrainingArguments,
     padded: bool = True,
+    metric_keys: dict[str, str] | None = None,
     **task_arguments,
 ) -> TrainingArguments:
     """TrainingArguments (or a subclass such as trl's SFTConfig, with its task_arguments) for this recipe.
@@ -55,7 +56,9 @@ def training_arguments(
     `main_metric` picks the best checkpoint unless the recipe names one; `eval_set` says whether there is evaluation
     data; `padded` whether batches are padded (length grouping only helps those). With an eval set, a new run
     evaluates once before the first step (eval.before_training) - also with eval_every=no, which only turns off
-    evaluations during training; a resumed run already did.
+    evaluations during training; a resumed run already did. `metric_keys` maps llmtune's metric names to the ones
+    the Trainer logs, where they differ (trl's 'rewards/accuracies' for 'accuracy'); `task_arguments` are added
+    to, or replace, the arguments built here.
     """
     cfg = recipe.training
     has_eval = eval_set and cfg.eval_every != "no"
@@ -75,8 +78,9 @@ def training_arguments(
     else:
         save_strategy, save_steps = _cadence(cfg.save_every)
     metric = cfg.metric_for_best or main_metric
+    metric = (metric_keys or {}).get(metric, metric)
     keep_best = eval_strategy != "no" and (save_strategy, save_steps) == (eval_strategy, eval_steps)
-    return args_class(
+    arguments = dict(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
@@ -109,13 +113,13 @@ def training_arguments(
         save_total_limit=None,  # llmtune rotates checkpoints itself, only once a newer one is complete
         load_best_model_at_end=keep_best,
         metric_for_best_model=metric if has_eval else None,
-        greater_is_better=metric != "loss",
+        greater_is_better=not metric.endswith("loss"),
         dataloader_num_workers=cfg.dataloader_workers,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and padded else "random",
         report_to="none",
         ddp_find_unused_parameters=False,  # frozen base weights are not "unused"; searching for them costs a pass
-        **task_arguments,
     )
+    return args_class(**{**arguments, **task_arguments})
 
 
 def _cadence(value: int | str) -> tuple[str, int | None]:

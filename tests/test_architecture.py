@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmtune"
 
 # room (a module or a package, dotted under llmtune) -> floor. The pieces every task uses (floor 4) are ordered
 # among themselves too: files < distributed, precision, metrics < runs, data < checkpoints, callbacks, generation
-# < models < training.
+# < models < training < preference_trainers (trl's preference trainers, configured like training).
 FLOORS = {
     "__main__": 10,
     "cli": 9,
@@ -25,6 +25,7 @@ FLOORS = {
     "preview": 7,
     "pipeline": 6,
     "tasks": 5, "hub": 5,
+    "preference_trainers": 4.7,
     "training": 4.6,
     "models": 4.5,
     "checkpoints": 4.4, "callbacks": 4.4, "generation": 4.4,

@@ -5,8 +5,10 @@ Each message says which keys clash and how to fix the recipe.
 
 from __future__ import annotations
 
+import math
+
 from llmtune.config.schema import Recipe
-from llmtune.config.vocab import OPTIMIZERS, task_metrics
+from llmtune.config.vocab import DPO_LOSSES, KTO_LOSSES, OPTIMIZERS, PREFERENCE_TASKS, task_metrics
 from llmtune.errors import LlmtuneError, did_you_mean
 
 
@@ -40,6 +42,12 @@ def check(recipe: Recipe) -> None:
         )
     if not 0.0 <= data.validation_fraction < 1.0:
         raise LlmtuneError(f"'data.validation_fraction' is {data.validation_fraction}; it must be in [0, 1).")
+    if data.holdout_every is not None and (data.holdout_every < 2 or data.validation_fraction or data.eval_split
+                                           or data.eval_file):
+        raise LlmtuneError(
+            f"'data.holdout_every' is {data.holdout_every}: it must be 2 or more, and it is the eval set, so "
+            "data.validation_fraction, data.eval_split and data.eval_file must be empty beside it."
+        )
     if data.validation_fraction and (data.eval_split or data.eval_file):
         raise LlmtuneError(
             "'data.validation_fraction' carves an eval set out of the training data, but an eval set is already "
@@ -138,6 +146,7 @@ def check(recipe: Recipe) -> None:
 
     _check_metrics(recipe)
     _check_causal_lm(recipe)
+    _check_preference(recipe)
 
 
 def check_repo_id(repo_id: str, where: str) -> None:
@@ -174,10 +183,10 @@ def _check_metrics(recipe: Recipe) -> None:
 
 def _check_causal_lm(recipe: Recipe) -> None:
     data, lm = recipe.data, recipe.lm
-    if recipe.task == "classification":
+    if recipe.task in ("classification", "reward"):
         if recipe.model.init == "scratch":
             raise LlmtuneError(
-                "'model.init' is 'scratch', but classification starts from a pretrained checkpoint. "
+                f"'model.init' is 'scratch', but {recipe.task} starts from a pretrained checkpoint. "
                 "Use task=pretrain to build a model from scratch, then classify with model.name=<that run>."
             )
         return
@@ -216,3 +225,71 @@ def _check_causal_lm(recipe: Recipe) -> None:
         weight = source.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or weight <= 0:
             raise LlmtuneError(f"'{where}.weight' is {weight!r}; it must be a positive number (1 = every row once).")
+
+
+def _check_preference(recipe: Recipe) -> None:
+    task, pref = recipe.task, recipe.pref
+    if task not in (*PREFERENCE_TASKS, "reward"):
+        return
+    if recipe.model.init == "scratch":
+        raise LlmtuneError(
+            f"'model.init' is 'scratch', but task {task} tunes a model that can already write replies. Start from a "
+            "pretrained or SFT checkpoint (model.name), e.g. an llmtune SFT run directory."
+        )
+    if recipe.data.format not in ("auto",):
+        raise LlmtuneError(
+            f"'data.format' is {recipe.data.format!r}, but preference data is detected from its columns "
+            "(prompt/chosen/rejected, messages/chosen/rejected, chosen/rejected transcripts, prompt/completion/label). "
+            "Leave data.format=auto and map other column names with data.columns."
+        )
+    if not math.isfinite(pref.beta) or pref.beta <= 0:
+        raise LlmtuneError(f"'pref.beta' is {pref.beta}; it must be a positive number, e.g. 0.1.")
+    if not 0 <= pref.label_smoothing < 0.5:
+        raise LlmtuneError(f"'pref.label_smoothing' is {pref.label_smoothing}; it must be in [0, 0.5).")
+    if pref.max_prompt_length is not None and not 0 < pref.max_prompt_length < recipe.data.max_length:
+        raise LlmtuneError(
+            f"'pref.max_prompt_length' is {pref.max_prompt_length}; it must be positive and below data.max_length "
+            f"({recipe.data.max_length}) so that replies have room."
+        )
+    for key in ("desirable_weight", "undesirable_weight"):
+        if getattr(pref, key) <= 0:
+            raise LlmtuneError(f"'pref.{key}' is {getattr(pref, key)}; it must be positive (1 = unweighted).")
+    if pref.reference and task in ("orpo", "simpo", "reward"):
+        raise LlmtuneError(
+            f"'pref.reference' is {pref.reference!r}, but task {task} uses no reference model "
+            f"({'it is reference-free' if task != 'reward' else 'a reward model is trained from pairs alone'}). "
+            "Remove pref.reference, or use task=dpo or kto to train against a reference."
+        )
+    valid = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES, "simpo": ("simpo",)}.get(task)
+    if pref.loss_weights is not None and not isinstance(pref.loss, list):
+        raise LlmtuneError(
+            f"'pref.loss_weights' is {pref.loss_weights}, but 'pref.loss' is {pref.loss!r}, not a list of losses to "
+            "weigh. Give both as lists of one length, e.g. pref.loss=[sigmoid, sft] pref.loss_weights=[1, 0.5]."
+        )
+    if valid is None or pref.loss is None:
+        if pref.loss is not None:
+            raise LlmtuneError(
+                f"'pref.loss' is {pref.loss!r}, but task {task} has a single loss of its own. Remove pref.loss, or "
+                "use task=dpo for the DPO family of losses."
+            )
+        return
+    losses = [pref.loss] if isinstance(pref.loss, str) else list(pref.loss)
+    for name in losses:
+        if name not in valid:
+            hint = " 'simpo' and 'orpo' are tasks of their own (task=simpo, task=orpo)." if name in ("simpo", "orpo") else ""
+            raise LlmtuneError(
+                f"'pref.loss' names {name!r}, which task {task} does not have.{did_you_mean(name, valid)}{hint} "
+                f"Valid: {', '.join(valid)}."
+            )
+    if len(losses) > 1 and task != "dpo":
+        raise LlmtuneError(f"'pref.loss' lists {len(losses)} losses; only task dpo combines several.")
+    if losses == ["sft"]:
+        raise LlmtuneError(
+            "'pref.loss' is only 'sft', which ignores the rejected replies. Combine it with a preference loss, "
+            "e.g. pref.loss=[sigmoid, sft], or train with task=sft."
+        )
+    if pref.loss_weights is not None and len(pref.loss_weights) != len(losses):
+        raise LlmtuneError(
+            f"'pref.loss_weights' has {len(pref.loss_weights)} weights for {len(losses)} losses ({', '.join(losses)}); "
+            "give one weight per loss."
+        )

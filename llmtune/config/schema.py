@@ -66,6 +66,11 @@ class DataConfig:
     validation_fraction: float = _field(
         0.0, "Fraction of the training data held out for evaluation when no eval split or file is given."
     )
+    holdout_every: int | None = _field(
+        None,
+        "Hold out every N-th training row for evaluation (0-based row index % N == N-1): a fixed split that does "
+        "not move with the seed, e.g. 5 for the HH-RLHF pairs' documented 1,850 / 462 split.",
+    )
     text_column: str = _field("text", "Column holding the text (the first sentence of a pair).")
     text_pair_column: str | None = _field(None, "Column holding the second sentence of a sentence pair.")
     label_column: str = _field("label", "Column holding the label (strings or integers).")
@@ -290,6 +295,58 @@ class LMConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    loss: str | list[str] | None = _field(
+        None,
+        "Empty: the task's own loss (dpo: sigmoid, kto: kto, simpo: simpo). dpo: the preference loss - sigmoid "
+        "(DPO), ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, exo_pair, "
+        "aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm - or a list that is summed with "
+        "`loss_weights`, e.g. [sigmoid, sft] (DPO plus an SFT term on the chosen reply, as in RPO). "
+        "kto: kto or apo_zero_unpaired. orpo, simpo, reward: one loss of their own.",
+    )
+    reference: str | None = _field(
+        None,
+        "dpo/kto: the reference model, when it is not the model training starts from (a Hub id, folder, or run "
+        "directory). orpo and simpo use no reference model.",
+        path=True,
+    )
+    loss_weights: list[float] | None = _field(None, "Weight of each loss in a `loss` list (default: all 1).")
+    beta: float = _field(
+        0.1,
+        "Strength of the preference signal: dpo/kto - how far the policy may move from the reference (higher: "
+        "closer); orpo - the odds-ratio term's weight (lambda); simpo - the reward scale.",
+    )
+    label_smoothing: float = _field(
+        0.0, "dpo: assumed share of flipped labels in the data (robust, exo_pair, aot losses), in [0, 0.5)."
+    )
+    max_prompt_length: int | None = _field(
+        None,
+        "Longest prompt in tokens: longer prompts lose their oldest turns first (the last user turn is always "
+        "kept). Empty: prompts are kept whole. Either way data.max_length bounds prompt + reply, and a pair whose "
+        "prompt leaves no room for a reply is dropped and counted in run.json.",
+    )
+    precompute_reference: Literal["auto", "on", "off"] = _field(
+        "auto",
+        "dpo/kto reference log-probabilities. With LoRA/DoRA/QLoRA the reference is the policy with its adapters "
+        "turned off (no second model). With full fine-tuning: on - computed once before training (no second "
+        "model in memory, one extra pass over the data); off - a frozen copy of the model; auto - the copy when "
+        "it fits twice in free memory, else precomputed.",
+    )
+    desirable_weight: float = _field(1.0, "kto: weight of the losses of desirable (label true) completions.")
+    undesirable_weight: float = _field(1.0, "kto: weight of the losses of undesirable (label false) completions.")
+    simpo_gamma: float = _field(0.5, "simpo: target reward margin (gamma) between chosen and rejected replies.")
+    sft_adapter: Literal["merge", "continue"] = _field(
+        "merge",
+        "When model.name is an SFT run saved as an adapter: merge - fold it into its base and train a new adapter "
+        "on top (the reference is the SFT model); continue - keep training the SFT adapter itself (the reference "
+        "is a frozen copy of it).",
+    )
+    center_rewards: float | None = _field(
+        None, "reward: weight of a penalty on (r_chosen + r_rejected)^2 that keeps rewards centred on 0."
+    )
+
+
+@dataclass
 class ScratchConfig:
     architecture: Literal["gpt2", "llama"] = _field("gpt2", "Model family of a model built from scratch.")
     layers: int = _field(4, "Transformer blocks.")
@@ -301,10 +358,13 @@ class ScratchConfig:
 
 @dataclass
 class Recipe:
-    task: Literal["classification", "sft", "pretrain"] = _field(
+    task: Literal["classification", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward"] = _field(
         "classification",
         "What to train. classification: labelled text -> labels. sft: instructions / chats on a causal LM. "
-        "pretrain: plain text on a causal LM (continued pretraining, or from scratch with model.init=scratch).",
+        "pretrain: plain text on a causal LM (continued pretraining, or from scratch with model.init=scratch). "
+        "dpo: preference pairs (prompt, chosen, rejected) against a reference model. kto: unpaired feedback "
+        "(prompt, completion, label true/false). orpo, simpo: preference pairs without a reference model. "
+        "reward: a reward model (one score per text) trained on preference pairs.",
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -312,5 +372,6 @@ class Recipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

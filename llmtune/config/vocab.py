@@ -6,7 +6,14 @@ the same list that is later used.
 
 from __future__ import annotations
 
-TASKS = ("classification", "sft", "pretrain")
+TASKS = ("classification", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward")
+PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")  # causal LMs trained on preferences
+CAUSAL_LM_TASKS = ("sft", "pretrain", *PREFERENCE_TASKS)
+
+# trl's DPO losses (trl 1.16); sft is an extra term, only meaningful in a list beside a preference loss.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
 # llmtune's optimizer names -> transformers' (any other name transformers knows is passed through as is).
 OPTIMIZERS = {
@@ -24,6 +31,10 @@ OPTIMIZERS = {
 
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "roc_auc")
 LM_METRICS = ("loss", "perplexity", "token_accuracy")
+# Measured on held-out pairs: implicit reward of chosen > rejected, mean reward margin, mean log-probabilities.
+PREFERENCE_METRICS = ("loss", "accuracy", "margin", "chosen_logp", "rejected_logp")
+KTO_METRICS = ("loss", "margin", "chosen_logp", "rejected_logp", "kl")
+REWARD_METRICS = ("loss", "accuracy", "margin")
 
 # Recipe keys that may differ when a run is resumed: they change what is logged, kept or published, not what
 # is trained. Any other difference is refused unless the user passes --force.
@@ -37,4 +48,6 @@ RESUME_SAFE_KEYS = (
 
 def task_metrics(task: str) -> tuple[str, ...]:
     """The metrics a task reports (and the names `eval.metrics` may pick from)."""
-    return CLASSIFICATION_METRICS if task == "classification" else LM_METRICS
+    if task in ("dpo", "orpo", "simpo"):
+        return PREFERENCE_METRICS
+    return {"classification": CLASSIFICATION_METRICS, "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(task, LM_METRICS)

@@ -25,11 +25,20 @@ def read_text_file(path: str | Path, key: str) -> str:
         raise _encoding_error(key, file, exc.start, data) from None
 
 
+def open_maybe_compressed(path: Path):
+    """A binary reader of the file's content; .gz files are read decompressed."""
+    if path.suffix.lower() == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
 def check_utf8(path: Path, key: str) -> None:
     """Raise a one-paragraph error at the first byte of the file that is not valid UTF-8."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, head = 0, b""
-    with path.open("rb") as handle:
+    with open_maybe_compressed(path) as handle:
         while chunk := handle.read(1 << 20):
             pending = len(decoder.getstate()[0])
             try:

@@ -48,6 +48,16 @@ def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
     if cfg.test_file:
         splits["test"] = load_file(cfg.test_file, "data.test_file")
 
+    if cfg.holdout_every:
+        rows = splits["train"]
+        every = cfg.holdout_every
+        if len(rows) < every:
+            raise LlmtuneError(
+                f"'data.holdout_every' is {every}, but the training data has only {len(rows)} rows "
+                f"({describe_source(cfg, 'train')}), so nothing would be held out. Lower it or give more rows."
+            )
+        splits["eval"] = rows.select(range(every - 1, len(rows), every))
+        splits["train"] = rows.select([i for i in range(len(rows)) if i % every != every - 1])
     if cfg.validation_fraction:
         rows = len(splits["train"])
         held_out = math.ceil(rows * cfg.validation_fraction)  # how datasets counts the eval rows
@@ -85,10 +95,12 @@ def load_file(path: str | None, key: str) -> Dataset:
             "the recipe's folder, on the command line from the current folder."
         )
     suffix = file.suffix.lower()
+    if suffix == ".gz":  # datasets reads gzip-compressed files as they are; the format is the inner suffix
+        suffix = Path(file.stem).suffix.lower()
     if suffix not in FILE_FORMATS:
         raise LlmtuneError(
             f"'{key}' is '{path}': llmtune cannot tell its format from '{suffix}'. "
-            f"Use one of {', '.join(FILE_FORMATS)}."
+            f"Use one of {', '.join(FILE_FORMATS)} (each may be gzip-compressed, e.g. .jsonl.gz)."
         )
     builder, options = FILE_FORMATS[suffix]
     if suffix in TEXT_SUFFIXES:

@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from llmtune.config.vocab import CAUSAL_LM_TASKS
 from llmtune.errors import LlmtuneError
 from llmtune.files import make_public, read_json, write_json
 from llmtune.models.adapters import is_adapter
@@ -24,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_SUBDIR = "adapter"  # where a run saved as 'merged' keeps its adapter
 AUTO_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}
-CAUSAL_TASKS = ("sft", "pretrain")
 
 
 def save_trained(trainer: Any, target: Path, hub_base: str | None = None, revision: str | None = None) -> None:
@@ -122,7 +122,7 @@ def model_kind(path: str | Path) -> str | None:
         except (OSError, ValueError, AttributeError):
             task = None  # a damaged run.json: tell by the model's own config below
         if task:
-            return "causal_lm" if task in CAUSAL_TASKS else task
+            return "causal_lm" if task in CAUSAL_LM_TASKS else task
     for candidate in (folder, folder / ADAPTER_SUBDIR):
         if (candidate / "adapter_config.json").is_file():
             task_type = json.loads((candidate / "adapter_config.json").read_text()).get("task_type")

@@ -13,7 +13,9 @@ from types import ModuleType
 from llmtune.config.vocab import TASKS
 
 TASK_MODULES = {"classification": "llmtune.tasks.classification", "sft": "llmtune.tasks.causal_lm",
-                "pretrain": "llmtune.tasks.causal_lm"}
+                "pretrain": "llmtune.tasks.causal_lm", "dpo": "llmtune.tasks.preference",
+                "kto": "llmtune.tasks.preference", "orpo": "llmtune.tasks.preference",
+                "simpo": "llmtune.tasks.preference", "reward": "llmtune.tasks.reward"}
 assert set(TASK_MODULES) == set(TASKS), "every task in the recipe vocabulary needs a module"
 
 

@@ -10,7 +10,6 @@ with a generation config whose eos is the template's end-of-turn token; this tas
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from llmtune.config.schema import DataConfig, Recipe
 from llmtune.data.files import read_text_file
 from llmtune.data.formats import detect_format, text_column, to_conversations
 from llmtune.data.lm_tokenize import (
-    end_of_turn_token,
     setup_chat_template,
     tokenize_conversations,
     tokenize_text_blocks,
@@ -34,7 +32,7 @@ from llmtune.data.lm_tokenize import (
 from llmtune.data.loading import describe_source, load_file, load_splits
 from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
-from llmtune.generation import generate, perplexity
+from llmtune.generation import GenerationLogger, perplexity, set_generation_eos
 from llmtune.models.adapters import apply_method
 from llmtune.models.attention import attention_for
 from llmtune.models.loading import ensure_pad_token, load_tokenizer, pretrained_arguments
@@ -229,19 +227,6 @@ def mixture_sources(data: DataConfig, chat: bool) -> list[Dataset]:
     return sources
 
 
-def set_generation_eos(model: Any, tokenizer: Any, chat: bool) -> None:
-    """Make generation stop where training taught the model to stop: the template's end-of-turn token."""
-    stop = [end_of_turn_token(tokenizer)] if chat else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
-        stop.append(tokenizer.eos_token_id)
-    model.generation_config.eos_token_id = stop[0] if len(stop) == 1 else stop
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # The model config agrees with the tokenizer too; otherwise the Trainer "aligns" them and puts the
-    # tokenizer's eos in front of the end-of-turn token.
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-
 def packing_efficiency(encoded: Dataset, max_length: int) -> float:
     """Share of packed sequence slots filled with real tokens, packing as training does (best-fit decreasing)."""
     from trl.data_utils import pack_dataset
@@ -260,23 +245,3 @@ def lm_metrics(raw: dict[str, float], prefix: str) -> dict[str, float]:
             metrics["token_accuracy"] = raw[key]
             break
     return metrics
-
-
-class GenerationLogger(TrainerCallback):
-    """Greedy generations for a fixed prompt list at every evaluation, appended to generations.jsonl."""
-
-    def __init__(self, path: Path, prompts: list[str], max_new_tokens: int, chat: bool):
-        self.path, self.prompts, self.max_new_tokens, self.chat = path, prompts, max_new_tokens, chat
-
-    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if model is None or processing_class is None or not state.is_world_process_zero:
-            return
-        records = generate(model, processing_class, self.prompts, self.max_new_tokens, self.chat)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            for record in records:
-                handle.write(json.dumps({"step": state.global_step, **record}) + "\n")
-        for record in records:
-            logger.info("step %d | %s -> %r%s", state.global_step, record["prompt"], record["completion"][:120],
-                        "" if record["stopped"] else " [no stop]")
-
