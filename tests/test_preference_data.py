@@ -141,6 +141,7 @@ def test_long_prompts_lose_their_oldest_turns_and_hopeless_ones_are_dropped():
     ("pref.loss=[sigmoid,sft] pref.loss_weights=[1]", r"1 weights for 2 losses"),
     ("pref.loss=sft", r"only 'sft'"),
     ("pref.max_prompt_length=512", r"below data.max_length"),
+    ("task=kto training.batch_size=1", r"kto estimates its KL term"),
 ])
 def test_preference_rules_name_the_key_and_the_way_out(override, message):
     base = ["task=dpo", "model.name=smollm2", "data.train_file=x.jsonl"]

@@ -254,6 +254,12 @@ def _check_preference(recipe: Recipe) -> None:
     for key in ("desirable_weight", "undesirable_weight"):
         if getattr(pref, key) <= 0:
             raise LlmtuneError(f"'pref.{key}' is {getattr(pref, key)}; it must be positive (1 = unweighted).")
+    if task == "kto" and recipe.training.batch_size < 2:
+        raise LlmtuneError(
+            f"'training.batch_size' is {recipe.training.batch_size}, but kto estimates its KL term from the other "
+            "completions in a batch, so it needs at least 2 per device. Raise training.batch_size (use "
+            "training.gradient_accumulation to keep memory down)."
+        )
     if pref.reference and task in ("orpo", "simpo", "reward"):
         raise LlmtuneError(
             f"'pref.reference' is {pref.reference!r}, but task {task} uses no reference model "

@@ -1,0 +1,127 @@
+"""Preference tasks end to end on a tiny Llama (SmolLM2's tokenizer and chat template) and real HH-RLHF pairs:
+every task trains, evaluates before and after and saves; DPO's reference is the policy with adapters off; padded
+batches give each sequence the log-probabilities it has alone; a DPO adapter loads with plain peft."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtune import api
+from llmtune.config.loader import load_recipe
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "preference" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def hh_file(tmp_path) -> Path:
+    """The first 30 HH pairs (24 train, 6 held out by data.holdout_every=5)."""
+    with gzip.open(HH, "rt") as handle:
+        lines = [next(handle) for _ in range(30)]
+    path = tmp_path / "hh30.jsonl"
+    path.write_text("".join(lines))
+    return path
+
+
+def recipe_for(task: str, model: str, data: Path, out: Path, *extra: str):
+    return load_recipe(None, [
+        f"task={task}", f"model.name={model}", f"data.train_file={data}", "data.holdout_every=5",
+        "data.max_length=192", "pref.max_prompt_length=128", "method.type=lora", "training.max_steps=3",
+        "training.batch_size=4", "training.eval_batch_size=6", "training.learning_rate=5e-3",
+        "training.eval_every=3", "training.precision=fp32", f"output.dir={out}", *extra,
+    ])
+
+
+@pytest.mark.parametrize("task, metrics", [
+    ("dpo", {"loss", "accuracy", "margin", "chosen_logp", "rejected_logp"}),
+    ("kto", {"loss", "margin", "chosen_logp", "rejected_logp", "kl"}),
+    ("orpo", {"loss", "accuracy", "margin", "chosen_logp", "rejected_logp"}),
+    ("simpo", {"loss", "accuracy", "margin", "chosen_logp", "rejected_logp"}),
+    ("reward", {"loss", "accuracy", "margin"}),
+])
+def test_each_preference_task_trains_evaluates_and_saves_an_adapter(tiny_llama, hh_file, tmp_path, task, metrics):
+    out = tmp_path / "run"
+    result = api.train(recipe_for(task, tiny_llama, hh_file, out))
+    assert set(result["before"]) >= metrics and set(result["after"]) >= metrics
+    assert result["after"] != result["before"]  # three steps at a high learning rate move every number
+    assert result["train"]["weights_changed"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["format"] == "transcript_pairs"
+    paired = task != "kto"
+    assert record["rows"] == ({"train": 24, "eval": 6} if paired else {"train": 48, "eval": 12})
+    assert json.loads((out / "metrics.json").read_text())["after"] == result["after"]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["task_type"] == ("SEQ_CLS" if task == "reward" else "CAUSAL_LM")
+
+
+def test_dpo_reference_is_the_policy_with_adapters_off_and_padding_changes_no_log_probability(
+    tiny_llama, hh_file, tmp_path
+):
+    trainer = api.build_trainer(recipe_for("dpo", tiny_llama, hh_file, tmp_path / "run"))
+    model = trainer.model
+    assert list(model.peft_config) == ["default"] and trainer.ref_model is None  # no copy: adapters are turned off
+    with torch.no_grad():  # make the adapter matter, so that "adapters off" is a visible difference
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    rows = [trainer.eval_dataset[i] for i in range(4)]
+    assert len({len(r["chosen_ids"]) + len(r["prompt_ids"]) for r in rows}) > 1  # the batch really is padded
+    collate = trainer.data_collator
+    model.eval()
+    batched = torch.stack(trainer.compute_ref_log_probs(model, collate(rows)))
+    alone = torch.stack([torch.stack(trainer.compute_ref_log_probs(model, collate([r]))).squeeze(1) for r in rows], 1)
+    # Sums of a few hundred float32 log-probabilities: 1e-5 per token, i.e. about 1e-6 of the sum
+    assert torch.allclose(batched, alone, atol=1e-5, rtol=1e-6), (batched - alone).abs().max()
+
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()  # the checkpoint itself
+    batch = collate(rows[:1])
+    with torch.no_grad():
+        logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    tokens = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    per_token = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    expected = (per_token * mask).sum(-1)  # chosen and rejected of the first pair, by the base model
+    assert torch.allclose(batched[:, 0], expected, atol=1e-4, rtol=0)
+
+
+def test_a_dpo_adapter_loads_with_plain_peft_and_gives_the_same_log_probabilities(tiny_llama, hh_file, tmp_path):
+    out = tmp_path / "run"
+    recipe = recipe_for("dpo", tiny_llama, hh_file, out)
+    api.train(recipe)
+    text = "<|im_start|>user\nHow do I make friends?<|im_end|>\n<|im_start|>assistant\nSay hello and listen.<|im_end|>"
+    script = f"""
+import json, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base = AutoModelForCausalLM.from_pretrained({tiny_llama!r}, dtype=torch.float32)
+model = PeftModel.from_pretrained(base, {str(out)!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(out)!r})
+ids = tok({text!r}, return_tensors="pt").input_ids
+with torch.no_grad():
+    logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+print(json.dumps(logps.tolist()))
+"""
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "llmtune" not in plain.stderr
+    from llmtune.models.trained import load_trained
+
+    model, tokenizer, _ = load_trained(out)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    base = load_trained(tiny_llama)[0]
+    with torch.no_grad():
+        before = base(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    theirs = torch.tensor(json.loads(plain.stdout.strip().splitlines()[-1]))
+    assert torch.allclose(theirs, ours, atol=1e-5, rtol=0)
+    assert not torch.allclose(theirs, before, atol=1e-4, rtol=0)  # the adapter carries what DPO trained
