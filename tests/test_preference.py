@@ -125,3 +125,48 @@ print(json.dumps(logps.tolist()))
     theirs = torch.tensor(json.loads(plain.stdout.strip().splitlines()[-1]))
     assert torch.allclose(theirs, ours, atol=1e-5, rtol=0)
     assert not torch.allclose(theirs, before, atol=1e-4, rtol=0)  # the adapter carries what DPO trained
+
+
+@pytest.mark.parametrize("sft_adapter", ["merge", "continue"])
+def test_dpo_starts_from_an_sft_run_and_names_it(tiny_llama, hh_file, tmp_path, sft_adapter):
+    from llmtune.hub.model_card import render
+    from llmtune.models.trained import load_trained
+
+    sft_data = tmp_path / "sft.jsonl"
+    with sft_data.open("w") as handle:
+        for line in hh_file.read_text().splitlines()[:12]:
+            chosen = json.loads(line)["chosen"]
+            prompt, _, reply = chosen.rpartition("\n\nAssistant:")
+            handle.write(json.dumps({"prompt": prompt.split("Human:")[-1].strip(), "completion": reply.strip()}) + "\n")
+    sft_run = tmp_path / "sft"
+    api.train(load_recipe(None, [
+        "task=sft", f"model.name={tiny_llama}", f"data.train_file={sft_data}", "method.type=lora",
+        "training.max_steps=2", "training.batch_size=4", "training.learning_rate=5e-3", "training.eval_every=no",
+        "training.save_every=no", "training.precision=fp32", f"output.dir={sft_run}", "data.max_length=128",
+    ]))
+    sft_model, tokenizer, _ = load_trained(sft_run)
+
+    out = tmp_path / "dpo"
+    recipe = recipe_for("dpo", str(sft_run), hh_file, out, f"pref.sft_adapter={sft_adapter}")
+    trainer = api.build_trainer(recipe)
+    # training starts from the SFT model: same outputs before any DPO step
+    ids = tokenizer("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = sft_model(input_ids=ids).logits
+        trainer.model.eval()
+        actual = trainer.model(input_ids=ids).logits
+    assert torch.allclose(expected, actual, atol=1e-4, rtol=0)
+    if sft_adapter == "continue":
+        assert "ref" in trainer.model.peft_config  # the reference is the SFT adapter's frozen starting copy
+
+    result = api.train(recipe)
+    assert result["after"]["accuracy"] >= 0
+    assert not (out / "ref").exists()  # only the trained adapter is saved, not trl's reference copy
+    record = json.loads((out / "run.json").read_text())
+    assert record["sft_parent"]["run_dir"] == str(sft_run) and record["sft_parent"]["adapter"]
+    card = render(record, result, "me/dpo", "adapter")
+    assert "an SFT model (llmtune run `sft`, task sft)" in card
+    reloaded, _, _ = load_trained(out)
+    with torch.no_grad():
+        after = reloaded(input_ids=ids).logits
+    assert not torch.allclose(after, expected, atol=1e-4, rtol=0)  # DPO changed the SFT model

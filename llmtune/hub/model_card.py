@@ -14,10 +14,13 @@ from huggingface_hub import ModelCardData
 from llmtune.models.sources import hub_base_model, installed_checkpoint
 
 TASK_NAMES = {"classification": "text classification", "sft": "instruction tuning (SFT)",
-              "pretrain": "language modelling"}
-PIPELINES = {"classification": "text-classification", "sft": "text-generation", "pretrain": "text-generation"}
-AUTO_CLASS_NAMES = {"classification": "AutoModelForSequenceClassification", "sft": "AutoModelForCausalLM",
-                    "pretrain": "AutoModelForCausalLM"}
+              "pretrain": "language modelling", "dpo": "preference tuning (DPO)", "kto": "preference tuning (KTO)",
+              "orpo": "preference tuning (ORPO)", "simpo": "preference tuning (SimPO)",
+              "reward": "reward modelling"}
+PIPELINES = {"classification": "text-classification", "reward": "text-classification",
+             **dict.fromkeys(("sft", "pretrain", "dpo", "kto", "orpo", "simpo"), "text-generation")}
+AUTO_CLASS_NAMES = {task: "AutoModelForSequenceClassification" if pipeline == "text-classification"
+                    else "AutoModelForCausalLM" for task, pipeline in PIPELINES.items()}
 
 
 def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
@@ -46,6 +49,11 @@ def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{recipe['model']['name']}`"
     if recipe["model"].get("init") == "scratch":
         base_text = "a model trained from scratch"
+    parent = record.get("sft_parent")
+    if parent:
+        parent_base = hub_base_model({"model": {"name": parent.get("base_name") or ""}}) or parent.get("base_name")
+        base_text = (f"an SFT model (llmtune run `{Path(parent['run_dir']).name}`, task {parent.get('task')}) "
+                     f"built on `{parent_base}`")
     sections = [
         f"---\n{metadata.to_yaml()}\n---\n",
         f"# {repo_id.split('/')[-1]}\n",
@@ -156,7 +164,7 @@ def _usage(repo_id: str, base: str | None, kind: str, task: str, recipe: dict) -
     if task == "pretrain":
         code += ('\ninputs = tokenizer("Once upon a time", return_tensors="pt")\n'
                  "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))\n")
-    elif task == "sft":
+    elif task in ("sft", "dpo", "kto", "orpo", "simpo"):
         code += ('\nmessages = [{"role": "user", "content": "Give three tips for staying healthy."}]\n'
                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
                  "return_dict=True)\n"

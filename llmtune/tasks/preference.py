@@ -79,7 +79,8 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
     if parent:
         record["sft_parent"] = parent
     return Job(trainer, model_path, summarize=summarize(recipe.task), record=record,
-               metrics={"data": {"rows": sizes, "dropped": dropped}})
+               metrics={"data": {"rows": sizes, "dropped": dropped}},
+               after_training=lambda run_dir: drop_reference_adapter(trainer.model))
 
 
 def validate(recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:
@@ -159,6 +160,13 @@ def merged_sft_model(run_dir: Path) -> Path:
         logger.info("Merging the SFT adapter of %s into its base once (cached in %s)", run_dir, target)
         merge_adapter(run_dir, target)
     return target
+
+
+def drop_reference_adapter(model: Any) -> dict[str, Any]:
+    """trl's frozen copy of a continued adapter ('ref') is not part of the result: save only the trained one."""
+    if isinstance(model, PeftModel) and "ref" in model.peft_config:
+        model.delete_adapter("ref")
+    return {}
 
 
 def reference_model(recipe: Recipe, attention: str) -> Any:
