@@ -174,3 +174,32 @@ def test_two_process_lora_sft_saves_one_whole_adapter_that_loads(alpaca_files, t
             base = model(**ids).logits
     assert (tuned - base).abs().max() > 1e-3  # the reloaded adapter is the trained one, not a fresh zero update
     shutil.rmtree(run_dir)
+
+
+@pytest.mark.slow  # two real processes
+def test_two_process_dpo_trains_together_with_an_unscaled_loss(tiny_llama, tmp_path):
+    import gzip
+
+    with gzip.open(SHARED_DATA / "preference" / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as handle:
+        pairs = tmp_path / "hh.jsonl"
+        pairs.write_text("".join(next(handle) for _ in range(30)))
+    run_dir = tmp_path / "ddp-dpo"
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "task": "dpo", "model": {"name": tiny_llama},
+        "data": {"train_file": str(pairs), "holdout_every": 5, "max_length": 160}, "method": {"type": "lora"},
+        "training": {"max_steps": 2, "batch_size": 2, "global_batch_size": 4, "learning_rate": 1e-3, "log_every": 1,
+                     "eval_every": "no", "save_every": 2, "precision": "fp32"},
+        "output": {"dir": str(run_dir)},
+    }))
+    result = accelerate_launch("cpu_ddp", "train", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["world_size"] == 2 and record["global_batch_size"] == 4
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["ranks_in_sync"] is True
+    # The first step's policy equals its reference (a new adapter is a no-op), so every pair's DPO loss is
+    # -log sigmoid(0) = ln 2; a loss scaled by the number of processes would read 1.386.
+    state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    first = next(entry for entry in state["log_history"] if "loss" in entry)
+    assert first["step"] == 1 and first["loss"] == pytest.approx(0.6931, abs=1e-3)
