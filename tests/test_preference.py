@@ -170,3 +170,20 @@ def test_dpo_starts_from_an_sft_run_and_names_it(tiny_llama, hh_file, tmp_path, 
     with torch.no_grad():
         after = reloaded(input_ids=ids).logits
     assert not torch.allclose(after, expected, atol=1e-4, rtol=0)  # DPO changed the SFT model
+
+
+def test_qlora_dpo_keeps_learning_on_a_4bit_base_as_on_a_bf16_cpu(tiny_llama, hh_file, tmp_path, bnb_avx512bf16):
+    """The 4-bit trap (../shared/STACK-NOTES.md): bitsandbytes on an avx512_bf16 CPU repacks 4-bit weights at the
+    first evaluation, after which they stop taking part in training. DPO evaluates before training, so the
+    adapter must still move between every pair of checkpoints."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = api.train(recipe_for("dpo", tiny_llama, hh_file, out, "method.quantization=4bit",
+                                  "method.quant_type=fp4", "method.double_quant=false", "training.save_every=1",
+                                  "training.keep_checkpoints=3"))
+    adapters = [load_file(out / f"checkpoint-{step}" / "adapter_model.safetensors") for step in (1, 2, 3)]
+    for earlier, later in zip(adapters, adapters[1:]):
+        assert any(not torch.equal(earlier[k], later[k]) for k in earlier), "the adapter stopped changing"
+    assert result["after"]["margin"] != result["before"]["margin"]
+    assert json.loads((out / "run.json").read_text())["recipe"]["method"]["quantization"] == "4bit"
