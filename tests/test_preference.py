@@ -187,3 +187,16 @@ def test_qlora_dpo_keeps_learning_on_a_4bit_base_as_on_a_bf16_cpu(tiny_llama, hh
         assert any(not torch.equal(earlier[k], later[k]) for k in earlier), "the adapter stopped changing"
     assert result["after"]["margin"] != result["before"]["margin"]
     assert json.loads((out / "run.json").read_text())["recipe"]["method"]["quantization"] == "4bit"
+
+
+def test_a_reward_model_can_be_an_encoder_reading_prompt_and_reply_as_a_sentence_pair(tiny_bert, hh_file, tmp_path):
+    out = tmp_path / "run"
+    short = ("method.type=full", "data.max_length=128", "pref.max_prompt_length=96")
+    trainer = api.build_trainer(recipe_for("reward", tiny_bert, hh_file, out, *short))
+    tokenizer = trainer.processing_class
+    row = trainer.train_dataset[0]
+    assert tokenizer.sep_token_id in row["chosen_ids"][:-1]  # [CLS] prompt [SEP] reply [SEP]
+    assert len(row["chosen_ids"]) <= 128 and row["chosen_ids"][0] == tokenizer.cls_token_id
+    assert trainer.model.config.num_labels == 1
+    result = api.train(recipe_for("reward", tiny_bert, hh_file, out, *short, "output.overwrite=true"))
+    assert {"accuracy", "margin"} <= set(result["after"])
