@@ -162,3 +162,25 @@ def test_a_preference_task_on_an_encoder_names_the_model_and_reward(tiny_bert):
     recipe = load_recipe(None, ["task=dpo", f"model.name={tiny_bert}", "data.train_file=x.jsonl"])
     with pytest.raises(LlmtuneError, match=r"a bert model, but task dpo tunes a decoder.*task=reward"):
         check_decoder(tiny_bert, recipe)
+
+
+def test_real_pairs_read_the_same_in_every_layout():
+    """Real HH pairs rewritten in each layout (strings, message lists, messages + replies, message transcripts)
+    read to exactly the pairs of the original transcripts."""
+    rows = hh_rows(20)
+    reference, _ = to_pairs(Dataset.from_list(rows), "transcript_pairs", {}, None, "hh")
+    pairs = list(reference)
+    layouts = {
+        "prompt_pairs": [{"prompt": p["prompt"], "chosen": p["chosen"][0]["content"],
+                          "rejected": p["rejected"][0]["content"]} for p in pairs],
+        "messages_pairs": [{"messages": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs],
+        "transcript_pairs": [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}
+                             for p in pairs],
+    }
+    for layout, written in layouts.items():
+        data = Dataset.from_list(written)
+        assert detect_layout(data.column_names, {}, True, "x") == layout
+        read, dropped = to_pairs(data, layout, {}, None, "x")
+        assert not dropped and list(read) == pairs, layout
+    unpaired, _ = to_unpaired(Dataset.from_list(layouts["prompt_pairs"]), "prompt_pairs", {}, None, "x")
+    assert len(unpaired) == 2 * len(pairs) and sum(unpaired["label"]) == len(pairs)
