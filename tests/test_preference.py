@@ -200,3 +200,18 @@ def test_a_reward_model_can_be_an_encoder_reading_prompt_and_reply_as_a_sentence
     assert trainer.model.config.num_labels == 1
     result = api.train(recipe_for("reward", tiny_bert, hh_file, out, *short, "output.overwrite=true"))
     assert {"accuracy", "margin"} <= set(result["after"])
+
+
+@pytest.mark.parametrize("precompute", ["off", "on"])
+def test_full_fine_tuning_dpo_keeps_a_frozen_reference_or_precomputes_it(tiny_llama, hh_file, tmp_path, precompute):
+    out = tmp_path / "run"
+    extra = ("method.type=full", f"pref.precompute_reference={precompute}", "training.learning_rate=1e-4")
+    trainer = api.build_trainer(recipe_for("dpo", tiny_llama, hh_file, out, *extra))
+    if precompute == "off":
+        reference = trainer.ref_model
+        assert reference is not None and reference is not trainer.model
+        assert not any(p.requires_grad for p in reference.parameters())
+    else:
+        assert trainer.ref_model is None and trainer.precompute_ref_logps
+    result = api.train(recipe_for("dpo", tiny_llama, hh_file, out, *extra))
+    assert result["after"]["margin"] != 0 and result["train"]["weights_changed"]
