@@ -14,7 +14,8 @@ from conftest import REPO, SHARED_DATA
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["training.max_steps=2", "data.max_train_samples=24", "data.max_eval_samples=8", "lm.generation_prompts=[]"]
+SMALL = ["training.max_steps=2", "data.max_train_samples=24", "data.max_eval_samples=8", "lm.generation_prompts=[]",
+         "data.max_length=128", "pref.max_prompt_length=64"]
 
 
 def readme_commands() -> list[str]:
