@@ -132,15 +132,21 @@ def _check_hub_reachable(name: str, revision: str | None, trust_remote_code: boo
         ) from None
 
 
+def cache_entry(kind: str, name: str, source: Path) -> Path:
+    """Where llmtune caches what it derives from the file `source` (a converted GGUF, a merged SFT adapter): keyed
+    by the file's place, size and modification time, so a changed file gets a new entry."""
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / kind / f"{name}-{digest}"
+
+
 def gguf_to_safetensors(gguf_path: Path) -> Path:
     """Dequantize a .gguf checkpoint once into a cached safetensors folder and return that folder.
 
     Several processes may ask at once (a multi-process launch with a cold cache): each converts into its own
     staging folder, and whichever finishes second finds the cache entry already there and uses it.
     """
-    stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
+    target = cache_entry("gguf", gguf_path.stem, gguf_path)
     if (target / "config.json").is_file():
         return target
     check_gguf_file(gguf_path)

@@ -9,8 +9,6 @@ reward margin, log-probabilities), trains, evaluates after and saves as for SFT.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,14 @@ from llmtune.data.lm_tokenize import setup_chat_template
 from llmtune.data.preference import chat_prompt_tokens, load_preference_splits
 from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
+from llmtune.files import read_json
 from llmtune.generation import GenerationLogger, set_generation_eos
 from llmtune.models.adapters import apply_method, log_trainable_parameters
 from llmtune.models.attention import attention_for
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
 from llmtune.models.merge import merge_adapter
 from llmtune.models.quantization import keep_adapters_in_compute_dtype, prepare_for_training
-from llmtune.models.sources import ResolvedModel, cache_dir, resolve_model
+from llmtune.models.sources import ResolvedModel, cache_entry, resolve_model
 from llmtune.models.trained import find_base
 from llmtune.precision import resolved_precision
 from llmtune.preference_trainers import build_trainer, summarize
@@ -50,10 +49,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
 
     # 1. Tokenizer with its chat template, then the data in the internal form (dropped rows counted)
     with main_process_first():
-        tokenizer = load_tokenizer(source.path, recipe)
-        added_tokens = setup_chat_template(tokenizer, recipe.lm.chat_template)
-        splits, layout, dropped = load_preference_splits(recipe.data, recipe.training.seed, recipe.task != "kto",
-                                                         chat_prompt_tokens(tokenizer), recipe.pref.max_prompt_length)
+        tokenizer, added_tokens, splits, layout, dropped = load_data(recipe, source)
 
     # 2. Model: the checkpoint, or the SFT run's model (its adapter merged, or trained further)
     attention = attention_for(recipe.model.attention, False, resolved_precision(recipe.training.precision))
@@ -87,14 +83,21 @@ def validate(recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:
     """What `llmtune validate` reports: the data layout, rows kept and dropped per split."""
     assert source is not None
     check_decoder(source.path, recipe)
-    tokenizer = load_tokenizer(source.path, recipe)
-    setup_chat_template(tokenizer, recipe.lm.chat_template)
-    splits, layout, dropped = load_preference_splits(recipe.data, recipe.training.seed, recipe.task != "kto",
-                                                     chat_prompt_tokens(tokenizer), recipe.pref.max_prompt_length)
+    _, _, splits, layout, dropped = load_data(recipe, source)
     return {"format": layout, "rows": {s: len(r) for s, r in splits.items()}, "dropped": dropped}
 
 
 # --- pieces -------------------------------------------------------------------------------------------------
+
+
+def load_data(recipe: Recipe, source: ResolvedModel) -> tuple[Any, bool, dict[str, Any], str, dict]:
+    """(tokenizer with its chat template, whether that added tokens, the splits in the internal form, the layout,
+    rows dropped per split and reason)."""
+    tokenizer = load_tokenizer(source.path, recipe)
+    added_tokens = setup_chat_template(tokenizer, recipe.lm.chat_template)
+    splits, layout, dropped = load_preference_splits(recipe.data, recipe.training.seed, recipe.task != "kto",
+                                                     chat_prompt_tokens(tokenizer), recipe.pref.max_prompt_length)
+    return tokenizer, added_tokens, splits, layout, dropped
 
 
 def check_decoder(path: str, recipe: Recipe) -> None:
@@ -113,7 +116,7 @@ def sft_parent(path: str) -> dict[str, Any] | None:
     folder = Path(path)
     if not (folder / RUN_RECORD).is_file():
         return None
-    record = json.loads((folder / RUN_RECORD).read_text())
+    record = read_json(folder / RUN_RECORD)
     adapter = (folder / "adapter_config.json").is_file()
     return {"run_dir": str(folder), "task": record.get("recipe", {}).get("task"), "adapter": adapter,
             "base": record.get("model_path") if adapter else None,
@@ -137,8 +140,7 @@ def starting_model(recipe: Recipe, source: ResolvedModel, parent: dict[str, Any]
                 "method.type=lora, or pref.sft_adapter=merge to fine-tune the merged SFT model in full."
             )
         folder = Path(source.path)
-        adapter = json.loads((folder / "adapter_config.json").read_text())
-        path = find_base(folder, adapter, json.loads((folder / RUN_RECORD).read_text()), None)
+        path = find_base(folder, read_json(folder / "adapter_config.json"), read_json(folder / RUN_RECORD), None)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention,
                                                  **pretrained_arguments(recipe, path))
     if not continuing:
@@ -152,10 +154,7 @@ def starting_model(recipe: Recipe, source: ResolvedModel, parent: dict[str, Any]
 
 def merged_sft_model(run_dir: Path) -> Path:
     """The SFT run's adapter merged into its base, once, in llmtune's cache (checked like `llmtune merge`)."""
-    adapter = run_dir / "adapter_model.safetensors"
-    stat = adapter.stat()
-    key = hashlib.sha256(f"{run_dir.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "merged-sft" / f"{run_dir.name}-{key}"
+    target = cache_entry("merged-sft", run_dir.name, run_dir / "adapter_model.safetensors")
     if not (target / "config.json").is_file():
         logger.info("Merging the SFT adapter of %s into its base once (cached in %s)", run_dir, target)
         merge_adapter(run_dir, target)
