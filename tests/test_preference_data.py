@@ -184,3 +184,13 @@ def test_real_pairs_read_the_same_in_every_layout():
         assert not dropped and list(read) == pairs, layout
     unpaired, _ = to_unpaired(Dataset.from_list(layouts["prompt_pairs"]), "prompt_pairs", {}, None, "x")
     assert len(unpaired) == 2 * len(pairs) and sum(unpaired["label"]) == len(pairs)
+
+
+def test_kto_rows_with_an_empty_prompt_are_dropped_and_counted_and_bad_messages_name_the_row():
+    rows = Dataset.from_list([{"prompt": " ", "completion": "c", "label": True},
+                              {"prompt": "p", "completion": "c", "label": False}])
+    kept, dropped = to_unpaired(rows, "unpaired", {}, None, "feedback.jsonl")
+    assert len(kept) == 1 and dropped == {"empty prompt": 1}
+    bad = Dataset.from_list([{"prompt": "p", "completion": ["not a message"], "label": True}])
+    with pytest.raises(LlmtuneError, match=r"feedback\.jsonl, row 0: the reply is list"):
+        to_unpaired(bad, "unpaired", {}, None, "feedback.jsonl")

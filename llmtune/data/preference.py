@@ -101,8 +101,13 @@ def to_unpaired(rows: Dataset, layout: str, mapping: dict[str, str], system_prom
                 f"{where}, row {index}: '{col('label')}' is {label!r}; kto labels are true (a desirable completion) "
                 "or false (an undesirable one)."
             )
-        prompt = _prompt_messages(row[col("prompt")])
-        completion = _reply_messages(row[col("completion")], prompt)
+        try:
+            prompt = _prompt_messages(row[col("prompt")])
+            completion = _reply_messages(row[col("completion")], prompt)
+        except _Dropped as dropped:
+            return {"prompt": [], "completion": [], "label": False, "dropped": str(dropped)}
+        except LlmtuneError as exc:
+            raise LlmtuneError(f"{where}, row {index}: {exc}") from None
         if system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
         empty = not completion[0]["content"].strip()
