@@ -3,7 +3,8 @@
 Each method trains on a seeded sample of the 1,850 training pairs and is evaluated before and after on the fixed
 held-out pairs (every 5th of 2,312: 462; ../shared/data/preference/README.md), in the same run:
   dpo, kto, orpo, simpo: preference accuracy (share of held-out pairs whose chosen reply gets the higher implicit
-  reward - ties count as not preferred), mean reward margin; reward: pairwise accuracy of the reward model.
+  reward; before DPO/KTO training every pair ties, which counts as 0.5), mean reward margin; reward: pairwise
+  accuracy of the reward model.
 The gain over 0.5 is tested with an exact one-sided binomial (sign) test on the held-out pairs.
 
 `--memory` instead measures the peak resident memory of a few DPO steps, each in its own process: LoRA (the

@@ -147,6 +147,10 @@ def summarize(task: str) -> Any:
                 if candidate in raw:
                     found[name] = raw[candidate]
                     break
+        if found.get("accuracy") == 0.0 and found.get("margin") == 0.0:
+            # trl counts a tie as 'not preferred'. No pair preferred and a mean margin of exactly 0 means every margin
+            # is 0: every pair ties, as before DPO training, where the policy is its reference. A tie is a coin flip.
+            found["accuracy"] = 0.5
         return found
 
     return metrics

@@ -53,6 +53,8 @@ def test_each_preference_task_trains_evaluates_and_saves_an_adapter(tiny_llama, 
     assert set(result["before"]) >= metrics and set(result["after"]) >= metrics
     assert result["after"] != result["before"]  # three steps at a high learning rate move every number
     assert result["train"]["weights_changed"]
+    if task == "dpo":  # before training the policy is its reference: every pair ties, a coin flip
+        assert result["before"]["margin"] == 0.0 and result["before"]["accuracy"] == 0.5
     record = json.loads((out / "run.json").read_text())
     assert record["format"] == "transcript_pairs"
     paired = task != "kto"

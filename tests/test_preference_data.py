@@ -194,3 +194,15 @@ def test_kto_rows_with_an_empty_prompt_are_dropped_and_counted_and_bad_messages_
     bad = Dataset.from_list([{"prompt": "p", "completion": ["not a message"], "label": True}])
     with pytest.raises(LlmtuneError, match=r"feedback\.jsonl, row 0: the reply is list"):
         to_unpaired(bad, "unpaired", {}, None, "feedback.jsonl")
+
+
+def test_accuracy_counts_a_tie_as_half_and_otherwise_keeps_trls_number():
+    from llmtune.preference_trainers import summarize
+
+    metrics = summarize("dpo")
+    tied = {"eval_loss": 0.69, "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0}
+    assert metrics(tied, "eval_before_")["accuracy"] == 0.5  # every margin 0: every pair tied
+    lost = {"eval_rewards/accuracies": 0.0, "eval_rewards/margins": -0.2}
+    assert metrics(lost, "eval_")["accuracy"] == 0.0
+    won = {"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.1}
+    assert metrics(won, "eval_") == {"accuracy": 0.75, "margin": 0.1}
