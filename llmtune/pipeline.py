@@ -28,6 +28,8 @@ from llmtune.files import make_public, write_json
 from llmtune.models.adapters import is_adapter, parameter_summary
 from llmtune.models.loading import check_max_length
 from llmtune.models.sources import ResolvedModel, hub_base_model, resolve_model
+from llmtune.observe.console import attach_console, quiet_libraries, summary_table
+from llmtune.observe.report import write_report
 from llmtune.precision import resolved_precision
 from llmtune.runs import (
     METRICS_FILE,
@@ -79,6 +81,7 @@ def resolve_source(recipe: Recipe) -> ResolvedModel | None:
 def build(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     """Check the run directory, then let the task build its ready-to-train job (nothing is written yet)."""
     seed_everything(recipe)
+    quiet_libraries()
     source = resolve_source(recipe)
     name = source.short_name if source else f"scratch-{recipe.scratch.architecture}"
     run_dir = run_dir_for(recipe.output.dir, recipe.task, name, resume)
@@ -93,6 +96,7 @@ def build(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     barrier()  # every process has checked before the main one claims the directory
     job = task_module(recipe.task).build(recipe, source, run_dir, resume)
     attach_run_callbacks(job.trainer, recipe.training, run_dir)
+    attach_console(job.trainer, run_dir)
     return Run(recipe, job, run_dir, resume_from, previous, changed)
 
 
@@ -117,7 +121,9 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
     if not trainer.is_world_process_zero():
         return metrics
     write_json(run_dir / METRICS_FILE, metrics)  # one writer, one report, one push
-    log_summary(metrics, run_dir)
+    trainer.save_state()  # trainer_state.json: the log history the report plots
+    report(run_dir)
+    logger.info("Done.\n%s", summary_table(metrics, run_dir))
     if recipe.output.push_to_hub:
         from llmtune.hub.push import push
 
@@ -240,9 +246,12 @@ def save(run: Run) -> None:
         logger.info("Saved the %s to %s", "adapter" if kind == "adapter" else f"{kind} model", run_dir)
 
 
-def log_summary(metrics: dict[str, Any], run_dir: Path) -> None:
-    before, after = metrics.get("before", {}), metrics.get("after", {})
-    for name, value in after.items():
-        if name in before and not name.endswith(("runtime", "per_second", "epoch", "preparation_time")):
-            logger.info("%-14s before %.4f -> after %.4f", name, before[name], value)
-    logger.info("Run saved in %s", run_dir)
+def report(run_dir: Path) -> None:
+    """Write the run's report; a plotting failure is reported, never fatal: the trained model is already saved."""
+    try:
+        path = write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure here must not cost the user the finished run
+        logger.warning("Could not write the report (%s: %s); rebuild it with: llmtune report %s",
+                       type(exc).__name__, exc, run_dir)
+        return
+    logger.info("Report: %s", path)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from llmtune.callbacks import StopOnSignal, TrainingSanity
 from llmtune.checkpoints import CompleteCheckpoints, newest_complete, save_failure
@@ -116,7 +117,7 @@ def training_arguments(
         greater_is_better=not metric.endswith("loss"),
         dataloader_num_workers=cfg.dataloader_workers,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and padded else "random",
-        report_to="none",
+        report_to=cfg.report_to or "none",
         ddp_find_unused_parameters=False,  # frozen base weights are not "unused"; searching for them costs a pass
     )
     return args_class(**{**arguments, **task_arguments})
@@ -155,6 +156,9 @@ def attach_run_callbacks(trainer: Any, cfg: TrainingConfig, run_dir: Path) -> No
     for callback in (SeededLengthGroupedOrder(cfg.seed), TrainingSanity(cfg.learning_rate),
                      CompleteCheckpoints(run_dir, cfg.keep_checkpoints)):
         trainer.add_callback(callback)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):  # a fixed folder in the run, not runs/<time>_<host>
+            callback.logging_dir = str(run_dir / "tensorboard")
 
 
 def _callback(trainer: Any, kind: type) -> Any:
@@ -212,6 +216,8 @@ def train_and_evaluate(
             logger.error("The %d processes ended with different weights: they did not train together.",
                          trainer.args.world_size)
     if trainer.eval_dataset is not None:
+        # Early stopping judges evaluations during training; given the final one (keys 'after_*') it only warns.
+        trainer.remove_callback(EarlyStoppingCallback)
         metrics["after"] = summarize(trainer.evaluate(metric_key_prefix="after"), "after_")
     return metrics
 

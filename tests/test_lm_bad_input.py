@@ -15,7 +15,8 @@ def sft(capsys, model: str, data, tmp_path, *extra: str, command: str = "validat
     code = main([command, "recipes/smollm2_alpaca_lora.yaml", f"model.name={model}", "data.dataset=null",
                  f"data.train_file={data}", "data.eval_split=null", "data.validation_fraction=0", "data.format=auto",
                  "training.max_steps=1", f"output.dir={tmp_path / 'run'}", "lm.generation_prompts=[]", *extra])
-    return code, capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    return code, lines[-1] if lines else ""
 
 
 def user(text):

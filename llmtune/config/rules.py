@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from llmtune.config.schema import Recipe
-from llmtune.config.vocab import DPO_LOSSES, KTO_LOSSES, OPTIMIZERS, PREFERENCE_TASKS, task_metrics
+from llmtune.config.vocab import DPO_LOSSES, KTO_LOSSES, OPTIMIZERS, PREFERENCE_TASKS, TRACKERS, task_metrics
 from llmtune.errors import LlmtuneError, did_you_mean
 
 
@@ -145,6 +145,7 @@ def check(recipe: Recipe) -> None:
         check_repo_id(output.push_to_hub, "output.push_to_hub")
 
     _check_metrics(recipe)
+    _check_trackers(recipe.training.report_to)
     _check_causal_lm(recipe)
     _check_preference(recipe)
 
@@ -162,6 +163,24 @@ def check_repo_id(repo_id: str, where: str) -> None:
 
 
 MIXTURE_KEYS = ("train_file", "dataset", "subset", "train_split", "weight", "format", "columns")
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Each tracker is one transformers knows, and its package is installed (looked up, not imported)."""
+    import importlib.util
+
+    for name in names:
+        if name not in TRACKERS:
+            raise LlmtuneError(
+                f"'training.report_to' names {name!r}, which is not a tracker llmtune knows.{did_you_mean(name, TRACKERS)} "
+                f"Available: {', '.join(TRACKERS)}; or leave the list empty."
+            )
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise LlmtuneError(
+                f"'training.report_to' names {name!r}, but its package is not installed: pip install {package} "
+                f"(or drop {name!r} from training.report_to)."
+            )
 
 
 def _check_metrics(recipe: Recipe) -> None:

@@ -200,6 +200,12 @@ class TrainingConfig:
         "eval", "Checkpoint every N steps, every 'epoch', with each evaluation ('eval'), or 'no'."
     )
     log_every: int = _field(10, "Log the training loss every N steps.")
+    report_to: list[str] = _field(
+        [], "Experiment trackers that receive every logged value, through transformers' integrations: tensorboard "
+        "(event files in the run's tensorboard/ folder), trackio, wandb, mlflow, comet_ml, neptune, clearml, dvclive, "
+        "swanlab, codecarbon. Each needs its package installed; online trackers follow their own settings (e.g. "
+        "WANDB_MODE=offline). Default: none (the run's report.html and trainer_state.json always exist).",
+    )
     keep_checkpoints: int = _field(2, "Checkpoints kept on disk (the best one is always kept).")
     metric_for_best: str | None = _field(
         None, "Eval metric that picks the best checkpoint and drives early stopping (default: the task's main metric)."
@@ -357,6 +363,22 @@ class ScratchConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Read by `llmtune sweep` only; `llmtune train` trains the recipe's own values."""
+
+    space: dict[str, dict[str, list[int | float | str]]] = _field(
+        {}, "Recipe keys to search and their ranges: {log_uniform: [lo, hi]}, {uniform: [lo, hi]}, {int: [lo, hi]}, "
+        "{choice: [a, b, ...]}; e.g. training.learning_rate: {log_uniform: [1e-5, 1e-3]}.",
+    )
+    metric: str | None = _field(None, "Evaluation metric to optimise (default: the task's main metric, e.g. accuracy).")
+    direction: Literal["auto", "maximize", "minimize"] = _field(
+        "auto", "auto: minimize losses and perplexity, maximize everything else.")
+    trials: int = _field(10, "Finished trials (complete or pruned) the sweep runs to; --trials overrides it.")
+    pruning: bool = _field(True, "Stop trials whose evaluations fall below the median of earlier trials at the same "
+                           "step (Optuna's median pruner, after 2 finished trials).")
+
+
+@dataclass
 class Recipe:
     task: Literal["classification", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward"] = _field(
         "classification",
@@ -375,3 +397,4 @@ class Recipe:
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)

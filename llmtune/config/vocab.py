@@ -51,3 +51,17 @@ def task_metrics(task: str) -> tuple[str, ...]:
     if task in ("dpo", "orpo", "simpo"):
         return PREFERENCE_METRICS
     return {"classification": CLASSIFICATION_METRICS, "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(task, LM_METRICS)
+
+# Experiment trackers (training.report_to), through transformers' integrations: name -> (module, pip package).
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "trackio": ("trackio", "trackio"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "neptune": ("neptune", "neptune"),
+    "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"),
+    "swanlab": ("swanlab", "swanlab"),
+    "codecarbon": ("codecarbon", "codecarbon"),
+}

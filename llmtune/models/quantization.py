@@ -97,7 +97,7 @@ def prepare_for_training(model: torch.nn.Module, method: MethodConfig, gradient_
         # storage of the 4-bit weights; only let gradients reach the adapters through frozen inputs.
         model.enable_input_require_grads()
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         # Casts layer norms and embeddings to fp32 and lets gradients reach the adapters through frozen inputs.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

@@ -162,6 +162,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
         completion_only_loss=False,  # the assistant masks already say what is trained
         assistant_only_loss=False,
         dataset_num_proc=data.preprocessing_workers,
+        include_num_input_tokens_seen="non_padding",  # tokens per second on the console and in the report
     )
     callbacks: list[TrainerCallback] = early_stopping(recipe.training)
     if lm.generation_prompts:

@@ -25,7 +25,7 @@ from llmtune.data.loading import load_splits, require_columns
 from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
 from llmtune.files import write_text
-from llmtune.metrics import MetricComputer, softmax
+from llmtune.metrics import MetricComputer, class_report, softmax
 from llmtune.models.adapters import apply_method
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
 from llmtune.models.sources import ResolvedModel
@@ -66,6 +66,7 @@ def build(recipe: Recipe, source: ResolvedModel, run_dir: Path, resume: bool = F
     model = apply_method(model, recipe.method, TaskType.SEQ_CLS, recipe.training.gradient_checkpointing)
 
     # 4. Trainer
+    scores = MetricComputer(recipe.eval.metrics or list(CLASSIFICATION_METRICS), len(labels))
     trainer = Trainer(
         model=model,
         # The loss is a mean over examples. With token averaging across devices on (the default), transformers
@@ -77,13 +78,13 @@ def build(recipe: Recipe, source: ResolvedModel, run_dir: Path, resume: bool = F
         eval_dataset=encoded.get("eval"),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=MetricComputer(recipe.eval.metrics or list(CLASSIFICATION_METRICS), len(labels)),
+        compute_metrics=scores,
         callbacks=early_stopping(recipe.training),
     )
     return Job(
         trainer, source.path, summarize=_strip,
         record={"labels": labels, "data_sizes": {split: len(rows) for split, rows in splits.items()}},
-        after_training=partial(write_predictions, trainer, splits, encoded, labels, data) if "test" in encoded else None,
+        after_training=partial(after_training, trainer, scores, splits, encoded, labels, data),
     )
 
 
@@ -170,6 +171,16 @@ def encode(
     if split == "test" and has_labels and all(v == -1 for v in encoded["labels"]):
         encoded = encoded.remove_columns("labels")  # an unlabeled test split (e.g. GLUE's -1 labels)
     return encoded
+
+
+def after_training(trainer: Trainer, scores: MetricComputer, splits: DatasetDict, encoded: DatasetDict,
+                   labels: list[str], data: DataConfig, run_dir: Path) -> dict[str, Any]:
+    """The confusion matrix and per-class scores of the evaluation after training (for the report), then the test
+    split's predictions."""
+    found = {"eval_details": class_report(labels, *scores.last)} if scores.last is not None else {}
+    if "test" in encoded:
+        found |= write_predictions(trainer, splits, encoded, labels, data, run_dir)
+    return found
 
 
 def write_predictions(

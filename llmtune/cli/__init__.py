@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from llmtune import __version__
+from llmtune.cli.observe_commands import add_observe_commands
 from llmtune.errors import LlmtuneError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -177,6 +178,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=int, help="Texts per forward pass (default: the run's eval batch).")
         sub.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
         sub.set_defaults(handler=_eval if name == "eval" else _predict)
+
+    add_observe_commands(commands)
     return parser
 
 
@@ -188,6 +191,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Read by transformers when (and only if) a command imports it: a recipe typo never pays for that import.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "warning")
+    if verbose:  # the libraries' own bars and warnings too (llmtune/observe/console.py); inherited by launched ranks
+        os.environ["LLMTUNE_VERBOSE"] = "1"
+
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,0 +1,117 @@
+"""The commands that look at runs rather than make them: report, plan (and their argument parsers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llmtune.errors import LlmtuneError
+
+
+def add_observe_commands(commands: Any) -> None:
+    report = commands.add_parser(
+        "report", help="(Re)build a run's report.html and plots, or compare several runs.",
+        description="One run: rebuild RUN/report.html and RUN/plots/*.png from its trainer_state.json, metrics.json "
+        "and run.json. Several runs: overlay their curves and tabulate their final metrics in --out.")
+    report.add_argument("runs", nargs="+", help="Run directories.")
+    report.add_argument("--out", default="runs/compare", help="Folder for a comparison of several runs.")
+    report.set_defaults(handler=_report)
+
+    plan = commands.add_parser(
+        "plan", help="Estimate a recipe's memory and time before training it.",
+        description="Build the recipe's model and data (nothing is written), print parameters, a per-device memory "
+        "breakdown, dataset tokens and steps, then time two training steps on the longest batch and predict peak "
+        "memory and the run's duration. With --device-memory, say whether it fits and which setting helps most.")
+    plan.add_argument("recipe", help="Path of a YAML recipe.")
+    plan.add_argument("overrides", nargs="*", help="Recipe overrides such as training.batch_size=8.")
+    plan.add_argument("--device-memory", help="Memory of one device, e.g. 24GB or 16GiB (default: not checked).")
+    plan.add_argument("--no-dry-run", action="store_true", help="Only the estimate: no measured steps.")
+    plan.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+    plan.set_defaults(handler=_plan)
+
+    sweep = commands.add_parser(
+        "sweep", help="Search hyperparameters with Optuna; each trial is an ordinary run.",
+        description="Search the recipe's sweep.space (or --space FILE) with Optuna's TPE sampler and median pruning. "
+        "Each trial is `llmtune train` in its own process and run directory under --out; the study is kept in "
+        "--out/study.db, so the same command resumes a killed sweep. Ends with trials.md, sweep.json, plots and "
+        "best_recipe.yaml.")
+    sweep.add_argument("recipe", help="Path of a YAML recipe.")
+    sweep.add_argument("overrides", nargs="*", help="Recipe overrides applied to every trial.")
+    sweep.add_argument("--trials", type=int, help="Finished trials to reach (default: sweep.trials).")
+    sweep.add_argument("--space", help="YAML file with the sweep section (space, metric, direction, trials, pruning).")
+    sweep.add_argument("--out", help="Sweep folder (default: runs/sweep-<recipe name>).")
+    sweep.add_argument("--accelerate", metavar="CONFIG", help="Launch every trial under accelerate with this config.")
+    sweep.set_defaults(handler=_sweep)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from llmtune.observe.report import write_comparison, write_report
+
+    runs = [Path(run) for run in args.runs]
+    path = write_report(runs[0]) if len(runs) == 1 else write_comparison(runs, Path(args.out))
+    print(f"Report: {path}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from llmtune.config.loader import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    device_memory = None
+    if args.device_memory:
+        from llmtune.observe.plan import parse_size
+
+        try:
+            device_memory = parse_size(args.device_memory)
+        except ValueError as exc:
+            raise LlmtuneError(f"--device-memory: {exc}.") from exc
+    from llmtune import api
+    from llmtune.observe.plan import format_plan, make_plan
+
+    with tempfile.TemporaryDirectory(prefix="llmtune-plan-") as scratch:
+        recipe.output.dir = str(Path(scratch) / "run")  # the plan writes nothing where the run will go
+        recipe.output.push_to_hub = None
+        plan = make_plan(api.build_trainer(recipe), recipe, device_memory, dry_run=not args.no_dry_run)
+    if args.json:
+        print(json.dumps({**plan.__dict__, "predicted_peak_bytes": plan.predicted_peak_bytes, "fits": plan.fits},
+                         indent=2))
+    else:
+        print(format_plan(plan))
+    return 0 if plan.fits is not False else 1
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from llmtune.config.loader import load_recipe
+
+    overrides = list(args.overrides)
+    if args.space:
+        overrides += _space_overrides(Path(args.space))
+    recipe = load_recipe(args.recipe, overrides)  # a bad recipe or space fails here, before Optuna loads
+    from llmtune.observe.sweep import Sweep, run_sweep, trials_table
+
+    out = Path(args.out or f"runs/sweep-{Path(args.recipe).stem}")
+    result = run_sweep(Sweep(args.recipe, overrides, out, args.trials or recipe.sweep.trials, args.accelerate))
+    print(trials_table(result["trials"], result["metric"]))
+    if "best" in result:
+        print(f"best: trial {result['best']['trial']}, {result['metric']} {result['best'][result['metric']]:.4f}; "
+              f"recipe {result['best_recipe']}")
+    print(f"Sweep folder: {out}")
+    return 0
+
+
+def _space_overrides(path: Path) -> list[str]:
+    import yaml
+
+    try:
+        section = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise LlmtuneError(f"--space: cannot read '{path}' ({exc}). Give a YAML file such as "
+                           "'space: {training.learning_rate: {log_uniform: [1e-5, 1e-3]}}'.") from exc
+    if not isinstance(section, dict):
+        raise LlmtuneError(f"--space: '{path}' must hold a mapping with 'space' (and optionally metric, direction, "
+                           "trials, pruning).")
+    section = section.get("sweep", section)
+    return [f"sweep.{key}={json.dumps(value)}" for key, value in section.items()]

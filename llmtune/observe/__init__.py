@@ -1,0 +1,1 @@
+"""Seeing a run: the console, the report and its plots, trackers."""

@@ -1,0 +1,266 @@
+"""`llmtune plan`: what a recipe will cost before it runs - parameters, memory per device broken down, dataset
+tokens, steps, and a time estimate from measured steps on the longest batch.
+
+The breakdown (weights by dtype, gradients, optimizer state, activations with and without checkpointing, eval
+logits) is computed from the built model and data; the activation term uses the per-layer estimate of Korthikanti
+et al. (2022), sbh(34 + 5as/h) bytes at 16-bit, scaled to the compute dtype. Then, unless the estimate already
+exceeds the device, two training steps run on the longest batch: the second is timed, and the process's peak
+memory after them (resident set on a CPU, peak allocated on CUDA) is the measured figure the plan predicts with.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmtune.config.schema import Recipe
+
+GIB = 2**30
+# Bytes of optimizer state per trainable parameter (two moments at the parameter's size for Adam-style ones).
+_STATE_PER_PARAM = {"8bit": 2.0, "sgd": 0.0, "adafactor": 0.05, "rmsprop": 1.0}
+
+
+@dataclass
+class Plan:
+    parameters: dict[str, int]
+    memory: dict[str, float]  # component -> bytes (per device)
+    tokens: dict[str, int]
+    steps: dict[str, int]
+    estimate_bytes: float
+    measured_peak_bytes: float | None = None
+    step_seconds: float | None = None
+    time_seconds: float | None = None
+    device: str = "cpu"
+    device_memory: float | None = None
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def predicted_peak_bytes(self) -> float:
+        """The measured dry-step peak when there is one (plus eval logits beyond the training batch's), else the
+        breakdown's sum."""
+        if self.measured_peak_bytes is None:
+            return self.estimate_bytes
+        return self.measured_peak_bytes + max(0.0, self.memory["eval logits"] - self.memory["training logits"])
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.predicted_peak_bytes <= self.device_memory
+
+
+def make_plan(trainer: Any, recipe: Recipe, device_memory: float | None = None, dry_run: bool = True) -> Plan:
+    """Estimate, then (if it may fit) measure, the recipe's memory and time with its built Trainer."""
+    model, args = trainer.model, trainer.args
+    lengths = [_row_length(row) for row in trainer.train_dataset]
+    batch_rows = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[: args.per_device_train_batch_size]
+    longest = max(lengths)
+    micro_batches = math.ceil(len(lengths) / (args.per_device_train_batch_size * args.world_size))
+    per_epoch = max(1, micro_batches // args.gradient_accumulation_steps)
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+    evals = _evaluations(args, steps, per_epoch)
+
+    memory = breakdown(model, recipe, args.per_device_train_batch_size, longest,
+                       args.per_device_eval_batch_size, eval_length=_eval_length(trainer))
+    estimate = sum(v for k, v in memory.items() if k not in ("activations with checkpointing", "training logits"))
+    plan = Plan(
+        parameters={"total": sum(p.numel() for p in model.parameters()),
+                    "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+        memory=memory, estimate_bytes=estimate,
+        tokens={"train": sum(lengths), "longest": longest, "mean": round(sum(lengths) / len(lengths))},
+        steps={"optimizer_steps": steps, "micro_batches_per_step": args.gradient_accumulation_steps,
+               "evaluations": evals},
+        device="cuda" if torch.cuda.is_available() else "cpu", device_memory=device_memory,
+    )
+    if dry_run and (device_memory is None or estimate <= device_memory):
+        plan.step_seconds, plan.measured_peak_bytes = dry_steps(trainer, batch_rows)
+        mean_ratio = _batch_length_ratio(lengths, args.per_device_train_batch_size, recipe)
+        eval_rows = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+        train_seconds = plan.step_seconds * mean_ratio * steps * args.gradient_accumulation_steps
+        # A forward pass costs about a third of forward + backward; per example, as the training batch does.
+        eval_seconds = evals * eval_rows / args.per_device_train_batch_size * plan.step_seconds * mean_ratio / 3
+        plan.time_seconds = train_seconds + eval_seconds
+    plan.advice = advice(plan, recipe)
+    return plan
+
+
+def breakdown(model: torch.nn.Module, recipe: Recipe, batch: int, length: int, eval_batch: int,
+              eval_length: int) -> dict[str, float]:
+    """Bytes per device by component (the activation terms for the longest training batch)."""
+    memory: dict[str, float] = {}
+    for param in model.parameters():
+        key = f"weights ({_dtype_name(param)})"
+        memory[key] = memory.get(key, 0.0) + param.numel() * param.element_size()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    memory["gradients"] = float(sum(p.numel() * p.element_size() for p in trainable))
+    per_param = next((v for k, v in _STATE_PER_PARAM.items() if k in recipe.training.optimizer), None)
+    memory["optimizer state"] = float(sum(p.numel() * (per_param if per_param is not None else 2 * p.element_size())
+                                          for p in trainable))
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    scale = _compute_bytes(recipe) / 2  # the estimate counts 16-bit activations
+    per_layer = length * batch * hidden * (34 + 5 * heads * length / max(hidden, 1)) * scale
+    inputs_only = length * batch * hidden * 2 * scale  # what checkpointing keeps per layer: its input
+    checkpointing = recipe.training.gradient_checkpointing
+    memory["activations"] = layers * (inputs_only if checkpointing else per_layer) + (per_layer if checkpointing else 0)
+    memory["activations with checkpointing"] = layers * inputs_only + per_layer
+    outputs = _output_width(model)
+    # Logits in fp32, their log-softmax and its gradient: three copies while the loss is computed.
+    memory["training logits"] = 3.0 * batch * length * outputs * 4
+    memory["eval logits"] = 2.0 * eval_batch * eval_length * outputs * 4
+    return memory
+
+
+def dry_steps(trainer: Any, rows: list[int]) -> tuple[float, float]:
+    """Two optimizer steps on the longest batch: (seconds of the second, peak bytes of the process / device)."""
+    device = trainer.args.device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+             for k, v in trainer.data_collator([trainer.train_dataset[i] for i in rows]).items()}
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    model = trainer.model
+    model.train()
+    if trainer.args.activation_checkpointing:  # as Trainer.train() would turn it on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    seconds = 0.0
+    for step in range(2):
+        start = time.perf_counter()
+        with trainer.compute_loss_context_manager():  # the run's autocast
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        seconds = time.perf_counter() - start if step else seconds
+    if torch.cuda.is_available():
+        return seconds, float(torch.cuda.max_memory_allocated())
+    return seconds, float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def advice(plan: Plan, recipe: Recipe) -> list[str]:
+    """What to change when it will not fit: the knob that saves the most first."""
+    if plan.fits is not False:
+        return []
+    memory, training, method = plan.memory, recipe.training, recipe.method
+    savings = []
+    if not training.gradient_checkpointing:
+        savings.append((memory["activations"] - memory["activations with checkpointing"],
+                        "training.gradient_checkpointing=true"))
+    if training.batch_size > 1:
+        savings.append((memory["activations"] / 2 + memory["training logits"] / 2,
+                        f"training.batch_size={training.batch_size // 2} with "
+                        f"training.gradient_accumulation={training.gradient_accumulation * 2} (same global batch)"))
+    if "8bit" not in training.optimizer and memory["optimizer state"] > 0:
+        savings.append((memory["optimizer state"] * 0.75, "training.optimizer=adamw_8bit"))
+    weights = sum(v for k, v in memory.items() if k.startswith("weights"))
+    if method.type == "full":
+        savings.append((memory["gradients"] + memory["optimizer state"], "method.type=lora"))
+    elif method.quantization == "none":
+        savings.append((weights * 0.7, "method.quantization=4bit (QLoRA)"))
+    return [f"{knob}: saves about {saved / GIB:.2f} GiB" for saved, knob in sorted(savings, reverse=True) if saved > 0]
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"parameters   {plan.parameters['total']:,} total, {plan.parameters['trainable']:,} trainable",
+             f"data         {plan.tokens['train']:,} training tokens (longest example {plan.tokens['longest']}, "
+             f"mean {plan.tokens['mean']})",
+             f"steps        {plan.steps['optimizer_steps']} optimizer steps x {plan.steps['micro_batches_per_step']} "
+             f"micro-batches, {plan.steps['evaluations']} evaluations",
+             f"memory per device ({plan.device}), estimated:"]
+    for name, value in plan.memory.items():
+        lines.append(f"  {name:<32s} {value / GIB:8.3f} GiB")
+    lines.append(f"  {'sum (process baseline not included)':<32s} {plan.estimate_bytes / GIB:8.3f} GiB")
+    if plan.measured_peak_bytes is not None:
+        lines.append(f"measured     peak {plan.measured_peak_bytes / GIB:.2f} GiB after two steps on the longest "
+                     f"batch; {plan.step_seconds:.2f} s per step")
+        lines.append(f"predicted    peak {plan.predicted_peak_bytes / GIB:.2f} GiB, time {_duration(plan.time_seconds)}")
+    if plan.device_memory is not None:
+        verdict = "fits" if plan.fits else "will NOT fit"
+        lines.append(f"verdict      {verdict} in {_size(plan.device_memory)}")
+        lines += [f"  try {line}" for line in plan.advice]
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> float:
+    """'24GB', '24GiB', '24G', '512MB' -> bytes (powers of 1024, as memory is sold and reported)."""
+    units = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 2**40, "tb": 2**40}
+    number = text.strip().lower()
+    digits = "".join(ch for ch in number if ch.isdigit() or ch == ".")
+    unit = number[len(digits):].strip()
+    if not digits or unit not in units:
+        raise ValueError(f"{text!r} is not a size; write e.g. 24GB or 512MB")
+    return float(digits) * units[unit]
+
+
+# --- pieces ------------------------------------------------------------------------------------------------
+
+
+def _row_length(row: dict[str, Any]) -> int:
+    """Tokens a training row puts through the model (a preference pair: the prompt twice, each reply once)."""
+    ids = {k: len(v) for k, v in row.items()
+           if k.endswith("input_ids") or k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")}
+    if "chosen_ids" in ids:
+        return 2 * ids.get("prompt_ids", 0) + ids["chosen_ids"] + ids.get("rejected_ids", 0)
+    return sum(ids.values())
+
+
+def _eval_length(trainer: Any) -> int:
+    data = trainer.eval_dataset
+    return max((_row_length(row) for row in data), default=0) if data is not None else 0
+
+
+def _evaluations(args: Any, steps: int, per_epoch: int) -> int:
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    count = {"steps": steps // args.eval_steps if args.eval_steps else 0,
+             "epoch": math.ceil(steps / per_epoch)}.get(strategy, 0)
+    return count + 1 + int(bool(args.eval_on_start))  # plus the final evaluation
+
+
+def _batch_length_ratio(lengths: list[int], batch: int, recipe: Recipe) -> float:
+    """Mean cost of a batch relative to the longest one: padded batches cost their longest row, so chunk the rows
+    as training will (by length when length-grouped, shuffled otherwise) and average the chunks' maxima. Packed
+    batches are all full."""
+    if recipe.task in ("sft", "pretrain") and recipe.lm.packing:
+        return 1.0
+    import random
+
+    order = sorted(lengths) if recipe.training.group_by_length else random.Random(0).sample(lengths, len(lengths))
+    maxima = [max(order[i:i + batch]) for i in range(0, len(order), batch)]
+    return sum(maxima) / len(maxima) / max(lengths)
+
+
+def _compute_bytes(recipe: Recipe) -> int:
+    from llmtune.precision import resolved_precision
+
+    return 2 if resolved_precision(recipe.training.precision) in ("bf16", "fp16") else 4
+
+
+def _output_width(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    labels = getattr(config, "num_labels", None)
+    if "ForCausalLM" in type(getattr(model, "base_model", model)).__name__ or hasattr(model, "lm_head") or (
+            hasattr(getattr(model, "base_model", None), "model") and hasattr(model.base_model.model, "lm_head")):
+        return getattr(config, "vocab_size", 0) or 0
+    return labels or 1
+
+
+def _dtype_name(param: torch.Tensor) -> str:
+    if param.dtype == torch.uint8:
+        return "4-bit packed"
+    if param.dtype == torch.int8:
+        return "int8"
+    return str(param.dtype).removeprefix("torch.")
+
+
+def _size(size: float) -> str:
+    return f"{size / GIB:.1f} GiB" if size >= GIB else f"{size / 2**20:.0f} MiB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{rest:02d}s"

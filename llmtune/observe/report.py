@@ -1,0 +1,269 @@
+"""A run's report: PNG plots of its curves and one self-contained `report.html` (images inline, opens offline).
+
+Everything is read from the run directory - `trainer_state.json` (the Trainer's log history), `metrics.json`,
+`run.json`, `generations.jsonl` - so `llmtune report RUN` rebuilds it at any time, and `llmtune report A B ...`
+overlays several runs' curves and tabulates their final metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from llmtune.errors import LlmtuneError
+from llmtune.files import write_text
+from llmtune.observe.console import is_timing
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+# Curves of the training logs: (log key, title, y label).
+TRAINING_CURVES = [
+    ("learning_rate", "Learning rate", "learning rate"),
+    ("grad_norm", "Gradient norm", "norm"),
+    ("throughput_tokens_per_second", "Throughput", "tokens / s"),
+    ("throughput_samples_per_second", "Throughput", "samples / s"),
+    ("rewards/margins", "Reward margin (training batches)", "margin"),
+    ("rewards/accuracies", "Preference accuracy (training batches)", "accuracy"),
+]
+_FINAL = ("after_", "test_")  # evaluations after training: single numbers, in the metrics table
+
+
+Series = dict[str, tuple[list[float], list[float]]]
+
+
+def log_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise LlmtuneError(f"'{run_dir}' has no {STATE_FILE}: it is not a finished llmtune run (runs made before "
+                           "llmtune 0.x wrote it can be reported from their last checkpoint folder).")
+    return json.loads(path.read_text())["log_history"]
+
+
+def curves(history: Iterable[dict[str, Any]]) -> Series:
+    """Every numeric log key as a curve over steps: 'loss' (training), 'eval_loss', 'eval_accuracy', ... Entries
+    are kept in log order; a key logged twice at one step (a resumed run) keeps both."""
+    series: Series = {}
+    for entry in history:
+        step = entry.get("step")
+        if step is None or "train_runtime" in entry:  # the end-of-training summary is not a point on a curve
+            continue
+        for key, value in entry.items():
+            if key in ("step", "epoch", "total_flos") or key.startswith(_FINAL) or is_timing(key):
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(step)
+                values.append(float(value))
+    return series
+
+
+# --- figures -----------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, also on a headless server
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curve_figure(runs: dict[str, Series], keys: list[str], title: str, ylabel: str):
+    """One figure: the given log keys (e.g. 'loss' and 'eval_loss') of every run, against the step."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for run_name, series in runs.items():
+        for key in keys:
+            if key in series:
+                steps, values = series[key]
+                label = key if len(runs) == 1 else f"{run_name}: {key}"
+                axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_figure(labels: list[str], matrix: list[list[int]]):
+    plt = _pyplot()
+    size = max(3.6, 0.5 * len(labels) + 2)
+    figure, axes = plt.subplots(figsize=(size, size), dpi=100)
+    axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            axes.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    axes.set_title("Confusion matrix (evaluation after training)")
+    figure.tight_layout()
+    return figure
+
+
+def figures(runs: dict[str, Series]) -> dict[str, Any]:
+    """The report's curves, by file name: loss, each training curve the runs logged, each evaluation metric."""
+    found = set().union(*(series.keys() for series in runs.values()))
+    out = {}
+    if found & {"loss", "eval_loss"}:
+        out["loss.png"] = curve_figure(runs, ["loss", "eval_loss"], "Loss", "loss")
+    for key, title, ylabel in TRAINING_CURVES:
+        if key in found:
+            out[f"{_file_name(key)}.png"] = curve_figure(runs, [key], title, ylabel)
+    for runs_series_key in sorted(k for k in found if k.startswith("eval_") and k != "eval_loss"):
+        name = runs_series_key.removeprefix("eval_")
+        out[f"eval_{_file_name(name)}.png"] = curve_figure(runs, [runs_series_key], f"Evaluation: {name}", name)
+    return out
+
+
+def _file_name(key: str) -> str:
+    return key.replace("/", "_")
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+def write_report(run_dir: Path) -> Path:
+    """(Re)build `plots/*.png` and `report.html` in a run directory; returns the report's path."""
+    run_dir = Path(run_dir)
+    series = curves(log_history(run_dir))
+    metrics = _read_json(run_dir / "metrics.json")
+    record = _read_json(run_dir / "run.json")
+    pictures = figures({run_dir.name: series})
+    details = metrics.get("eval_details") or {}
+    if details.get("confusion_matrix"):
+        pictures["confusion_matrix.png"] = confusion_figure(details["labels"], details["confusion_matrix"])
+    images = _save_figures(pictures, run_dir / PLOTS_DIR)
+    sections = [_metrics_section({run_dir.name: metrics})]
+    if details.get("per_class"):
+        sections.append(_per_class_section(details["per_class"]))
+    sections.append(_images_section(images))
+    generations = _generations(run_dir / "generations.jsonl")
+    if generations:
+        sections.append(_generations_section(generations))
+    sections.append(_run_section(record))
+    title = f"llmtune report: {run_dir.name}"
+    path = run_dir / REPORT_FILE
+    write_text(path, _page(title, sections))
+    return path
+
+
+def write_comparison(run_dirs: list[Path], out_dir: Path) -> Path:
+    """Overlay the curves of several runs and tabulate their final metrics, in `out_dir`."""
+    names = _unique_names(run_dirs)
+    runs = {name: curves(log_history(d)) for name, d in zip(names, run_dirs)}
+    images = _save_figures(figures(runs), Path(out_dir) / PLOTS_DIR)
+    metrics = {name: _read_json(d / "metrics.json") for name, d in zip(names, run_dirs)}
+    sections = [_metrics_section(metrics), _images_section(images)]
+    path = Path(out_dir) / REPORT_FILE
+    write_text(path, _page(f"llmtune: {len(run_dirs)} runs compared", sections))
+    return path
+
+
+def _unique_names(run_dirs: list[Path]) -> list[str]:
+    names = [Path(d).name for d in run_dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+
+
+def _save_figures(pictures: dict[str, Any], folder: Path) -> dict[str, Path]:
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {}
+    for name, figure in pictures.items():
+        path = folder / name
+        partial = path.with_name(path.name + ".partial")
+        figure.savefig(partial, format="png")
+        partial.replace(path)  # a crash leaves the previous picture, never half of one
+        plt.close(figure)
+        saved[name] = path
+    return saved
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _generations(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _metrics_section(runs: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for name, metrics in runs.items():
+        before, after = metrics.get("before", {}), metrics.get("after", {})
+        for key, value in after.items():
+            if isinstance(value, int | float) and not is_timing(key):
+                old = before.get(key)
+                cells = [name, key, _cell(old), _cell(value),
+                         _cell(value - old) if isinstance(old, int | float) else ""]
+                rows.append(cells if len(runs) > 1 else cells[1:])
+    header = ["run", "metric", "before", "after", "change"]
+    return "<h2>Metrics</h2>" + _table(header if len(runs) > 1 else header[1:], rows)
+
+
+def _per_class_section(per_class: dict[str, dict[str, float]]) -> str:
+    rows = [[label, _cell(v["precision"]), _cell(v["recall"]), _cell(v["f1"]), str(v["support"])]
+            for label, v in per_class.items()]
+    return "<h2>Per class (evaluation after training)</h2>" + _table(
+        ["label", "precision", "recall", "F1", "support"], rows)
+
+
+def _images_section(images: dict[str, Path]) -> str:
+    tags = []
+    for name, path in images.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        tags.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></figure>')
+    return "<h2>Curves</h2><div class='grid'>" + "".join(tags) + "</div>"
+
+
+def _generations_section(generations: list[dict[str, Any]]) -> str:
+    """The fixed prompts' greedy replies at the first evaluation (before training) and at the last."""
+    first, last = generations[0]["step"], generations[-1]["step"]
+    replies: dict[str, dict[int, str]] = {}
+    for record in generations:
+        replies.setdefault(record["prompt"], {})[record["step"]] = record["completion"]
+    rows = [[html.escape(prompt), html.escape(by_step.get(first, "")), html.escape(by_step.get(last, ""))]
+            for prompt, by_step in replies.items()]
+    return f"<h2>Generations (step {first} -> step {last})</h2>" + _table(["prompt", "before", "after"], rows)
+
+
+def _run_section(record: dict[str, Any]) -> str:
+    shown = {key: record[key] for key in ("started", "model_path", "world_size", "global_batch_size", "precision",
+                                          "seed", "parameters", "versions") if key in record}
+    recipe = json.dumps(record.get("recipe", {}), indent=2)
+    return ("<h2>Run</h2>" + _table(["", ""], [[k, json.dumps(v)] for k, v in shown.items()])
+            + f"<details><summary>Resolved recipe</summary><pre>{html.escape(recipe)}</pre></details>")
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _page(title: str, sections: list[str]) -> str:
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+             ".grid{display:flex;flex-wrap:wrap;gap:1em}img{max-width:640px}pre{background:#f6f6f6;padding:1em}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n")
