@@ -154,3 +154,19 @@ def smollm2_gguf() -> Path:
     from llmtune.models.sources import _installed_path
 
     return _installed_path("smollm2-135m-instruct")
+
+
+def check_report(run_dir: Path, plots: set[str]) -> str:
+    """The run's report exists with these plots, and its loss curve is exactly the logged training loss."""
+    import json
+
+    from llmtune.observe.report import curve_figure, curves
+
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    assert plots <= {p.name for p in (run_dir / "plots").glob("*.png")}
+    figure = curve_figure({"run": curves(history)}, ["loss"], "Loss", "loss")
+    logged = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    assert [tuple(p) for p in figure.axes[0].lines[0].get_xydata()] == logged and logged
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= len(plots)
+    return page

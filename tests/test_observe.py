@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from llmtune import load_recipe, train
 from llmtune.errors import LlmtuneError
@@ -40,10 +41,22 @@ def test_a_run_piped_to_a_file_prints_plain_lines_and_no_library_noise(tiny_bert
     assert f"Run saved in {tmp_path / 'run'}" in out
 
 
-def test_the_report_plots_exactly_the_logged_history(tiny_bert, reviews_files, tmp_path):
-    run_dir = tmp_path / "run"
-    argv = tiny_recipe(tiny_bert, reviews_files, run_dir)
+@pytest.fixture(scope="module")
+def reported_run(tiny_bert, tmp_path_factory) -> Path:
+    """A tiny classification run (with its report), shared by the report tests."""
+    folder = tmp_path_factory.mktemp("reported")
+    source = REPO / "recipes" / "data" / "reviews"
+    files = {}
+    for name, rows in (("train", 64), ("eval", 32), ("test", 8)):
+        files[name] = folder / f"{name}.jsonl"
+        files[name].write_text("\n".join((source / f"{name}.jsonl").read_text().splitlines()[:rows]) + "\n")
+    argv = tiny_recipe(tiny_bert, files, folder / "run")
     train(load_recipe(argv[0], argv[1:]))
+    return folder / "run"
+
+
+def test_the_report_plots_exactly_the_logged_history(reported_run):
+    run_dir = reported_run
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     plots = {p.name for p in (run_dir / "plots").glob("*.png")}
     assert {"loss.png", "learning_rate.png", "grad_norm.png", "throughput_samples_per_second.png",
@@ -62,6 +75,17 @@ def test_the_report_plots_exactly_the_logged_history(tiny_bert, reviews_files, t
     details = json.loads((run_dir / "metrics.json").read_text())["eval_details"]
     assert sum(map(sum, details["confusion_matrix"])) == 32  # every eval row counted once
     assert details["per_class"]["positive"]["support"] + details["per_class"]["negative"]["support"] == 32
+
+
+def test_the_report_renders_in_a_headless_browser(reported_run, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from report_screenshot import find_browser, screenshot
+
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium/Chrome installed to render report.html (apt-get install chromium)")
+    seen = screenshot(reported_run / "report.html", tmp_path / "page.png", browser)
+    assert seen["distinct_colours"] > 50 and seen["plot_blue_pixels"] > 500, seen  # a page with plots on it
 
 
 @pytest.mark.slow  # two runs and a fresh CLI process
@@ -157,11 +181,11 @@ def test_the_median_pruner_stops_a_trial_whose_evaluations_lag_behind(tmp_path):
         trial.report(good, 4)
         study.tell(trial, good)
     evaluations = tmp_path / "evaluations.jsonl"
-    evaluations.write_text(json.dumps({"step": 0, "eval_accuracy": 0.5}) + "\n")
+    evaluations.write_text(json.dumps({"step": 0, "split": "eval", "accuracy": 0.5}) + "\n")
     trial = study.ask()
     assert _report(trial, evaluations, "accuracy", 0) == (1, False)  # step 0 (untrained) is not reported
     with evaluations.open("a") as handle:
-        handle.write(json.dumps({"step": 4, "eval_accuracy": 0.6}) + "\n" + '{"step": 8, "eval_acc')  # half a line
+        handle.write(json.dumps({"step": 4, "split": "eval", "accuracy": 0.6}) + "\n" + '{"step": 8, "accu')  # half a line
     assert _report(trial, evaluations, "accuracy", 1) == (2, True)
     assert study.trials[-1].intermediate_values == {4: 0.6}
 

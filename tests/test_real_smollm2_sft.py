@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, SHARED_DATA, run_cli
+from conftest import REPO, SHARED_DATA, check_report, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune import load_recipe, train
@@ -44,6 +44,8 @@ def test_lora_sft_lowers_held_out_loss_and_generations_end_with_end_of_turn(alpa
     assert all(r["stopped"] for r in records), records  # each reply ended with <|im_end|>, not the token limit
     final = [json.loads(x) for x in (run_dir / "generations.jsonl").read_text().splitlines()][-3:]
     assert all(r["stopped"] for r in final)
+    page = check_report(run_dir, {"loss.png", "learning_rate.png", "grad_norm.png", "throughput_tokens_per_second.png"})
+    assert "<h2>Generations (step 0 -> step 24)</h2>" in page and UNSEEN_PROMPTS[0] in page
 
 
 def test_wikitext2_perplexity_through_llmtune_eval_matches_an_independent_loop(smollm2_path, tmp_path):

@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, check_report, run_cli
 
 from llmtune import load_recipe, train
 from llmtune.models.sources import resolve_model
@@ -55,6 +55,15 @@ def test_full_fine_tune_on_512_sentences_reaches_070_dev_accuracy(shared_data, t
 def test_lora_trains_above_majority_rate(lora_run):
     _, metrics = lora_run
     assert metrics["after"]["accuracy"] > MAJORITY_RATE, metrics
+
+
+def test_the_run_report_plots_its_logged_curves_and_the_confusion_matrix(lora_run):
+    run_dir, metrics = lora_run
+    page = check_report(run_dir, {"loss.png", "learning_rate.png", "grad_norm.png", "confusion_matrix.png",
+                                  "throughput_samples_per_second.png"})
+    matrix = metrics["eval_details"]["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 872 and [sum(row) for row in matrix] == [428, 444]  # true labels per row
+    assert "<h2>Per class" in page
 
 
 def test_adapter_loads_with_plain_peft_and_matches_llmtune_predict(lora_run, shared_data, tmp_path):

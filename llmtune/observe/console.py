@@ -124,10 +124,6 @@ class Console(TrainerCallback):
             self.bar.set_description("evaluating", refresh=False)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.evaluations is not None and state.is_world_process_zero and metrics:
-            # As it happens: a sweep prunes on these, and a user can follow a long run.
-            with self.evaluations.open("a") as handle:
-                handle.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
         if self.bar is not None:
             self.bar.set_description("train", refresh=False)
         runtime = next((v for k, v in (metrics or {}).items() if k.endswith("_runtime")), 0.0)
@@ -141,7 +137,12 @@ class Console(TrainerCallback):
         if "loss" in logs and self._mark is not None:
             self._training_line(args, state, logs)
         elif (prefix := _eval_prefix(logs)) is not None:
-            self._say(_evaluation_line(prefix, logs, state))
+            values = _evaluation_values(prefix, logs)
+            self._say(_evaluation_line(prefix, values, logs, state))
+            if self.evaluations is not None:  # as it happens: a sweep prunes on these; a user can follow a long run
+                with self.evaluations.open("a") as handle:
+                    handle.write(json.dumps({"step": state.global_step, "split": prefix.rstrip("_"),
+                                             **values}) + "\n")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -195,9 +196,17 @@ def _eval_prefix(logs: dict[str, Any]) -> str | None:
     return runtime.removesuffix("runtime") if runtime else None
 
 
-def _evaluation_line(prefix: str, logs: dict[str, Any], state) -> str:
-    values = {key.removeprefix(prefix): value for key, value in logs.items()
-              if key.startswith(prefix) and not is_timing(key) and isinstance(value, int | float)}
+def _evaluation_values(prefix: str, logs: dict[str, Any]) -> dict[str, float]:
+    """An evaluation's scores by name. trl's preference trainers log theirs as 'eval_*' whatever the prefix."""
+    values = {}
+    for key, value in logs.items():
+        name = next((key.removeprefix(p) for p in (prefix, "eval_") if key.startswith(p)), None)
+        if name is not None and not is_timing(key) and isinstance(value, int | float) and not isinstance(value, bool):
+            values.setdefault(name, value)
+    return values
+
+
+def _evaluation_line(prefix: str, values: dict[str, float], logs: dict[str, Any], state) -> str:
     when = {"after_": "after training", "test_": "test set"}.get(prefix, f"step {state.global_step}")
     shown = "  ".join(f"{name} {_number(value)}" for name, value in values.items())
     return f"eval ({when}): {shown}  [{_duration(logs.get(prefix + 'runtime', 0.0))}]"

@@ -264,6 +264,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _page(title: str, sections: list[str]) -> str:
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
-             ".grid{display:flex;flex-wrap:wrap;gap:1em}img{max-width:640px}pre{background:#f6f6f6;padding:1em}")
+             ".grid{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}img{max-width:640px}pre{background:#f6f6f6;padding:1em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n")

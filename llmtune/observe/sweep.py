@@ -113,7 +113,7 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     while (done := _finished(study)) < sweep.trials:
         trial = study.ask(space)
         logger.info("Trial %d (%d of %d): %s", trial.number, done + 1, sweep.trials, _describe(trial.params))
-        state, value, seconds = run_trial(sweep, trial, metric)
+        state, value, seconds = run_trial(sweep, trial, metric, _logged_as(recipe.task, metric))
         study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
         logger.info("Trial %d %s%s after %.0f s", trial.number, state.name.lower(),
                     f": {metric} {value:.4f}" if value is not None else "", seconds)
@@ -123,8 +123,9 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     return summarize(study, sweep, metric, direction)
 
 
-def run_trial(sweep: Sweep, trial: Any, metric: str) -> tuple[Any, float | None, float]:
-    """Train one trial in its own process, reporting each evaluation; (state, final metric, seconds)."""
+def run_trial(sweep: Sweep, trial: Any, metric: str, logged_as: str) -> tuple[Any, float | None, float]:
+    """Train one trial in its own process, reporting each evaluation (where the metric is logged under
+    `logged_as`); (state, final metric from metrics.json, seconds)."""
     from optuna.trial import TrialState
 
     run_dir = sweep.out / f"trial-{trial.number:03d}"
@@ -138,12 +139,12 @@ def run_trial(sweep: Sweep, trial: Any, metric: str) -> tuple[Any, float | None,
         seen, pruned = 0, False
         while process.poll() is None:
             time.sleep(1.0)
-            seen, pruned = _report(trial, run_dir / EVALUATIONS_FILE, metric, seen)
+            seen, pruned = _report(trial, run_dir / EVALUATIONS_FILE, logged_as, seen)
             if pruned:
                 os.killpg(process.pid, signal.SIGTERM)  # llmtune saves a checkpoint and stops cleanly
                 process.wait()
                 return TrialState.PRUNED, None, time.perf_counter() - start
-        _report(trial, run_dir / EVALUATIONS_FILE, metric, seen)
+        _report(trial, run_dir / EVALUATIONS_FILE, logged_as, seen)
     seconds = time.perf_counter() - start
     metrics_file = run_dir / "metrics.json"
     if process.returncode != 0 or not metrics_file.is_file():
@@ -162,8 +163,9 @@ def _report(trial: Any, evaluations: Path, metric: str, seen: int) -> tuple[int,
     complete = [line for line in lines if line.endswith("}")]  # a line still being written waits for the next look
     for line in complete[seen:]:
         entry = json.loads(line)
-        value = entry.get(f"eval_{metric}")
-        if value is not None and entry["step"] > 0:  # step 0 is the untrained model: the same for every trial
+        value = entry.get(metric)
+        # Step 0 is the untrained model, the same for every trial; 'after' repeats the best evaluation.
+        if entry.get("split") == "eval" and value is not None and entry["step"] > 0:
             trial.report(float(value), entry["step"])
             if trial.should_prune():
                 return len(complete), True
@@ -232,6 +234,13 @@ def _plots(study: Any, out: Path) -> list[str]:
         plt.close(figure)
         written.append(name)
     return written
+
+
+def _logged_as(task: str, metric: str) -> str:
+    """The name an evaluation logs the metric under: trl's for the preference tasks ('rewards/accuracies')."""
+    from llmtune.preference_trainers import METRIC_KEYS
+
+    return METRIC_KEYS.get(task, {}).get(metric, metric)
 
 
 def _finished(study: Any) -> int:
