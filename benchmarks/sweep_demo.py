@@ -1,4 +1,4 @@
-"""A real sweep, killed once and resumed: MiniLM + LoRA on 256 SST-2 sentences, evaluated on 128 dev sentences every
+"""A real sweep, killed once and resumed: MiniLM + LoRA on 512 SST-2 sentences, evaluated on 128 dev sentences every
 4 steps, learning rate and LoRA rank searched with Optuna (median pruning).
 
 The sweep is started with `llmtune sweep`, killed (SIGKILL, the sweep and its running trial) once its second trial
@@ -26,7 +26,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
 SPACE = """space:
-  training.learning_rate: {log_uniform: [1.0e-6, 1.0e-2]}
+  training.learning_rate: {log_uniform: [1.0e-5, 3.0e-3]}
   method.r: {choice: [4, 8, 16]}
 metric: accuracy
 """
@@ -41,8 +41,8 @@ def main() -> int:
         out = Path(work) / "sweep"
         command = [sys.executable, "-m", "llmtune", "sweep", str(REPO / "recipes" / "sst2_minilm_lora.yaml"),
                    "data.dataset=null", f"data.train_file={SST2 / 'train.tsv'}", f"data.eval_file={SST2 / 'dev.tsv'}",
-                   "data.eval_split=null", "data.max_train_samples=256", "data.max_eval_samples=128",
-                   "training.epochs=1", "training.eval_every=4", "training.save_every=no",
+                   "data.eval_split=null", "data.max_train_samples=512", "data.max_eval_samples=128",
+                   "training.epochs=1", "training.batch_size=16", "training.eval_every=4", "training.save_every=no",
                    "training.early_stopping_patience=null", "--space", str(space), "--trials", "6", "--out", str(out)]
         start = time.perf_counter()
         first = subprocess.Popen(command, start_new_session=True)
