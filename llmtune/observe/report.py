@@ -53,7 +53,9 @@ def curves(history: Iterable[dict[str, Any]]) -> Series:
     series: Series = {}
     for entry in history:
         step = entry.get("step")
-        if step is None or "train_runtime" in entry:  # the end-of-training summary is not a point on a curve
+        # The end-of-training summary and the final evaluations (whose trl scores keep an 'eval_' name) are single
+        # numbers, in the metrics table, not points on a curve.
+        if step is None or "train_loss" in entry or any(key.startswith(_FINAL) for key in entry):
             continue
         for key, value in entry.items():
             if key in ("step", "epoch", "total_flos") or key.startswith(_FINAL) or is_timing(key):
