@@ -102,12 +102,11 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     sweep.out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if recipe.sweep.pruning else optuna.pruners.NopPruner()
-    storage = f"sqlite:///{sweep.out / STUDY_FILE}"
+    study = optuna.create_study(storage=f"sqlite:///{sweep.out / STUDY_FILE}", study_name="llmtune",
+                                direction=direction, pruner=pruner, load_if_exists=True)
     # Seeded for a reproducible sweep; offset by the trials already stored, so a resumed sweep does not draw the
     # first trials' values again.
-    stored = len(optuna.load_study(study_name="llmtune", storage=storage).trials) if _exists(storage) else 0
-    study = optuna.create_study(storage=storage, study_name="llmtune", direction=direction, pruner=pruner,
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=recipe.training.seed + stored))
+    study.sampler = optuna.samplers.TPESampler(seed=recipe.training.seed + len(study.trials))
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         logger.warning("Trial %d was running when the sweep stopped; marking it failed, a new trial replaces it.",
                        trial.number)
@@ -244,15 +243,6 @@ def _logged_as(task: str, metric: str) -> str:
     from llmtune.preference_trainers import METRIC_KEYS
 
     return METRIC_KEYS.get(task, {}).get(metric, metric)
-
-
-def _exists(storage: str) -> bool:
-    import optuna
-
-    try:
-        return "llmtune" in optuna.study.get_all_study_names(storage)
-    except Exception:  # noqa: BLE001 - a new, empty database file
-        return False
 
 
 def _finished(study: Any) -> int:
