@@ -54,7 +54,7 @@ def test_a_signal_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_r
     args = tiny_args(tiny_bert, reviews_files, tmp_path / "run", "training.max_steps=200", "training.eval_every=200",
                      "training.save_every=1000")  # no scheduled checkpoint: any checkpoint comes from the signal
     process = start(args)
-    output = wait_for_output(process, "'loss'")
+    output = wait_for_output(process, "  loss ")  # the console's first "step 5/200  loss ..." line
     process.send_signal(sig)
     rest, _ = process.communicate(timeout=300)
     log = "".join(output) + rest

@@ -14,7 +14,11 @@ pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
 def test_quickstart_recipe_improves_accuracy_on_held_out_reviews(tmp_path):
     result = run_cli("train", "recipes/quickstart.yaml", f"output.dir={tmp_path / 'quick'}", cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"accuracy +before [0-9.]+ -> after [0-9.]+", result.stderr)  # the line the user sees
     metrics = json.loads((tmp_path / "quick" / "metrics.json").read_text())
+    # the before -> after table the user sees at the end shows the same numbers as metrics.json
+    row = re.search(r"^accuracy +([0-9.]+) +([0-9.]+) +[+-][0-9.]+$", result.stderr, re.MULTILINE)
+    assert row, result.stderr[-3000:]
+    assert [float(row[1]), float(row[2])] == pytest.approx(
+        [metrics["before"]["accuracy"], metrics["after"]["accuracy"]], abs=1e-4)
     assert metrics["after"]["accuracy"] >= 0.9 > metrics["before"]["accuracy"] + 0.2
     assert len((tmp_path / "quick" / "predictions.jsonl").read_text().splitlines()) == 20
