@@ -3,7 +3,8 @@
 For each case, `llmtune plan RECIPE ... --json` runs in a fresh process, then the same recipe trains in another
 fresh process. Peak memory is the process's peak resident set (ru_maxrss: loading, training and evaluation, as the
 plan measures it); time is the Trainer's train_runtime (evaluations during training included) plus the final
-evaluation. Targets: peak within +/-25%, time within +/-30%.
+evaluation. Targets: peak within +/-25%, time within +/-30%. Run it on an otherwise idle machine: two CPU-heavy
+processes on 2 cores slow each other down unevenly (the timings then say nothing).
 
     .venv/bin/python benchmarks/plan_accuracy.py                  # 4 cases, ~10 minutes on 2 CPU cores
     .venv/bin/python benchmarks/plan_accuracy.py --cases minilm_full
@@ -78,6 +79,7 @@ def main() -> int:
         for case in args.cases:
             print(f"{case} ...", file=sys.stderr, flush=True)
             rows.append(measure(case, Path(work)))
+            print(f"  peak {rows[-1]['peak_error']:+.0%}, time {rows[-1]['time_error']:+.0%}", file=sys.stderr, flush=True)
     lines = [f"{'case':14s} {'peak predicted':>14s} {'peak measured':>13s} {'error':>7s} {'time predicted':>14s} "
              f"{'time measured':>13s} {'error':>7s}"]
     for r in rows:

@@ -116,7 +116,7 @@ def test_kill_9_while_saving_a_checkpoint_never_costs_more_than_that_checkpoint(
     assert reference.returncode == 0, reference.stderr[-2000:]
     expected = metrics_of(tmp_path / "whole")
     hit_mid_save = 0
-    for offset in (0.0, 0.1, 0.3):
+    for offset in (0.0, 0.2):  # right as the save starts, and well into it
         run_dir = tmp_path / f"killed-{offset}"
         process = start(args(run_dir))
         second = run_dir / "checkpoint-4"

@@ -1,6 +1,7 @@
 """Preference tasks end to end on a tiny Llama (SmolLM2's tokenizer and chat template) and real HH-RLHF pairs:
 every task trains, evaluates before and after and saves; DPO's reference is the policy with adapters off; padded
-batches give each sequence the log-probabilities it has alone; a DPO adapter loads with plain peft."""
+batches give each sequence the log-probabilities it has alone; a DPO adapter loads with plain peft (checked on the
+dpo run of the first test, to train it once)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def test_each_preference_task_trains_evaluates_and_saves_an_adapter(tiny_llama, 
     assert json.loads((out / "metrics.json").read_text())["after"] == result["after"]
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["task_type"] == ("SEQ_CLS" if task == "reward" else "CAUSAL_LM")
+    if task == "dpo":
+        assert_plain_peft_loads_the_dpo_adapter(tiny_llama, out)
 
 
 def test_dpo_reference_is_the_policy_with_adapters_off_and_padding_changes_no_log_probability(
@@ -96,10 +99,8 @@ def test_dpo_reference_is_the_policy_with_adapters_off_and_padding_changes_no_lo
     assert torch.allclose(batched[:, 0], expected, atol=1e-4, rtol=0)
 
 
-def test_a_dpo_adapter_loads_with_plain_peft_and_gives_the_same_log_probabilities(tiny_llama, hh_file, tmp_path):
-    out = tmp_path / "run"
-    recipe = recipe_for("dpo", tiny_llama, hh_file, out)
-    api.train(recipe)
+def assert_plain_peft_loads_the_dpo_adapter(tiny_llama: str, out: Path) -> None:
+    """The saved DPO adapter, loaded with plain peft in a fresh process, gives llmtune's log-probabilities."""
     text = "<|im_start|>user\nHow do I make friends?<|im_end|>\n<|im_start|>assistant\nSay hello and listen.<|im_end|>"
     script = f"""
 import json, torch

@@ -1,11 +1,13 @@
 """`llmtune plan`: what a recipe will cost before it runs - parameters, memory per device broken down, dataset
-tokens, steps, and a time estimate from measured steps on the longest batch.
+tokens, steps, and a time estimate from measured steps on the run's own batches.
 
 The breakdown (weights by dtype, gradients, optimizer state, activations with and without checkpointing, eval
-logits) is computed from the built model and data; the activation term uses the per-layer estimate of Korthikanti
-et al. (2022), sbh(34 + 5as/h) bytes at 16-bit, scaled to the compute dtype. Then, unless the estimate already
-exceeds the device, two training steps run on the longest batch: the second is timed, and the process's peak
-memory after them (resident set on a CPU, peak allocated on CUDA) is the measured figure the plan predicts with.
+logits) is computed from the built model and data for the worst case, the longest rows in one batch; the activation
+term uses the per-layer estimate of Korthikanti et al. (2022), sbh(34 + 5as/h) bytes at 16-bit, scaled to the
+compute dtype. Then, unless that bound already exceeds the device, the plan draws the batches train() will draw
+(same sampler, same seed) and runs real training steps on the largest and a median one and eval passes likewise:
+the process's peak memory after them (resident set on a CPU, peak allocated on CUDA) is the predicted peak, and a
+line through the timed steps (fixed cost per batch plus cost per token) prices every batch of the run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +44,8 @@ class Plan:
 
     @property
     def predicted_peak_bytes(self) -> float:
-        """The measured dry-step peak when there is one (plus eval logits beyond the training batch's), else the
-        breakdown's sum."""
-        if self.measured_peak_bytes is None:
-            return self.estimate_bytes
-        return self.measured_peak_bytes + max(0.0, self.memory["eval logits"] - self.memory["training logits"])
+        """The peak measured over the dry steps and eval passes when there is one, else the breakdown's sum."""
+        return self.estimate_bytes if self.measured_peak_bytes is None else self.measured_peak_bytes
 
     @property
     def fits(self) -> bool | None:
@@ -56,7 +56,6 @@ def make_plan(trainer: Any, recipe: Recipe, device_memory: float | None = None, 
     """Estimate, then (if it may fit) measure, the recipe's memory and time with its built Trainer."""
     model, args = trainer.model, trainer.args
     lengths = [_row_length(row) for row in trainer.train_dataset]
-    batch_rows = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[: args.per_device_train_batch_size]
     longest = max(lengths)
     micro_batches = math.ceil(len(lengths) / (args.per_device_train_batch_size * args.world_size))
     per_epoch = max(1, micro_batches // args.gradient_accumulation_steps)
@@ -76,13 +75,9 @@ def make_plan(trainer: Any, recipe: Recipe, device_memory: float | None = None, 
         device="cuda" if torch.cuda.is_available() else "cpu", device_memory=device_memory,
     )
     if dry_run and (device_memory is None or estimate <= device_memory):
-        plan.step_seconds, plan.measured_peak_bytes = dry_steps(trainer, batch_rows)
-        mean_ratio = _batch_length_ratio(lengths, args.per_device_train_batch_size, recipe)
-        eval_rows = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
-        train_seconds = plan.step_seconds * mean_ratio * steps * args.gradient_accumulation_steps
-        # A forward pass costs about a third of forward + backward; per example, as the training batch does.
-        eval_seconds = evals * eval_rows / args.per_device_train_batch_size * plan.step_seconds * mean_ratio / 3
-        plan.time_seconds = train_seconds + eval_seconds
+        train_seconds, plan.step_seconds = time_training(trainer, steps * args.gradient_accumulation_steps, steps)
+        plan.time_seconds = train_seconds + evals * time_evaluation(trainer)
+        plan.measured_peak_bytes = _peak_bytes()
     plan.advice = advice(plan, recipe)
     return plan
 
@@ -116,28 +111,52 @@ def breakdown(model: torch.nn.Module, recipe: Recipe, batch: int, length: int, e
     return memory
 
 
-def dry_steps(trainer: Any, rows: list[int]) -> tuple[float, float]:
-    """Two optimizer steps on the longest batch: (seconds of the second, peak bytes of the process / device)."""
-    device = trainer.args.device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-             for k, v in trainer.data_collator([trainer.train_dataset[i] for i in rows]).items()}
-    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+def time_training(trainer: Any, micro_batches: int, optimizer_steps: int) -> tuple[float, float]:
+    """(seconds for the whole training, seconds of its largest micro-batch), from real steps on the run's batches.
+
+    The batches are the ones train() will draw: the Trainer's own dataloader, seeded for epoch 0 as train() seeds
+    it (later epochs are assumed to cost what the first does). The largest batch trains twice - the first time
+    pays one-off warm-up, counted once - and a median batch once; a line through the two (a fixed cost per
+    micro-batch plus a cost per token) prices every batch of the run. Optimizer steps are timed on their own."""
+    sizes = _batch_sizes(trainer.get_train_dataloader())
+    largest, median = _largest_and_median(sizes)
+    batches = _batches_at(trainer.get_train_dataloader(), {largest, median})
     model = trainer.model
-    model.train()
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
     if trainer.args.activation_checkpointing:  # as Trainer.train() would turn it on
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    seconds = 0.0
-    for step in range(2):
-        start = time.perf_counter()
+    model.train()
+
+    def step(batch: dict) -> None:  # what a training step does, on a batch the prepared loader already placed
         with trainer.compute_loss_context_manager():  # the run's autocast
             loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad()
-        seconds = time.perf_counter() - start if step else seconds
-    if torch.cuda.is_available():
-        return seconds, float(torch.cuda.max_memory_allocated())
-    return seconds, float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        trainer.accelerator.backward(loss)
+
+    first, big, typical = (_timed(lambda b=batches[i]: step(b)) for i in (largest, largest, median))
+    optimizer_seconds = _timed(trainer.optimizer.step)
+    trainer.optimizer.zero_grad()
+    per_batch = _line((sizes[largest], big), (sizes[median], typical))
+    cycle = [per_batch(sizes[i % len(sizes)]) for i in range(micro_batches)]
+    return sum(cycle) + max(0.0, first - big) + optimizer_steps * optimizer_seconds, big + optimizer_seconds
+
+
+def time_evaluation(trainer: Any) -> float:
+    """Seconds for one evaluation, priced as training is: forward passes on the largest and a median eval batch."""
+    if trainer.eval_dataset is None:
+        return 0.0
+    sizes = _batch_sizes(trainer.get_eval_dataloader())
+    largest, median = _largest_and_median(sizes)
+    batches = _batches_at(trainer.get_eval_dataloader(), {largest, median})
+    trainer.model.eval()
+    # as evaluate() decides: without compute_metrics only the loss is kept
+    only_loss = True if trainer.compute_metrics is None else trainer.args.prediction_loss_only
+
+    def predict(batch: dict) -> None:
+        trainer.prediction_step(trainer.model, batch, prediction_loss_only=only_loss)
+
+    first, big, typical = (_timed(lambda b=batches[i]: predict(b)) for i in (largest, largest, median))
+    per_batch = _line((sizes[largest], big), (sizes[median], typical))
+    return sum(per_batch(size) for size in sizes) + max(0.0, first - big)
 
 
 def advice(plan: Plan, recipe: Recipe) -> list[str]:
@@ -169,13 +188,14 @@ def format_plan(plan: Plan) -> str:
              f"mean {plan.tokens['mean']})",
              f"steps        {plan.steps['optimizer_steps']} optimizer steps x {plan.steps['micro_batches_per_step']} "
              f"micro-batches, {plan.steps['evaluations']} evaluations",
-             f"memory per device ({plan.device}), estimated:"]
+             f"memory per device ({plan.device}), estimated for the worst batch:"]
     for name, value in plan.memory.items():
         lines.append(f"  {name:<32s} {value / GIB:8.3f} GiB")
-    lines.append(f"  {'sum (process baseline not included)':<32s} {plan.estimate_bytes / GIB:8.3f} GiB")
+    lines.append(f"  {'sum: longest rows in one batch':<32s} {plan.estimate_bytes / GIB:8.3f} GiB  "
+                 "(process baseline not included)")
     if plan.measured_peak_bytes is not None:
-        lines.append(f"measured     peak {plan.measured_peak_bytes / GIB:.2f} GiB after two steps on the longest "
-                     f"batch; {plan.step_seconds:.2f} s per step")
+        lines.append(f"measured     peak {plan.measured_peak_bytes / GIB:.2f} GiB over steps on the run's largest "
+                     f"batch; {plan.step_seconds:.2f} s for that step")
         lines.append(f"predicted    peak {plan.predicted_peak_bytes / GIB:.2f} GiB, time {_duration(plan.time_seconds)}")
     if plan.device_memory is not None:
         verdict = "fits" if plan.fits else "will NOT fit"
@@ -219,17 +239,61 @@ def _evaluations(args: Any, steps: int, per_epoch: int) -> int:
     return count + 1 + int(bool(args.eval_on_start))  # plus the final evaluation
 
 
-def _batch_length_ratio(lengths: list[int], batch: int, recipe: Recipe) -> float:
-    """Mean cost of a batch relative to the longest one: padded batches cost their longest row, so chunk the rows
-    as training will (by length when length-grouped, shuffled otherwise) and average the chunks' maxima. Packed
-    batches are all full."""
-    if recipe.task in ("sft", "pretrain") and recipe.lm.packing:
-        return 1.0
-    import random
+def _batch_tokens(batch: dict[str, Any]) -> int:
+    """Token positions a collated batch puts through the model, padding included (what its compute follows)."""
+    ids = [v.numel() for k, v in batch.items() if isinstance(v, torch.Tensor) and (
+        k.endswith("input_ids") or k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids"))]
+    return sum(ids) or next((v.numel() for v in batch.values() if isinstance(v, torch.Tensor)), 1)
 
-    order = sorted(lengths) if recipe.training.group_by_length else random.Random(0).sample(lengths, len(lengths))
-    maxima = [max(order[i:i + batch]) for i in range(0, len(order), batch)]
-    return sum(maxima) / len(maxima) / max(lengths)
+
+def _batch_sizes(loader: Any) -> list[int]:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)  # the order train() draws in its first epoch
+    return [_batch_tokens(batch) for batch in loader]
+
+
+def _batches_at(loader: Any, wanted: set[int]) -> dict[int, dict[str, Any]]:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)
+    found = {}
+    for index, batch in enumerate(loader):
+        if index in wanted:
+            found[index] = batch
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def _largest_and_median(sizes: list[int]) -> tuple[int, int]:
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    return order[-1], order[len(order) // 2]
+
+
+def _line(a: tuple[int, float], b: tuple[int, float]) -> Callable[[int], float]:
+    """Seconds as a function of tokens through two measured points; proportional when they cannot be told apart."""
+    (x1, y1), (x2, y2) = a, b
+    slope = (y1 - y2) / (x1 - x2) if x1 != x2 else 0.0
+    fixed = y1 - slope * x1
+    if x1 == x2 or slope < 0 or fixed < 0:
+        return lambda tokens: y1 * tokens / max(x1, 1)
+    return lambda tokens: fixed + slope * tokens
+
+
+def _timed(work: Callable[[], Any]) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _peak_bytes() -> float:
+    """Peak allocated on CUDA, else the process's peak resident set."""
+    if torch.cuda.is_available():
+        return float(torch.cuda.max_memory_allocated())
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _compute_bytes(recipe: Recipe) -> int:
