@@ -34,12 +34,7 @@ def generate(
     stop_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     records = []
     for prompt in prompts:
-        if chat:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = prompt
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
+        inputs = encode_prompt(tokenizer, prompt, chat).to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
         new = output[0, inputs["input_ids"].shape[1]:].tolist()
@@ -52,6 +47,17 @@ def generate(
         })
     model.train(was_training)
     return records
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]], chat: bool) -> Any:
+    """Token ids of a prompt as the model saw prompts in training: with chat=True a user message (or a whole
+    message list) in the chat template, ready for the assistant's reply; otherwise the text as it is."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    return tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
 
 
 @torch.inference_mode()

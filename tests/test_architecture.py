@@ -24,7 +24,7 @@ FLOORS = {
     "api": 8,
     "preview": 7,
     "pipeline": 6,
-    "observe": 5.5,
+    "observe": 5.5, "ship": 5.5,
     "tasks": 5, "hub": 5,
     "preference_trainers": 4.7,
     "training": 4.6,

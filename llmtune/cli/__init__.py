@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llmtune import __version__
 from llmtune.cli.observe_commands import add_observe_commands
+from llmtune.cli.ship_commands import add_ship_commands
 from llmtune.errors import LlmtuneError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -37,6 +38,7 @@ EXAMPLES = """examples:
   llmtune eval smollm2-135m-instruct --text-file ../shared/data/wikitext-2/valid.txt --max-length 1024
   llmtune merge runs/my-qlora-run --out models/my-merged
   llmtune push runs/my-qlora-run --repo-id me/smollm2-alpaca-qlora --private
+  LLMTUNE_API_KEY=secret llmtune serve runs/my-sft-run --port 8000     # OpenAI-compatible HTTP
 """
 
 
@@ -180,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=_eval if name == "eval" else _predict)
 
     add_observe_commands(commands)
+    add_ship_commands(commands)
     return parser
 
 

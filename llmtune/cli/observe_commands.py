@@ -23,8 +23,9 @@ def add_observe_commands(commands: Any) -> None:
     plan = commands.add_parser(
         "plan", help="Estimate a recipe's memory and time before training it.",
         description="Build the recipe's model and data (nothing is written), print parameters, a per-device memory "
-        "breakdown, dataset tokens and steps, then time two training steps on the longest batch and predict peak "
-        "memory and the run's duration. With --device-memory, say whether it fits and which setting helps most.")
+        "breakdown for the longest rows in one batch, dataset tokens and steps, then time real training steps and "
+        "eval passes on the run's own largest and median batches and predict peak memory and the run's duration. "
+        "With --device-memory, say whether it fits and which setting helps most.")
     plan.add_argument("recipe", help="Path of a YAML recipe.")
     plan.add_argument("overrides", nargs="*", help="Recipe overrides such as training.batch_size=8.")
     plan.add_argument("--device-memory", help="Memory of one device, e.g. 24GB or 16GiB (default: not checked).")
