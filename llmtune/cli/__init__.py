@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from llmtune import __version__
+from llmtune.cli.loaders import load_classifier, load_lm
 from llmtune.cli.observe_commands import add_observe_commands
 from llmtune.cli.ship_commands import add_ship_commands
 from llmtune.errors import LlmtuneError
@@ -245,50 +246,6 @@ def _explain(cls: type, prefix: str = "") -> None:
         print(f"  {prefix}{fld.name} = {default!r}\n      {fld.metadata.get('help', '')}")
 
 
-def _require_kind(run: str, wanted: str, command: str) -> None:
-    """Refuse a run of the wrong kind before loading it, naming the command that fits it."""
-    from llmtune.models.trained import model_kind
-
-    kind = model_kind(run)
-    if kind is None or kind == wanted:
-        return
-    if wanted == "causal_lm":
-        raise LlmtuneError(
-            f"'{run}' is a {kind} run; `llmtune {command}` needs a causal language model (task sft or pretrain). "
-            f"For a classifier use `llmtune predict {run} --text \"...\"` or `llmtune eval {run} --data FILE`."
-        )
-    raise LlmtuneError(
-        f"'{run}' is a causal language model; `llmtune {command}` needs a classification run. Use "
-        f"`llmtune generate {run} --prompt \"...\"`, `llmtune chat {run}`, or `llmtune eval {run} --text-file FILE` "
-        "(perplexity)."
-    )
-
-
-def _load_classifier(args: argparse.Namespace, command: str):
-    from llmtune.tasks.classification_predict import Classifier
-
-    _require_kind(args.run, "classification", command)
-    classifier = Classifier.load(args.run, args.precision)
-    for key in ("text", "text_pair", "label"):
-        value = getattr(args, f"{key}_column", None)
-        if value:
-            classifier.columns[key] = value
-    return classifier
-
-
-def _load_lm(args: argparse.Namespace, command: str):
-    """(model, tokenizer, whether to apply the chat template, compute precision) of a causal-LM run or model."""
-    from transformers import AutoModelForCausalLM
-
-    from llmtune.models.trained import load_trained
-
-    _require_kind(args.run, "causal_lm", command)
-    model, tokenizer, record = load_trained(args.run, AutoModelForCausalLM)
-    chat = bool(tokenizer.chat_template) and not getattr(args, "raw", False)
-    precision = record.get("precision", {}).get("evaluation", "fp32") if args.precision == "auto" else args.precision
-    return model, tokenizer, chat, precision
-
-
 def _eval(args: argparse.Namespace) -> int:
     if args.text_file:
         from llmtune.data.files import read_text_file
@@ -296,7 +253,7 @@ def _eval(args: argparse.Namespace) -> int:
         from llmtune.precision import evaluation_precision
 
         text = read_text_file(args.text_file, "--text-file")
-        model, tokenizer, _, precision = _load_lm(args, "eval --text-file")
+        model, tokenizer, _, precision = load_lm(args, "eval --text-file")
         with evaluation_precision(precision, model.device.type):
             result = perplexity(model, tokenizer, text, args.max_length, args.stride)
         print(json.dumps({"text_file": args.text_file, "max_length": args.max_length,
@@ -307,7 +264,7 @@ def _eval(args: argparse.Namespace) -> int:
     from llmtune.data.loading import load_file
     from llmtune.tasks.classification_predict import evaluate_file
 
-    classifier = _load_classifier(args, "eval --data")
+    classifier = load_classifier(args, "eval --data")
     metrics = evaluate_file(classifier, load_file(args.data, "--data"), args.metrics, args.batch_size)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -316,7 +273,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from llmtune.data.loading import load_file, require_columns
 
-    classifier = _load_classifier(args, "predict")
+    classifier = load_classifier(args, "predict")
     texts, pairs = list(args.text), None
     if args.data:
         rows = load_file(args.data, "--file")
@@ -342,7 +299,7 @@ def _generate(args: argparse.Namespace) -> int:
     from llmtune.generation import generate
     from llmtune.precision import evaluation_precision
 
-    model, tokenizer, chat, precision = _load_lm(args, "generate")
+    model, tokenizer, chat, precision = load_lm(args, "generate")
     with evaluation_precision(precision, model.device.type):
         records = generate(model, tokenizer, args.prompt, args.max_new_tokens, chat)
     for record in records:
@@ -354,7 +311,7 @@ def _chat(args: argparse.Namespace) -> int:
     from llmtune.generation import generate
     from llmtune.precision import evaluation_precision
 
-    model, tokenizer, chat, precision = _load_lm(args, "chat")
+    model, tokenizer, chat, precision = load_lm(args, "chat")
     if not chat:
         raise LlmtuneError(f"'{args.run}' has no chat template; use `llmtune generate --raw` to continue text.")
     messages: list[dict[str, str]] = []

@@ -31,7 +31,7 @@ def add_ship_commands(commands: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llmtune.cli import _load_classifier, _load_lm
+    from llmtune.cli.loaders import load_classifier, load_lm
     from llmtune.models.trained import model_kind
     from llmtune.ship.serve import LanguageModel, Limits, TextClassifier, serve
 
@@ -41,10 +41,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise LlmtuneError(f"--port must be between 1 and 65535; got {args.port}.")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if model_kind(args.run) == "classification":
-        classifier = _load_classifier(args, "serve")
+        classifier = load_classifier(args, "serve")
         engine: Any = TextClassifier(classifier.predict, classifier.labels)
     else:
-        model, tokenizer, chat, precision = _load_lm(args, "serve")
+        model, tokenizer, chat, precision = load_lm(args, "serve")
         engine = LanguageModel(model, tokenizer, chat, precision)
     name = args.name or Path(str(args.run).rstrip("/")).name
     serve(engine, name, args.host, args.port, api_key, Limits(max_tokens=args.max_tokens))

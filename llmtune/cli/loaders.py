@@ -1,0 +1,52 @@
+"""Loading a trained run for the commands that use one (eval, predict, generate, chat, serve), refusing a run of
+the wrong kind before any weights load."""
+
+from __future__ import annotations
+
+import argparse
+
+from llmtune.errors import LlmtuneError
+
+
+def require_kind(run: str, wanted: str, command: str) -> None:
+    """Refuse a run of the wrong kind before loading it, naming the command that fits it."""
+    from llmtune.models.trained import model_kind
+
+    kind = model_kind(run)
+    if kind is None or kind == wanted:
+        return
+    if wanted == "causal_lm":
+        raise LlmtuneError(
+            f"'{run}' is a {kind} run; `llmtune {command}` needs a causal language model (task sft or pretrain). "
+            f"For a classifier use `llmtune predict {run} --text \"...\"` or `llmtune eval {run} --data FILE`."
+        )
+    raise LlmtuneError(
+        f"'{run}' is a causal language model; `llmtune {command}` needs a classification run. Use "
+        f"`llmtune generate {run} --prompt \"...\"`, `llmtune chat {run}`, or `llmtune eval {run} --text-file FILE` "
+        "(perplexity)."
+    )
+
+
+def load_classifier(args: argparse.Namespace, command: str):
+    from llmtune.tasks.classification_predict import Classifier
+
+    require_kind(args.run, "classification", command)
+    classifier = Classifier.load(args.run, args.precision)
+    for key in ("text", "text_pair", "label"):
+        value = getattr(args, f"{key}_column", None)
+        if value:
+            classifier.columns[key] = value
+    return classifier
+
+
+def load_lm(args: argparse.Namespace, command: str):
+    """(model, tokenizer, whether to apply the chat template, compute precision) of a causal-LM run or model."""
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.models.trained import load_trained
+
+    require_kind(args.run, "causal_lm", command)
+    model, tokenizer, record = load_trained(args.run, AutoModelForCausalLM)
+    chat = bool(tokenizer.chat_template) and not getattr(args, "raw", False)
+    precision = record.get("precision", {}).get("evaluation", "fp32") if args.precision == "auto" else args.precision
+    return model, tokenizer, chat, precision
