@@ -4,6 +4,8 @@ placeholders live in ```text blocks and are not run."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import re
 import shlex
 import subprocess
@@ -36,18 +38,49 @@ def test_the_readme_has_runnable_commands():
     assert any("--resume" in c for c in commands) and any("--accelerate cpu_ddp" in c for c in commands)
 
 
+def chains(commands: list[str]) -> list[list[str]]:
+    """The commands grouped so that commands sharing a `runs/...` or `models/...` folder stay in one chain, in README
+    order (a train and the eval of its run); chains share nothing and can run side by side."""
+    groups: list[tuple[set[str], list[str]]] = []
+    for command in commands:
+        folders = set(re.findall(r"(?:^|[ =])((?:runs|models)/[^ /]+)", command))
+        joined = [g for g in groups if g[0] & folders]
+        merged = (folders.union(*(g[0] for g in joined)), [c for g in joined for c in g[1]] + [command])
+        groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
+    order = {command: i for i, command in enumerate(commands)}
+    return [sorted(group, key=order.__getitem__) for _, group in sorted(groups, key=lambda g: order[g[1][0]])]
+
+
 def test_readme_commands_run_as_written(tmp_path):
     if not (SHARED_DATA / "alpaca").exists():
         pytest.skip(f"the shared datasets are not at {SHARED_DATA}")
     small_text = tmp_path / "valid.txt"
     small_text.write_text((SHARED_DATA / "wikitext-2" / "valid.txt").read_text()[:4000])
-    for line in readme_commands():
-        argv = []
-        for arg in shlex.split(line, comments=True)[1:]:
-            arg = re.sub(r"(^|=)(runs|models)/", lambda m: f"{m.group(1)}{tmp_path}/{m.group(2)}/", arg)
-            argv.append(str(small_text) if arg.endswith("wikitext-2/valid.txt") else arg)
-        if argv[0] == "train":
-            argv += SMALL
-        result = subprocess.run([sys.executable, "-m", "llmtune", *argv], cwd=REPO, capture_output=True, text=True,
-                                input="Hello!\n\n" if argv[0] == "chat" else None, timeout=900)
-        assert result.returncode == 0, f"README command failed: {line}\n{result.stderr[-3000:]}"
+
+    def run_chain(chain: list[str]) -> list[str]:
+        failures = []
+        for line in chain:
+            argv = []
+            for arg in shlex.split(line, comments=True)[1:]:
+                arg = re.sub(r"(^|=)(runs|models)/", lambda m: f"{m.group(1)}{tmp_path}/{m.group(2)}/", arg)
+                argv.append(str(small_text) if arg.endswith("wikitext-2/valid.txt") else arg)
+            if argv[0] == "train":
+                argv += SMALL
+            # two chains side by side on two cores: one compute thread each instead of two fighting for both
+            result = subprocess.run([sys.executable, "-m", "llmtune", *argv], cwd=REPO, capture_output=True,
+                                    text=True, input="Hello!\n\n" if argv[0] == "chat" else None, timeout=900,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if result.returncode != 0:
+                failures.append(f"README command failed: {line}\n{result.stderr[-3000:]}")
+                break  # the rest of this chain needs what this command makes
+        return failures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        failures = [f for found in pool.map(run_chain, chains(readme_commands())) for f in found]
+    assert not failures, "\n\n".join(failures)
+
+
+def test_commands_that_share_a_run_folder_run_in_one_chain_in_order():
+    commands = ["llmtune train a.yaml output.dir=runs/x", "llmtune train b.yaml output.dir=runs/y",
+                "llmtune eval runs/x --data d", "llmtune merge runs/y --out models/m", "llmtune push models/m"]
+    assert chains(commands) == [[commands[0], commands[2]], [commands[1], commands[3], commands[4]]]
