@@ -30,8 +30,7 @@ def generate(
     """
     was_training = model.training
     model.eval()
-    eos = model.generation_config.eos_token_id
-    stop_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    stop_ids = stop_token_ids(model)
     records = []
     for prompt in prompts:
         inputs = encode_prompt(tokenizer, prompt, chat).to(model.device)
@@ -47,6 +46,12 @@ def generate(
         })
     model.train(was_training)
     return records
+
+
+def stop_token_ids(model: torch.nn.Module) -> set[int]:
+    """The tokens generation stops on (eos / end-of-turn, one or several in the generation config)."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]], chat: bool) -> Any:

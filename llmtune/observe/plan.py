@@ -118,9 +118,6 @@ def time_training(trainer: Any, micro_batches: int, optimizer_steps: int) -> tup
     it (later epochs are assumed to cost what the first does). The largest batch trains twice - the first time
     pays one-off warm-up, counted once - and a median batch once; a line through the two (a fixed cost per
     micro-batch plus a cost per token) prices every batch of the run. Optimizer steps are timed on their own."""
-    sizes = _batch_sizes(trainer.get_train_dataloader())
-    largest, median = _largest_and_median(sizes)
-    batches = _batches_at(trainer.get_train_dataloader(), {largest, median})
     model = trainer.model
     trainer.create_optimizer_and_scheduler(num_training_steps=2)
     if trainer.args.activation_checkpointing:  # as Trainer.train() would turn it on
@@ -132,21 +129,17 @@ def time_training(trainer: Any, micro_batches: int, optimizer_steps: int) -> tup
             loss = trainer.compute_loss(model, batch)
         trainer.accelerator.backward(loss)
 
-    first, big, typical = (_timed(lambda b=batches[i]: step(b)) for i in (largest, largest, median))
+    sizes, per_batch, warm_up, largest = _price_batches(trainer.get_train_dataloader, step)
     optimizer_seconds = _timed(trainer.optimizer.step)
     trainer.optimizer.zero_grad()
-    per_batch = _line((sizes[largest], big), (sizes[median], typical))
     cycle = [per_batch(sizes[i % len(sizes)]) for i in range(micro_batches)]
-    return sum(cycle) + max(0.0, first - big) + optimizer_steps * optimizer_seconds, big + optimizer_seconds
+    return sum(cycle) + warm_up + optimizer_steps * optimizer_seconds, largest + optimizer_seconds
 
 
 def time_evaluation(trainer: Any) -> float:
     """Seconds for one evaluation, priced as training is: forward passes on the largest and a median eval batch."""
     if trainer.eval_dataset is None:
         return 0.0
-    sizes = _batch_sizes(trainer.get_eval_dataloader())
-    largest, median = _largest_and_median(sizes)
-    batches = _batches_at(trainer.get_eval_dataloader(), {largest, median})
     trainer.model.eval()
     # as evaluate() decides: without compute_metrics only the loss is kept
     only_loss = True if trainer.compute_metrics is None else trainer.args.prediction_loss_only
@@ -154,9 +147,8 @@ def time_evaluation(trainer: Any) -> float:
     def predict(batch: dict) -> None:
         trainer.prediction_step(trainer.model, batch, prediction_loss_only=only_loss)
 
-    first, big, typical = (_timed(lambda b=batches[i]: predict(b)) for i in (largest, largest, median))
-    per_batch = _line((sizes[largest], big), (sizes[median], typical))
-    return sum(per_batch(size) for size in sizes) + max(0.0, first - big)
+    sizes, per_batch, warm_up, _ = _price_batches(trainer.get_eval_dataloader, predict)
+    return sum(per_batch(size) for size in sizes) + warm_up
 
 
 def advice(plan: Plan, recipe: Recipe) -> list[str]:
@@ -244,6 +236,18 @@ def _batch_tokens(batch: dict[str, Any]) -> int:
     ids = [v.numel() for k, v in batch.items() if isinstance(v, torch.Tensor) and (
         k.endswith("input_ids") or k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids"))]
     return sum(ids) or next((v.numel() for v in batch.values() if isinstance(v, torch.Tensor)), 1)
+
+
+def _price_batches(make_loader: Callable[[], Any], run: Callable[[dict], None]
+                   ) -> tuple[list[int], Callable[[int], float], float, float]:
+    """Run `run` on a loader's largest batch twice (the first pays the warm-up) and on a median one: (token count of
+    every batch, seconds of a batch by its tokens, the one-off warm-up, seconds of the largest batch). The loader is
+    walked twice - once for the sizes, once to fetch the two batches - so that no other batch is kept in memory."""
+    sizes = _batch_sizes(make_loader())
+    largest, median = _largest_and_median(sizes)
+    batches = _batches_at(make_loader(), {largest, median})
+    first, big, typical = (_timed(lambda b=batches[i]: run(b)) for i in (largest, largest, median))
+    return sizes, _line((sizes[largest], big), (sizes[median], typical)), max(0.0, first - big), big
 
 
 def _batch_sizes(loader: Any) -> list[int]:

@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmtune.generation import encode_prompt
+from llmtune.generation import encode_prompt, stop_token_ids
 from llmtune.precision import evaluation_precision
 
 logger = logging.getLogger(__name__)
@@ -174,9 +174,7 @@ def _generate(lm: LanguageModel, job: _Generation, streamer: Any = None, cancel:
     new = output[0, ids.shape[1]:].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     cut = _cut_at_stop(text, job.stops)
-    eos = model.generation_config.eos_token_id
-    stop_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-    stopped = cut is not None or (bool(new) and new[-1] in stop_ids)
+    stopped = cut is not None or (bool(new) and new[-1] in stop_token_ids(model))
     return (text if cut is None else text[:cut]), ("stop" if stopped or len(new) < job.max_new else "length"), len(new)
 
 
