@@ -8,6 +8,7 @@ user's umask (typically 0644 / 0755), so a shared group or a serving account can
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -69,3 +70,26 @@ def make_public(folder: Path) -> None:
         for name in files:
             os.chmod(os.path.join(root, name), files_mode)
     os.chmod(folder, folders_mode)
+
+
+def sha256(path: Path) -> str:
+    """Hex digest of a file, read in 1 MiB blocks (model files are larger than memory should hold twice)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put a finished folder where `target` is (the caller checked that replacing it was asked for). The old
+    folder is moved aside before the new one takes its place, and deleted only after."""
+    aside = None
+    if target.exists():
+        aside = target.with_name(f".replaced-{os.getpid()}-{target.name}")
+        os.replace(target, aside)
+    os.replace(staging, target)
+    if aside is not None:
+        import shutil
+
+        shutil.rmtree(aside, ignore_errors=True)

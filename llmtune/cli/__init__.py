@@ -1,4 +1,4 @@
-"""`llmtune` command line: train, validate, eval, predict, generate, chat, data preview, merge, push.
+"""`llmtune` command line: train, validate, eval, predict, generate, chat, data preview, merge, push, serve, export.
 
 Errors the user can fix are printed as one paragraph (no traceback) with exit code 2; a training run stopped by
 Ctrl-C or SIGTERM saves a resumable checkpoint and exits with 130 or 143.
@@ -40,6 +40,8 @@ EXAMPLES = """examples:
   llmtune merge runs/my-qlora-run --out models/my-merged
   llmtune push runs/my-qlora-run --repo-id me/smollm2-alpaca-qlora --private
   LLMTUNE_API_KEY=secret llmtune serve runs/my-sft-run --port 8000     # OpenAI-compatible HTTP
+  llmtune export runs/my-sft-run --format ollama --quant q8_0           # GGUF + Modelfile
+  llmtune export runs/try1 --format onnx && llmtune predict runs/try1/export/try1-onnx --text "fine"
 """
 
 
@@ -197,6 +199,8 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "warning")
     if verbose:  # the libraries' own bars and warnings too (llmtune/observe/console.py); inherited by launched ranks
         os.environ["LLMTUNE_VERBOSE"] = "1"
+    else:  # the gguf writer logs every file it opens at INFO; llmtune says what it writes itself
+        logging.getLogger("gguf").setLevel(logging.WARNING)
 
 
 

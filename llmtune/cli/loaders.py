@@ -28,10 +28,20 @@ def require_kind(run: str, wanted: str, command: str) -> None:
 
 
 def load_classifier(args: argparse.Namespace, command: str):
+    """A run's classifier in PyTorch, or onnxruntime for a folder `llmtune export --format onnx` wrote."""
+    from pathlib import Path
+
+    from llmtune.ship.onnx_file import MODEL_FILE, load_onnx_classifier
     from llmtune.tasks.classification_predict import Classifier
 
     require_kind(args.run, "classification", command)
-    classifier = Classifier.load(args.run, args.precision)
+    if (Path(args.run) / MODEL_FILE).is_file():
+        if getattr(args, "precision", "auto") not in ("auto", "fp32"):
+            raise LlmtuneError(f"'{args.run}' is an ONNX export, which computes in float32; --precision "
+                               f"{args.precision} does not apply to it. Leave --precision out.")
+        classifier = load_onnx_classifier(Path(args.run))
+    else:
+        classifier = Classifier.load(args.run, args.precision)
     for key in ("text", "text_pair", "label"):
         value = getattr(args, f"{key}_column", None)
         if value:

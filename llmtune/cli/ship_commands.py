@@ -1,4 +1,4 @@
-"""The commands that take a trained model to where it is used: serve (and its argument parser)."""
+"""The commands that take a trained model to where it is used: serve and export (with their argument parsers)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,21 @@ def add_ship_commands(commands: Any) -> None:
                        help="Compute precision (auto: the run's evaluation precision).")
     serve.set_defaults(handler=_serve)
 
+    export = commands.add_parser(
+        "export", help="Export a run as GGUF (llama.cpp), GGUF + Ollama Modelfile, or ONNX (classifiers).",
+        description="Writes the merged model with its tokenizer, chat template and stop tokens (gguf, ollama) or "
+        "an onnxruntime classifier with its tokenizer and labels (onnx) under RUN/export/, reads the file back "
+        "and compares it with the run's model, and keeps it only if it matches. run.json records the export.")
+    export.add_argument("run", help="Run directory (or one of its checkpoint-N folders, or a saved model folder).")
+    export.add_argument("--format", required=True, choices=["gguf", "ollama", "onnx"],
+                        help="gguf: one .gguf file; ollama: the .gguf plus a Modelfile beside it; onnx: a folder "
+                        "with model.onnx for `llmtune predict`.")
+    export.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="GGUF weight type (default f16; q8_0 is half the size, f32 exact).")
+    export.add_argument("--out", help="Folder to write into (default: RUN/export).")
+    export.add_argument("--overwrite", action="store_true", help="Replace an earlier export of the same name.")
+    export.set_defaults(handler=_export)
+
 
 def _serve(args: argparse.Namespace) -> int:
     from llmtune.cli.loaders import load_classifier, load_lm
@@ -48,4 +63,29 @@ def _serve(args: argparse.Namespace) -> int:
         engine = LanguageModel(model, tokenizer, chat, precision)
     name = args.name or Path(str(args.run).rstrip("/")).name
     serve(engine, name, args.host, args.port, api_key, Limits(max_tokens=args.max_tokens))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from llmtune.ship.export import export
+
+    result = export(args.run, args.format, args.quant, args.out, args.overwrite)
+    for file in result.files:
+        print(f"Wrote {file}")
+    checks = result.checks
+    if args.format == "onnx":
+        print(f"Checked: onnxruntime's probabilities are within {checks['max_probability_diff']:.1e} of PyTorch's "
+              f"on {checks['probe_texts']} probe texts.")
+        print(f"Use it: llmtune predict {result.files[0]} --text \"...\"")
+        return 0
+    print(f"Checked: read back by transformers, its logits equal the run's model with the same rounding "
+          f"(max diff {checks['max_logit_diff_vs_stored_weights']:.1e}); against full precision the max diff is "
+          f"{checks['max_logit_diff_vs_full_precision']:.2e} and the top token agrees on "
+          f"{checks['top1_agreement_vs_full_precision']:.0%} of {checks['probe_tokens']} probe positions; greedy "
+          f"replies to {len(checks['greedy_replies'])} prompts: {checks['greedy_replies_equal']} identical "
+          f"(run.json lists them).")
+    if args.format == "ollama":
+        print(f"Use it: cd {result.files[-1].parent} && ollama create {result.name} -f {result.files[-1].name}")
+    else:
+        print(f"Use it: llama-cli -m {result.files[0]} -cnv (or llmtune serve {result.files[0]})")
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from llmtune.config.schema import DataConfig
 from llmtune.data.files import TEXT_SUFFIXES, check_utf8, unreadable
 from llmtune.errors import LlmtuneError, did_you_mean
+from llmtune.files import sha256
 
 FILE_FORMATS = {
     ".json": ("json", {}),
@@ -145,20 +145,12 @@ def fingerprint_sources(cfg: DataConfig) -> dict[str, Any]:
     for key in ("train_file", "eval_file", "test_file"):
         path = getattr(cfg, key)
         if path:
-            record[key] = {"path": str(Path(path).resolve()), "sha256": _sha256(Path(path))}
+            record[key] = {"path": str(Path(path).resolve()), "sha256": sha256(Path(path))}
     if cfg.dataset:
         record["dataset"] = {"id": cfg.dataset, "subset": cfg.subset}
         for key in ("train_split", "eval_split", "test_split"):
             record["dataset"][key] = getattr(cfg, key)
     return record
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_dataset_source(cfg: DataConfig) -> DatasetDict | Dataset:

@@ -66,12 +66,31 @@ def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
         _data(record),
         "## Results\n",
         _results(metrics),
+        *_exports(record),
         "## Framework versions\n",
         "\n".join(f"- {name}: {version}" for name, version in record.get("versions", {}).items()) + "\n",
         "## License\n",
         f"{_license(recipe)}" + ("" if recipe["output"].get("license") else ", the license of the base model") + ".\n",
     ]
     return "\n".join(sections)
+
+
+def _exports(record: dict) -> list[str]:
+    """The GGUF / Ollama / ONNX files `llmtune export` made from this run, with what their checks measured."""
+    rows = []
+    for entry in record.get("exports", []):
+        checks = entry.get("checks", {})
+        if "max_probability_diff" in checks:
+            check = f"onnxruntime probabilities within {checks['max_probability_diff']:.1e} of PyTorch"
+        else:
+            check = (f"logits within {checks.get('max_logit_diff_vs_full_precision', float('nan')):.2e} of full "
+                     f"precision; top token agrees on {checks.get('top1_agreement_vs_full_precision', 0):.0%}")
+        files = ", ".join(f"`{Path(f['path']).name}`" for f in entry.get("files", []))
+        rows.append([entry.get("format"), entry.get("quant") or "float32", files, check])
+    if not rows:
+        return []
+    return ["## Exports\n", "Made with `llmtune export` from the same weights (not part of this repository):\n",
+            _table(["format", "weights", "files", "checked on a probe"], rows)]
 
 
 def _license(recipe: dict) -> str:

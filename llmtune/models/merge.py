@@ -12,11 +12,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llmtune.errors import LlmtuneError
-from llmtune.files import make_public
+from llmtune.files import make_public, replace_folder
 from llmtune.models.quantization import DTYPES
 from llmtune.models.trained import load_trained
 
@@ -61,22 +62,7 @@ def merge_adapter(
     adapter_dir = _adapter_folder(Path(source))
     model, tokenizer, _ = load_trained(adapter_dir, base=base, full_precision=True)
     base_path = model.peft_config["default"].base_model_name_or_path
-
-    probe = tokenizer(PROBE_TEXT, return_tensors="pt")
-    with torch.no_grad():
-        expected = model(**probe).logits
-        merged = model.merge_and_unload()
-        actual = merged(**probe).logits
-    difference = (expected - actual).abs().max().item()
-    # float32 itself is only this exact: adapter-on-base logits of SmolLM2-135M (up to ~40) already differ
-    # from a float64 computation by ~7e-5, so the bound scales with the size of the logits.
-    allowed = tolerance * max(1.0, expected.abs().max().item())
-    if difference > allowed:
-        raise LlmtuneError(
-            f"Merging the adapter in '{adapter_dir}' changed the model's outputs by up to {difference:.2e} "
-            f"(allowed: {allowed:.1e}), so nothing was saved. Use the adapter unmerged, or check that "
-            "--base is the checkpoint it was trained on."
-        )
+    merged, difference = merge_verified(model, tokenizer, adapter_dir, tolerance, "nothing was saved")
     logger.info("Merged adapter into %s; logits match adapter-on-base within %.2e", base_path, difference)
 
     merged = merged.to(DTYPES[dtype])
@@ -94,6 +80,36 @@ def merge_adapter(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return MergeResult(out, base_path, difference)
+
+
+def merge_verified(model: torch.nn.Module, tokenizer: Any, adapter_dir: Path, tolerance: float = 1e-4,
+                   consequence: str = "nothing was written") -> tuple[torch.nn.Module, float]:
+    """Fold a loaded adapter (on a full-precision base) into its base; (merged model, max logit difference).
+
+    Raises when the merged logits differ from adapter-on-base logits on a probe by more than `tolerance` times
+    the largest logit (at least 1).
+    """
+    probe = tokenizer(PROBE_TEXT, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**probe).logits
+        merged = model.merge_and_unload()
+        actual = merged(**probe).logits
+    difference = (expected - actual).abs().max().item()
+    allowed = allowed_difference(expected, tolerance)
+    if difference > allowed:
+        raise LlmtuneError(
+            f"Merging the adapter in '{adapter_dir}' changed the model's outputs by up to {difference:.2e} "
+            f"(allowed: {allowed:.1e}), so {consequence}. Use the adapter unmerged, or check that "
+            "--base is the checkpoint it was trained on."
+        )
+    return merged, difference
+
+
+def allowed_difference(logits: torch.Tensor, tolerance: float) -> float:
+    """How far two float32 computations of `logits` may drift apart: float32 itself is only this exact -
+    adapter-on-base logits of SmolLM2-135M (up to ~40) already differ from a float64 computation by ~7e-5 -
+    so the bound scales with the size of the logits."""
+    return tolerance * max(1.0, logits.abs().max().item())
 
 
 def _adapter_folder(source: Path) -> Path:
@@ -114,6 +130,4 @@ def _publish(staging: Path, out: Path, into_run: bool) -> None:
         for item in staging.iterdir():
             os.replace(item, out / item.name)
         return
-    if out.exists():
-        shutil.rmtree(out)  # --overwrite was given
-    os.replace(staging, out)
+    replace_folder(staging, out)  # an existing `out` only when --overwrite was given

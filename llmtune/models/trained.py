@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 from llmtune.config.vocab import CAUSAL_LM_TASKS
 from llmtune.errors import LlmtuneError
@@ -96,6 +102,9 @@ def load_trained(
         base_model = auto_class.from_pretrained(base_path, config=config, use_safetensors=True, **loading)
         if "quantization_config" in loading:
             keep_4bit_weights_in_training_layout(base_model)  # score as training did (patches/bnb_cpu_repacking.py)
+        if base_model.can_generate() and (folder / "generation_config.json").is_file():
+            # The run's stop tokens (an end-of-turn token added with its chat template), not the base's.
+            base_model.generation_config = GenerationConfig.from_pretrained(folder)
         model = PeftModel.from_pretrained(base_model, folder)
     else:
         model = (auto_class or AutoModelForCausalLM).from_pretrained(folder, use_safetensors=True)

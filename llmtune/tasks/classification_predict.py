@@ -28,11 +28,12 @@ class Classifier:
     batch_size: int = 32  # the run's evaluation batch size: the same batches give the same numbers
 
     @classmethod
-    def load(cls, path: str | Path, precision: str = "auto") -> Classifier:
-        """Load a run directory or one of its checkpoint-N folders. precision 'auto' is the run's own."""
+    def load(cls, path: str | Path, precision: str = "auto", full_precision: bool = False) -> Classifier:
+        """Load a run directory or one of its checkpoint-N folders. precision 'auto' is the run's own;
+        `full_precision` loads a quantized (QLoRA) base in float32, as merging needs."""
         if not Path(path).is_dir():
             raise LlmtuneError(f"'{path}' is not a folder. Give a run directory or one of its checkpoint-N folders.")
-        model, tokenizer, record = load_trained(path, AutoModelForSequenceClassification)
+        model, tokenizer, record = load_trained(path, AutoModelForSequenceClassification, full_precision=full_precision)
         recipe = record.get("recipe") or {}
         data, training = recipe.get("data", {}), recipe.get("training", {})
         columns = {
