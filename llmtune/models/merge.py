@@ -69,12 +69,8 @@ def merge_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent if not into_run else out, prefix=".merging-"))
     try:
-        merged.save_pretrained(staging)  # safetensors
+        merged.save_pretrained(staging)  # safetensors, and the run's generation config (stop tokens): load_trained
         tokenizer.save_pretrained(staging)
-        if merged.can_generate() and (adapter_dir / "generation_config.json").exists():
-            from transformers import GenerationConfig
-
-            GenerationConfig.from_pretrained(adapter_dir).save_pretrained(staging)  # the run's stop tokens
         make_public(staging)
         _publish(staging, out, into_run)
     finally:
