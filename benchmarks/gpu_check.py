@@ -51,6 +51,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="Run only these checks.")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu_check.json"))
+    parser.add_argument("--timeout", type=int, default=300, help="Seconds one check may take before it counts as failed.")
     args = parser.parse_args()
     import torch
 
@@ -65,25 +66,36 @@ def main() -> int:
         if needs and importlib.util.find_spec(needs) is None:
             results.append({"check": name, "config": config, "outcome": "skipped", "detail": f"{needs} not installed"})
             continue
-        results.append({"check": name, "config": config, **run_check(config, recipe)})
-    table = ["| check | accelerate config | outcome | seconds | detail |", "|---|---|---|---|---|"]
-    table += [f"| {r['check']} | {r['config']} | {r['outcome']} | {r.get('seconds', '')} | {r.get('detail', '')} |"
-              for r in results]
-    print(f"GPU: {device}\n\n" + "\n".join(table))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")
-    Path(args.out).with_suffix(".md").write_text(f"GPU: {device}\n\n" + "\n".join(table) + "\n")
+        results.append({"check": name, "config": config, **run_check(config, recipe, args.timeout)})
+        # Written after every check: a device lease can end mid-way, and what finished must survive.
+        table = write_results(Path(args.out), device, results)
+        print(table.splitlines()[-1], file=sys.stderr, flush=True)
+    print(f"GPU: {device}\n\n" + write_results(Path(args.out), device, results))
     return 0 if all(r["outcome"] != "failed" for r in results) else 1
 
 
-def run_check(config: str, recipe: list[str]) -> dict:
+def write_results(out: Path, device: str, results: list[dict]) -> str:
+    table = ["| check | accelerate config | outcome | seconds | detail |", "|---|---|---|---|---|"]
+    table += [f"| {r['check']} | {r['config']} | {r['outcome']} | {r.get('seconds', '')} | {r.get('detail', '')} |"
+              for r in results]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(f"GPU: {device}\n\n" + "\n".join(table) + "\n")
+    return "\n".join(table)
+
+
+def run_check(config: str, recipe: list[str], timeout: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         run_dir = Path(work) / "run"
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(REPO / "accelerate_configs" / f"{config}.yaml"), "--num_processes", "1",
                    "-m", "llmtune", "train", *recipe, f"output.dir={run_dir}"]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            tail = _last_error(exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or "")
+            return {"outcome": "failed", "seconds": timeout, "detail": f"timed out after {timeout} s; last: {tail}"}
         seconds = round(time.perf_counter() - start, 1)
         if done.returncode != 0:
             return {"outcome": "failed", "seconds": seconds, "detail": _last_error(done.stderr)}

