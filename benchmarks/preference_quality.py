@@ -107,7 +107,7 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from llmtune.runs import library_versions
+    from llmtune.runs import _cpu_name, library_versions
 
     result: dict = {"benchmark": "preference_quality", "command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -149,12 +149,6 @@ def _write(result: dict, out: Path) -> None:
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
-
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmtune"
 
 # room (a module or a package, dotted under llmtune) -> floor. The pieces every task uses (floor 4) are ordered
 # among themselves too: files < distributed, precision, metrics < runs, data < checkpoints, callbacks, generation
-# < models < training < preference_trainers (trl's preference trainers, configured like training).
+# < models < training < preference_trainers (trl's preference trainers, configured like training) and distillation
+# (the distillation loss and its Trainer).
 FLOORS = {
     "__main__": 10,
     "cli": 9,
@@ -26,7 +27,7 @@ FLOORS = {
     "pipeline": 6,
     "observe": 5.5, "ship": 5.5,
     "tasks": 5, "hub": 5,
-    "preference_trainers": 4.7,
+    "preference_trainers": 4.7, "distillation": 4.7,
     "training": 4.6,
     "models": 4.5,
     "checkpoints": 4.4, "callbacks": 4.4, "generation": 4.4,

@@ -203,3 +203,27 @@ def test_two_process_dpo_trains_together_with_an_unscaled_loss(tiny_llama, tmp_p
     state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
     first = next(entry for entry in state["log_history"] if "loss" in entry)
     assert first["step"] == 1 and first["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+@pytest.mark.slow  # real MiniLM, two real processes
+def test_two_process_distillation_from_a_minilm_teacher_into_a_pruned_student(sst2_files, tmp_path):
+    """Real checkpoint, real data, cpu_ddp: a MiniLM teacher, then a 3-block student distilled from it by two
+    processes that train in step; the student saves as a plain 3-layer BERT classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = tmp_path / "teacher"
+    done = run_cli(*sst2_args(sst2_files, teacher, "training.batch_size=16"), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    student = tmp_path / "student"
+    result = accelerate_launch("cpu_ddp", *sst2_args(sst2_files, student, "training.batch_size=16", "task=distill",
+                                                     f"distill.teacher={teacher}", f"model.name={teacher}",
+                                                     "model.num_layers=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((student / "run.json").read_text())
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert record["world_size"] == 2 and metrics["train"]["ranks_in_sync"] is True
+    teacher_metrics = json.loads((teacher / "metrics.json").read_text())
+    assert metrics["teacher"]["accuracy"] == pytest.approx(teacher_metrics["after"]["accuracy"], abs=1e-9)
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    plain = AutoModelForSequenceClassification.from_pretrained(student)
+    assert len(plain.bert.encoder.layer) == 3 and plain.config.num_hidden_layers == 3

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 from llmtune import __version__
-from llmtune.cli.loaders import load_classifier, load_lm
+from llmtune.cli.loaders import is_image_run, load_classifier, load_image_classifier, load_lm
 from llmtune.cli.observe_commands import add_observe_commands
 from llmtune.cli.ship_commands import add_ship_commands
 from llmtune.errors import LlmtuneError
@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--stride", type=int, help="Perplexity window stride (default: --max-length).")
         if name == "predict":
             sub.add_argument("--text", action="append", default=[], help="A text to classify (repeatable).")
+            sub.add_argument("--image", action="append", default=[],
+                             help="Image classifiers: an image file to classify (repeatable); --file then lists "
+                             "image paths, one a line.")
             sub.add_argument("--out", help="Write predictions here as JSON lines instead of printing them.")
         sub.add_argument("--text-column", help="Text column (default: the one the run was trained with).")
         sub.add_argument("--text-pair-column", help="Second-sentence column for pair tasks.")
@@ -187,6 +190,36 @@ def _parser() -> argparse.ArgumentParser:
     add_observe_commands(commands)
     add_ship_commands(commands)
     return parser
+
+
+def _predict_images(args: argparse.Namespace) -> int:
+    classifier = load_image_classifier(args, "predict --image")
+    names = list(args.image)
+    if args.data:
+        listing = Path(args.data)
+        if not listing.is_file():
+            raise LlmtuneError(f"--file is '{args.data}', which does not exist. For an image classifier it is a text "
+                               "file listing image paths, one a line.")
+        for line in listing.read_text().splitlines():
+            if line.strip():  # relative paths: from the current folder, else from the list's own folder
+                path = Path(line.strip())
+                names.append(str(path if path.exists() or path.is_absolute() else listing.parent / path))
+    if not names:
+        raise LlmtuneError("predict needs --image (one or more) or --file (a list of image paths) for an image run.")
+    predictions = classifier.predict(names, names)
+    return _emit([json.dumps({"image": name, **pred}) for name, pred in zip(names, predictions)], args.out)
+
+
+def _emit(lines: list[str], out: str | None) -> int:
+    """Print prediction lines, or write them to --out."""
+    if out:
+        from llmtune.files import write_text
+
+        write_text(Path(out), "\n".join(lines) + "\n")
+        print(f"Wrote {len(lines)} predictions to {out}")
+    else:
+        print("\n".join(lines))
+    return 0
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -268,6 +301,13 @@ def _eval(args: argparse.Namespace) -> int:
     from llmtune.data.loading import load_file
     from llmtune.tasks.classification_predict import evaluate_file
 
+    if is_image_run(args.run):
+        from llmtune.data.loading import load_image_rows
+
+        classifier = load_image_classifier(args, "eval")
+        rows, base_dir = load_image_rows(args.data, "--data"), Path(args.data).resolve().parent
+        print(json.dumps(classifier.evaluate(rows, args.metrics, base_dir), indent=2))
+        return 0
     classifier = load_classifier(args, "eval --data")
     metrics = evaluate_file(classifier, load_file(args.data, "--data"), args.metrics, args.batch_size)
     print(json.dumps(metrics, indent=2))
@@ -277,6 +317,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from llmtune.data.loading import load_file, require_columns
 
+    if args.image or is_image_run(args.run):
+        return _predict_images(args)
     classifier = load_classifier(args, "predict")
     texts, pairs = list(args.text), None
     if args.data:
@@ -288,15 +330,7 @@ def _predict(args: argparse.Namespace) -> int:
     if not texts:
         raise LlmtuneError("predict needs --text (one or more) or --file.")
     predictions = classifier.predict(texts, pairs, args.batch_size)
-    lines = [json.dumps({"text": text, **pred}) for text, pred in zip(texts, predictions)]
-    if args.out:
-        from llmtune.files import write_text
-
-        write_text(Path(args.out), "\n".join(lines) + "\n")
-        print(f"Wrote {len(lines)} predictions to {args.out}")
-    else:
-        print("\n".join(lines))
-    return 0
+    return _emit([json.dumps({"text": text, **pred}) for text, pred in zip(texts, predictions)], args.out)
 
 
 def _generate(args: argparse.Namespace) -> int:

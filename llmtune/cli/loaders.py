@@ -15,6 +15,11 @@ def require_kind(run: str, wanted: str, command: str) -> None:
     kind = model_kind(run)
     if kind is None or kind == wanted:
         return
+    if kind == "image_classification":
+        raise LlmtuneError(
+            f"'{run}' is an image classifier; `llmtune {command}` works on text models. Use `llmtune predict {run} "
+            "--image FILE` or `llmtune eval RUN --data FOLDER`."
+        )
     if wanted == "causal_lm":
         raise LlmtuneError(
             f"'{run}' is a {kind} run; `llmtune {command}` needs a causal language model (task sft or pretrain). "
@@ -47,6 +52,26 @@ def load_classifier(args: argparse.Namespace, command: str):
         if value:
             classifier.columns[key] = value
     return classifier
+
+
+def is_image_run(run: str) -> bool:
+    from llmtune.models.trained import model_kind
+
+    return model_kind(run) == "image_classification"
+
+
+def load_image_classifier(args: argparse.Namespace, command: str):
+    """A run's image classifier; a text run is refused with the command that fits it."""
+    from llmtune.tasks.image_predict import ImageClassifier
+
+    if not is_image_run(args.run):
+        raise LlmtuneError(
+            f"'{args.run}' is not an image classification run, so `llmtune {command}` does not apply. For a text "
+            f"classifier use `llmtune predict {args.run} --text \"...\"`."
+        )
+    if getattr(args, "text", None):
+        raise LlmtuneError(f"'{args.run}' classifies images: give --image FILE (or --file with image paths), not --text.")
+    return ImageClassifier.load(args.run, args.precision)
 
 
 def load_lm(args: argparse.Namespace, command: str):

@@ -148,6 +148,8 @@ def check(recipe: Recipe) -> None:
     _check_trackers(recipe.training.report_to)
     _check_causal_lm(recipe)
     _check_preference(recipe)
+    _check_images(recipe)
+    _check_compression(recipe)
 
 
 def check_repo_id(repo_id: str, where: str) -> None:
@@ -202,8 +204,10 @@ def _check_metrics(recipe: Recipe) -> None:
 
 def _check_causal_lm(recipe: Recipe) -> None:
     data, lm = recipe.data, recipe.lm
-    if recipe.task in ("classification", "reward"):
-        if recipe.model.init == "scratch":
+    if recipe.task == "image_classification":
+        return
+    if recipe.task in ("classification", "reward", "distill"):
+        if recipe.model.init == "scratch" and recipe.task != "distill":
             raise LlmtuneError(
                 f"'model.init' is 'scratch', but {recipe.task} starts from a pretrained checkpoint. "
                 "Use task=pretrain to build a model from scratch, then classify with model.name=<that run>."
@@ -317,4 +321,70 @@ def _check_preference(recipe: Recipe) -> None:
         raise LlmtuneError(
             f"'pref.loss_weights' has {len(pref.loss_weights)} weights for {len(losses)} losses ({', '.join(losses)}); "
             "give one weight per loss."
+        )
+
+
+def _check_images(recipe: Recipe) -> None:
+    image, scratch = recipe.image, recipe.scratch
+    images = recipe.task == "image_classification"
+    if recipe.model.init == "scratch" and images != (scratch.architecture in ("cnn", "mlp")):
+        fits = "cnn or mlp" if images else "gpt2 or llama"
+        raise LlmtuneError(
+            f"'scratch.architecture' is {scratch.architecture!r}, which does not fit task {recipe.task!r}: a model "
+            f"from scratch for this task is {fits}. Set scratch.architecture accordingly."
+        )
+    if images and recipe.method.quantization != "none":
+        raise LlmtuneError(
+            f"'method.quantization' is {recipe.method.quantization!r}, but llmtune quantizes text models only. "
+            "Image models here are small enough to train in full precision: set method.quantization=none."
+        )
+    if not 0 <= image.shift <= 0.5 or not 0 <= image.rotation <= 180:
+        raise LlmtuneError(
+            f"'image.shift' is {image.shift} and 'image.rotation' is {image.rotation}: shift is a fraction of the "
+            "image size from 0 to 0.5, rotation degrees from 0 to 180 (0 turns either off)."
+        )
+    if image.size is not None and image.size < 4:
+        raise LlmtuneError(f"'image.size' is {image.size}; give a side length of at least 4 pixels, or leave it empty.")
+    if not 0 <= scratch.dropout < 1:
+        raise LlmtuneError(f"'scratch.dropout' is {scratch.dropout}; it must be in [0, 1).")
+
+
+def _check_compression(recipe: Recipe) -> None:
+    model, distill = recipe.model, recipe.distill
+    if model.keep_layers is not None or model.num_layers is not None:
+        if model.keep_layers is not None and model.num_layers is not None:
+            raise LlmtuneError(
+                f"Both 'model.keep_layers' ({model.keep_layers}) and 'model.num_layers' ({model.num_layers}) are set; "
+                "keep one: the list names the blocks, the number spreads them evenly."
+            )
+        if recipe.method.type != "full":
+            raise LlmtuneError(
+                f"'model.keep_layers' / 'model.num_layers' with method.type={recipe.method.type}: an adapter is saved "
+                "against its base checkpoint, and the base reloads with all its blocks, so the adapter would not fit "
+                "it. Prune in a full run (method.type=full), then train adapters on that run (model.name=<the run>)."
+            )
+        if model.init == "scratch" or recipe.task in PREFERENCE_TASKS:
+            raise LlmtuneError(
+                "'model.keep_layers' / 'model.num_layers' prune a pretrained checkpoint for the tasks classification, "
+                "image_classification, distill, reward, sft and pretrain; with model.init=scratch set scratch.layers "
+                f"instead (task here: {recipe.task}, init: {model.init})."
+            )
+    if recipe.task != "distill":
+        if distill.teacher:
+            raise LlmtuneError(
+                f"'distill.teacher' is set, but task is {recipe.task!r}: only task distill reads it. Set task=distill "
+                "or clear distill.teacher."
+            )
+        return
+    if not distill.teacher:
+        raise LlmtuneError(
+            "task distill needs 'distill.teacher': the finished classification run (or model folder) the student "
+            "learns from, e.g. distill.teacher=runs/sst2-teacher."
+        )
+    if model.init == "scratch":
+        raise LlmtuneError("task distill starts the student from a checkpoint (model.name); set model.init=pretrained.")
+    if not 0 <= distill.alpha <= 1 or distill.temperature <= 0:
+        raise LlmtuneError(
+            f"'distill.alpha' is {distill.alpha} and 'distill.temperature' is {distill.temperature}: alpha is a "
+            "share from 0 to 1, the temperature a positive number (2 to 4 is usual)."
         )

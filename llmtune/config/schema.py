@@ -1,7 +1,8 @@
 """The recipe schema: every key a recipe may set, its type, default and meaning.
 
 The `help` text of each field is the reference documentation (`llmtune validate --explain` prints it).
-Cross-field rules live in `rules.py`; loading and command-line overrides in `loader.py`.
+Cross-field rules live in `rules.py`; loading and command-line overrides in `loader.py`. The sections only some
+tasks read (lm, pref, scratch, image, distill, sweep) are in `task_sections.py`.
 """
 
 from __future__ import annotations
@@ -9,11 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from llmtune.config.fields import _field
+from llmtune.config.task_sections import (
+    DistillConfig,
+    ImageConfig,
+    LMConfig,
+    PreferenceConfig,
+    ScratchConfig,
+    SweepConfig,
+)
 
-def _field(default, help: str, **kwargs):  # noqa: A002 - "help" reads best in the schema below
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+__all__ = ["DistillConfig", "ImageConfig", "LMConfig", "PreferenceConfig", "ScratchConfig", "SweepConfig"]
 
 
 @dataclass
@@ -41,6 +48,14 @@ class ModelConfig:
         "pretrained",
         "pretrained: load `name`. scratch: build a new model from the `scratch` section (random weights, "
         "a BPE tokenizer trained on the training data unless `name` points at a tokenizer to reuse).",
+    )
+    keep_layers: list[int] | None = _field(
+        None,
+        "Structured pruning: keep only these transformer blocks (0-based) of the loaded checkpoint, e.g. [0, 2, 4]. "
+        "The saved model is an ordinary, smaller checkpoint of the same architecture.",
+    )
+    num_layers: int | None = _field(
+        None, "Structured pruning: keep this many transformer blocks, spread evenly (6 -> 3 keeps blocks 0, 2, 4)."
     )
 
 
@@ -268,121 +283,13 @@ class OutputConfig:
 
 
 @dataclass
-class LMConfig:
-    chat_template: str | None = _field(
-        None,
-        "Chat template: empty = the tokenizer's own (ChatML when it has none), 'chatml', a Jinja string, or "
-        "a .jinja file.",
-        path=True,
-    )
-    loss_on: Literal["auto", "assistant", "all"] = _field(
-        "auto",
-        "Tokens that carry loss. assistant: every assistant turn (completions) only. all: every token. "
-        "auto: assistant for sft, all for pretrain.",
-    )
-    padding_free: bool = _field(
-        True,
-        "Put each batch's samples end to end in one row instead of padding them to the longest: no compute is "
-        "spent on padding, and attention stays within each sample (position ids restart). Off: padded batches.",
-    )
-    packing: bool = _field(
-        False,
-        "Fill every row up to max_length with several samples (best-fit decreasing, padding-free): fewer, fuller "
-        "steps. Off: each step trains on batch_size samples, as a padded batch would.",
-    )
-    perplexity_file: str | None = _field(
-        None, "Text file scored with a sliding window after training (perplexity reported in metrics.json).", path=True
-    )
-    stride: int | None = _field(None, "Sliding-window stride for perplexity (default: max_length, no overlap).")
-    generation_prompts: list[str] = _field(
-        [], "Prompts whose greedy generations are logged at each evaluation (generations.jsonl)."
-    )
-    max_new_tokens: int = _field(64, "Generation length for generation_prompts and `llmtune generate`.")
-
-
-@dataclass
-class PreferenceConfig:
-    loss: str | list[str] | None = _field(
-        None,
-        "Empty: the task's own loss (dpo: sigmoid, kto: kto, simpo: simpo). dpo: the preference loss - sigmoid "
-        "(DPO), ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, exo_pair, "
-        "aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm - or a list that is summed with "
-        "`loss_weights`, e.g. [sigmoid, sft] (DPO plus an SFT term on the chosen reply, as in RPO). "
-        "kto: kto or apo_zero_unpaired. orpo, simpo, reward: one loss of their own.",
-    )
-    reference: str | None = _field(
-        None,
-        "dpo/kto: the reference model, when it is not the model training starts from (a Hub id, folder, or run "
-        "directory). orpo and simpo use no reference model.",
-        path=True,
-    )
-    loss_weights: list[float] | None = _field(None, "Weight of each loss in a `loss` list (default: all 1).")
-    beta: float = _field(
-        0.1,
-        "Strength of the preference signal: dpo/kto - how far the policy may move from the reference (higher: "
-        "closer); orpo - the odds-ratio term's weight (lambda); simpo - the reward scale.",
-    )
-    label_smoothing: float = _field(
-        0.0, "dpo: assumed share of flipped labels in the data (robust, exo_pair, aot losses), in [0, 0.5)."
-    )
-    max_prompt_length: int | None = _field(
-        None,
-        "Longest prompt in tokens: longer prompts lose their oldest turns first (the last user turn is always "
-        "kept). Empty: prompts are kept whole. Either way data.max_length bounds prompt + reply, and a pair whose "
-        "prompt leaves no room for a reply is dropped and counted in run.json.",
-    )
-    precompute_reference: Literal["auto", "on", "off"] = _field(
-        "auto",
-        "dpo/kto reference log-probabilities. With LoRA/DoRA/QLoRA the reference is the policy with its adapters "
-        "turned off (no second model). With full fine-tuning: on - computed once before training (no second "
-        "model in memory, one extra pass over the data); off - a frozen copy of the model; auto - the copy when "
-        "it fits twice in free memory, else precomputed.",
-    )
-    desirable_weight: float = _field(1.0, "kto: weight of the losses of desirable (label true) completions.")
-    undesirable_weight: float = _field(1.0, "kto: weight of the losses of undesirable (label false) completions.")
-    simpo_gamma: float = _field(0.5, "simpo: target reward margin (gamma) between chosen and rejected replies.")
-    sft_adapter: Literal["merge", "continue"] = _field(
-        "merge",
-        "When model.name is an SFT run saved as an adapter: merge - fold it into its base and train a new adapter "
-        "on top (the reference is the SFT model); continue - keep training the SFT adapter itself (the reference "
-        "is a frozen copy of it).",
-    )
-    center_rewards: float | None = _field(
-        None, "reward: weight of a penalty on (r_chosen + r_rejected)^2 that keeps rewards centred on 0."
-    )
-
-
-@dataclass
-class ScratchConfig:
-    architecture: Literal["gpt2", "llama"] = _field("gpt2", "Model family of a model built from scratch.")
-    layers: int = _field(4, "Transformer blocks.")
-    hidden_size: int = _field(256, "Width of the residual stream.")
-    heads: int = _field(4, "Attention heads.")
-    vocab_size: int = _field(8000, "Size of the BPE tokenizer trained on the training data.")
-    context_length: int = _field(256, "Longest sequence the model can see (position embeddings).")
-
-
-@dataclass
-class SweepConfig:
-    """Read by `llmtune sweep` only; `llmtune train` trains the recipe's own values."""
-
-    space: dict[str, dict[str, list[int | float | str]]] = _field(
-        {}, "Recipe keys to search and their ranges: {log_uniform: [lo, hi]}, {uniform: [lo, hi]}, {int: [lo, hi]}, "
-        "{choice: [a, b, ...]}; e.g. training.learning_rate: {log_uniform: [1e-5, 1e-3]}.",
-    )
-    metric: str | None = _field(None, "Evaluation metric to optimise (default: the task's main metric, e.g. accuracy).")
-    direction: Literal["auto", "maximize", "minimize"] = _field(
-        "auto", "auto: minimize losses and perplexity, maximize everything else.")
-    trials: int = _field(10, "Finished trials (complete or pruned) the sweep runs to; --trials overrides it.")
-    pruning: bool = _field(True, "Stop trials whose evaluations fall below the median of earlier trials at the same "
-                           "step (Optuna's median pruner, after 2 finished trials).")
-
-
-@dataclass
 class Recipe:
-    task: Literal["classification", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward"] = _field(
+    task: Literal[
+        "classification", "image_classification", "distill", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward"
+    ] = _field(
         "classification",
-        "What to train. classification: labelled text -> labels. sft: instructions / chats on a causal LM. "
+        "What to train. classification: labelled text -> labels. image_classification: labelled images -> labels. "
+        "distill: text classification taught by a finished run (distill.teacher). sft: instructions / chats on a causal LM. "
         "pretrain: plain text on a causal LM (continued pretraining, or from scratch with model.init=scratch). "
         "dpo: preference pairs (prompt, chosen, rejected) against a reference model. kto: unpaired feedback "
         "(prompt, completion, label true/false). orpo, simpo: preference pairs without a reference model. "
@@ -396,5 +303,7 @@ class Recipe:
     lm: LMConfig = field(default_factory=LMConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

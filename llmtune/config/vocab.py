@@ -6,7 +6,7 @@ the same list that is later used.
 
 from __future__ import annotations
 
-TASKS = ("classification", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward")
+TASKS = ("classification", "image_classification", "distill", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward")
 PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")  # causal LMs trained on preferences
 CAUSAL_LM_TASKS = ("sft", "pretrain", *PREFERENCE_TASKS)
 
@@ -50,7 +50,8 @@ def task_metrics(task: str) -> tuple[str, ...]:
     """The metrics a task reports (and the names `eval.metrics` may pick from)."""
     if task in ("dpo", "orpo", "simpo"):
         return PREFERENCE_METRICS
-    return {"classification": CLASSIFICATION_METRICS, "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(task, LM_METRICS)
+    return {"classification": CLASSIFICATION_METRICS, "image_classification": CLASSIFICATION_METRICS,
+            "distill": CLASSIFICATION_METRICS, "kto": KTO_METRICS, "reward": REWARD_METRICS}.get(task, LM_METRICS)
 
 # Experiment trackers (training.report_to), through transformers' integrations: name -> (module, pip package).
 TRACKERS = {

@@ -117,6 +117,24 @@ def load_file(path: str | None, key: str) -> Dataset:
         raise unreadable(file, key, exc) from None
 
 
+def load_image_rows(path: str, key: str) -> Dataset:
+    """Labelled images for `llmtune eval`: a folder (IDX files, or a subfolder per class) or a data file."""
+    from llmtune.data.images import image_folder_source
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return load_file(path, key)
+    found = image_folder_source(folder)
+    if found is None:
+        raise LlmtuneError(f"'{key}' is '{path}', a folder with no images in it (nor IDX files).")
+    if isinstance(found, DatasetDict):
+        if len(found) != 1:
+            raise LlmtuneError(f"'{key}' is '{path}', which holds the splits {', '.join(found)}; point it at one of "
+                               "their subfolders.")
+        found = next(iter(found.values()))
+    return found
+
+
 @contextlib.contextmanager
 def quiet_logger(name: str) -> Iterator[None]:
     """Keep a library's logger to CRITICAL messages for the duration."""
@@ -157,6 +175,12 @@ def _load_dataset_source(cfg: DataConfig) -> DatasetDict | Dataset:
     folder = Path(cfg.dataset)
     if folder.is_dir() and ((folder / "dataset_dict.json").exists() or (folder / "state.json").exists()):
         return load_from_disk(str(folder))
+    if folder.is_dir():
+        from llmtune.data.images import image_folder_source
+
+        images = image_folder_source(folder)  # IDX files, or one subfolder of images per class
+        if images is not None:
+            return images
     try:
         return load_dataset(cfg.dataset, cfg.subset)
     except Exception as exc:  # offline, unknown id, missing subset, ...

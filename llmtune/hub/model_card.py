@@ -16,11 +16,14 @@ from llmtune.models.sources import hub_base_model, installed_checkpoint
 TASK_NAMES = {"classification": "text classification", "sft": "instruction tuning (SFT)",
               "pretrain": "language modelling", "dpo": "preference tuning (DPO)", "kto": "preference tuning (KTO)",
               "orpo": "preference tuning (ORPO)", "simpo": "preference tuning (SimPO)",
-              "reward": "reward modelling"}
-PIPELINES = {"classification": "text-classification", "reward": "text-classification",
+              "reward": "reward modelling", "image_classification": "image classification",
+              "distill": "text classification, distilled from a teacher"}
+PIPELINES = {"classification": "text-classification", "reward": "text-classification", "distill": "text-classification",
+             "image_classification": "image-classification",
              **dict.fromkeys(("sft", "pretrain", "dpo", "kto", "orpo", "simpo"), "text-generation")}
-AUTO_CLASS_NAMES = {task: "AutoModelForSequenceClassification" if pipeline == "text-classification"
-                    else "AutoModelForCausalLM" for task, pipeline in PIPELINES.items()}
+AUTO_FOR_PIPELINE = {"text-classification": "AutoModelForSequenceClassification",
+                     "image-classification": "AutoModelForImageClassification", "text-generation": "AutoModelForCausalLM"}
+AUTO_CLASS_NAMES = {task: AUTO_FOR_PIPELINE[pipeline] for task, pipeline in PIPELINES.items()}
 
 
 def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
@@ -169,6 +172,14 @@ def _number(value: Any) -> str:
 
 def _usage(repo_id: str, base: str | None, kind: str, task: str, recipe: dict) -> str:
     auto = AUTO_CLASS_NAMES[task]
+    if task == "image_classification":
+        scratch = recipe["model"].get("init") == "scratch"
+        return ("```python\n" + ("import llmtune.models.vision  # registers llmtune's CNN / MLP with the Auto classes\n"
+                                   if scratch else "") +
+                f"from transformers import {auto}\n\n"
+                f'model = {auto}.from_pretrained("{repo_id}")\n'
+                "# pixels: resize to config.image_size, config.num_channels channels, scale to [0, 1], then\n"
+                "# normalise with config.image_mean / config.image_std (llmtune predict --image does this)\n```\n")
     if kind != "adapter":
         code = (f"from transformers import {auto}, AutoTokenizer\n\n"
                 f'model = {auto}.from_pretrained("{repo_id}")\n'

@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GenerationConfig,
@@ -69,7 +70,7 @@ def name_base_in_adapter_config(folder: Path, base: str, revision: str | None = 
 def load_trained(
     path: str | Path, auto_class: Any = None, base: str | None = None, full_precision: bool = False
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, run.json record or {}) from a run, a checkpoint-N folder, an adapter folder
+    """(model in eval mode, tokenizer or None, run.json record or {}) from a run, a checkpoint-N folder, an adapter folder
     or a model name (Hub id, .gguf file, installed short name).
 
     An adapter is put on its base: `base` if given, else the one the run trained on. `full_precision` loads
@@ -87,7 +88,9 @@ def load_trained(
     config = AutoConfig.from_pretrained(config_dir)
     if (folder / "adapter_config.json").exists():
         adapter = json.loads((folder / "adapter_config.json").read_text())
-        auto_class = auto_class or AUTO_CLASSES.get(adapter.get("task_type"), AutoModelForCausalLM)
+        images = (record.get("recipe") or {}).get("task") == "image_classification"  # peft has no image task type
+        auto_class = auto_class or AUTO_CLASSES.get(adapter.get("task_type"), AutoModelForImageClassification if images
+                                                    else AutoModelForCausalLM)
         base_path = find_base(folder, adapter, record, base)
         loading: dict[str, Any] = {"dtype": torch.float32}
         quantization = getattr(config, "quantization_config", None)
@@ -99,6 +102,8 @@ def load_trained(
                 from transformers import BitsAndBytesConfig
 
                 loading["quantization_config"] = BitsAndBytesConfig.from_dict(dict(quantization))
+        if auto_class is AutoModelForImageClassification:  # the base's own head (other labels) gives way to the run's
+            loading["ignore_mismatched_sizes"] = True
         base_model = auto_class.from_pretrained(base_path, config=config, use_safetensors=True, **loading)
         if "quantization_config" in loading:
             keep_4bit_weights_in_training_layout(base_model)  # score as training did (patches/bnb_cpu_repacking.py)
@@ -108,8 +113,11 @@ def load_trained(
         model = PeftModel.from_pretrained(base_model, folder)
     else:
         model = (auto_class or AutoModelForCausalLM).from_pretrained(folder, use_safetensors=True)
-    tokenizer_dir = folder if (folder / "tokenizer_config.json").exists() else run_dir
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer_dir = next((d for d in (folder, run_dir) if d and (d / "tokenizer_config.json").exists()), None)
+    # Image classifiers have no tokenizer: their config carries the pixel format (data/images.PixelSpec).
+    if tokenizer_dir is None and hasattr(config, "image_mean"):
+        return model.eval(), None, record
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or folder)
     return model.eval(), tokenizer, record
 
 
@@ -131,7 +139,7 @@ def model_kind(path: str | Path) -> str | None:
         except (OSError, ValueError, AttributeError):
             task = None  # a damaged run.json: tell by the model's own config below
         if task:
-            return "causal_lm" if task in CAUSAL_LM_TASKS else task
+            return "causal_lm" if task in CAUSAL_LM_TASKS else "classification" if task == "distill" else task
     for candidate in (folder, folder / ADAPTER_SUBDIR):
         if (candidate / "adapter_config.json").is_file():
             task_type = json.loads((candidate / "adapter_config.json").read_text()).get("task_type")
@@ -140,6 +148,8 @@ def model_kind(path: str | Path) -> str | None:
         architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
         if any(a.endswith("ForSequenceClassification") for a in architectures):
             return "classification"
+        if any(a.endswith("ForImageClassification") for a in architectures):
+            return "image_classification"
         if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
             return "causal_lm"
     return None

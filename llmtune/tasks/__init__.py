@@ -12,7 +12,8 @@ from types import ModuleType
 
 from llmtune.config.vocab import TASKS
 
-TASK_MODULES = {"classification": "llmtune.tasks.classification", "sft": "llmtune.tasks.causal_lm",
+TASK_MODULES = {"classification": "llmtune.tasks.classification", "distill": "llmtune.tasks.distill",
+                "image_classification": "llmtune.tasks.image_classification", "sft": "llmtune.tasks.causal_lm",
                 "pretrain": "llmtune.tasks.causal_lm", "dpo": "llmtune.tasks.preference",
                 "kto": "llmtune.tasks.preference", "orpo": "llmtune.tasks.preference",
                 "simpo": "llmtune.tasks.preference", "reward": "llmtune.tasks.reward"}

@@ -36,6 +36,7 @@ from llmtune.generation import GenerationLogger, perplexity, set_generation_eos
 from llmtune.models.adapters import apply_method
 from llmtune.models.attention import attention_for
 from llmtune.models.loading import ensure_pad_token, load_tokenizer, pretrained_arguments
+from llmtune.models.pruning import prune_layers
 from llmtune.models.quantization import keep_adapters_in_compute_dtype
 from llmtune.models.scratch import build_model, train_tokenizer
 from llmtune.models.sources import ResolvedModel
@@ -138,6 +139,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attention,
                                                      **pretrained_arguments(recipe, model_path))
+        model = prune_layers(model, recipe.model)  # model.keep_layers / num_layers
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     set_generation_eos(model, tokenizer, chat)

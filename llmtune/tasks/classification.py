@@ -28,6 +28,7 @@ from llmtune.files import write_text
 from llmtune.metrics import MetricComputer, class_report, softmax
 from llmtune.models.adapters import apply_method
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
+from llmtune.models.pruning import prune_layers
 from llmtune.models.sources import ResolvedModel
 from llmtune.tasks.job import Job
 from llmtune.training import early_stopping, training_arguments
@@ -63,6 +64,7 @@ def build(recipe: Recipe, source: ResolvedModel, run_dir: Path, resume: bool = F
         **pretrained_arguments(recipe, source.path, keep_unquantized=CLASSIFIER_HEADS),
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders need it to find the last real token
+    model = prune_layers(model, recipe.model)  # model.keep_layers / num_layers
     model = apply_method(model, recipe.method, TaskType.SEQ_CLS, recipe.training.gradient_checkpointing)
 
     # 4. Trainer
@@ -82,7 +84,7 @@ def build(recipe: Recipe, source: ResolvedModel, run_dir: Path, resume: bool = F
         callbacks=early_stopping(recipe.training),
     )
     return Job(
-        trainer, source.path, summarize=_strip,
+        trainer, source.path, summarize=strip_prefix,
         record={"labels": labels, "data_sizes": {split: len(rows) for split, rows in splits.items()}},
         after_training=partial(after_training, trainer, scores, splits, encoded, labels, data),
     )
@@ -201,8 +203,8 @@ def write_predictions(
     if trainer.is_world_process_zero():
         write_text(run_dir / "predictions.jsonl", "\n".join(lines) + "\n")
         logger.info("Wrote %d predictions to %s", len(lines), run_dir / "predictions.jsonl")
-    return {"test": _strip(output.metrics, "test_")} if output.label_ids is not None else {}
+    return {"test": strip_prefix(output.metrics, "test_")} if output.label_ids is not None else {}
 
 
-def _strip(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+def strip_prefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {k.removeprefix(prefix): v for k, v in metrics.items()}

@@ -47,10 +47,14 @@ class Classifier:
         batch_size = training.get("eval_batch_size") or 2 * training.get("batch_size", 16)
         return cls(model, tokenizer, labels, data.get("max_length", 512), columns, precision, batch_size)
 
-    @torch.inference_mode()
     def probabilities(self, texts: list[str], pairs: list[str] | None = None, batch_size: int | None = None
                       ) -> np.ndarray:
         """Class probabilities, one row per text (or text pair), in label order."""
+        return softmax(self.logits(texts, pairs, batch_size))
+
+    @torch.inference_mode()
+    def logits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int | None = None) -> np.ndarray:
+        """Raw scores (float32), one row per text (or text pair), in label order."""
         batch_size = batch_size or self.batch_size
         rows = []
         for start in range(0, len(texts), batch_size):
@@ -61,8 +65,8 @@ class Classifier:
             )
             with evaluation_precision(self.precision, self.model.device.type):
                 logits = self.model(**batch).logits
-            rows.append(softmax(logits.float().numpy()))
-        return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)))
+            rows.append(logits.float().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int | None = None
                 ) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from llmtune.data.preference import as_text, chat_prompt_tokens, load_preference
 from llmtune.distributed import main_process_first
 from llmtune.models.adapters import apply_method
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
+from llmtune.models.pruning import prune_layers
 from llmtune.models.sources import ResolvedModel
 from llmtune.preference_trainers import build_trainer, summarize
 from llmtune.tasks.job import Job
@@ -45,6 +46,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
         source.path, num_labels=1, **pretrained_arguments(recipe, source.path, keep_unquantized=SCORE_HEADS)
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders read the score at the last real token
+    model = prune_layers(model, recipe.model)  # model.keep_layers / num_layers
     model = apply_method(model, recipe.method, TaskType.SEQ_CLS, recipe.training.gradient_checkpointing)
 
     # 3. trl's RewardTrainer (pairwise loss, accuracy and margin at evaluation)
