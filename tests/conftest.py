@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,8 +16,19 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="llmtune-test-hf-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A private HF cache and llmtune cache per session, deleted when it ends: a full run derives several GB (datasets
+# caches, merged adapters) that must not pile up on the machine. GGUF conversions are a pure function of the
+# installed file, so they stay shared in the user's cache (the slow tests would otherwise redo them every session).
+_SESSION_FOLDERS: list[str] = []
+if "HF_HOME" not in os.environ:
+    _SESSION_FOLDERS.append(os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="llmtune-test-hf-")))
+if "LLMTUNE_CACHE" not in os.environ:
+    _user_gguf = Path.home() / ".cache" / "llmtune" / "gguf"
+    _user_gguf.mkdir(parents=True, exist_ok=True)
+    _SESSION_FOLDERS.append(os.environ.setdefault("LLMTUNE_CACHE", tempfile.mkdtemp(prefix="llmtune-test-cache-")))
+    (Path(os.environ["LLMTUNE_CACHE"]) / "gguf").symlink_to(_user_gguf, target_is_directory=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -28,6 +40,11 @@ def pytest_addoption(parser):
         help="on: run as on a CPU with native bf16 (training.precision auto -> bf16, bitsandbytes' avx512_bf16 "
         "probe true), whatever this CPU has; off: as on one without; auto: this CPU as it is.",
     )
+
+
+def pytest_unconfigure(config):
+    for folder in _SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_configure(config):

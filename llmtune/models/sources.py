@@ -132,12 +132,22 @@ def _check_hub_reachable(name: str, revision: str | None, trust_remote_code: boo
         ) from None
 
 
+_SAMPLE = 1 << 20  # bytes hashed from each end of a cached file's source
+
+
 def cache_entry(kind: str, name: str, source: Path) -> Path:
-    """Where llmtune caches what it derives from the file `source` (a converted GGUF, a merged SFT adapter): keyed
-    by the file's place, size and modification time, so a changed file gets a new entry."""
-    stat = source.stat()
-    digest = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / kind / f"{name}-{digest}"
+    """Where llmtune caches what it derives from the file `source` (a converted GGUF, a merged SFT adapter).
+
+    Keyed by the file's size and a hash of its first and last MiB rather than its place: the same checkpoint
+    installed into a second virtual environment reuses the entry, and a changed file gets a new one.
+    """
+    size = source.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with source.open("rb") as handle:
+        digest.update(handle.read(_SAMPLE))
+        handle.seek(max(size - _SAMPLE, 0))
+        digest.update(handle.read(_SAMPLE))
+    return cache_dir() / kind / f"{name}-{digest.hexdigest()[:16]}"
 
 
 def gguf_to_safetensors(gguf_path: Path) -> Path:
