@@ -105,7 +105,7 @@ def main() -> int:
     return 0
 
 
-def throughput(runs: dict[str, str], dev: Path, batch_size: int, rounds: int = 3) -> dict[str, float]:
+def throughput(runs: dict[str, str], dev: Path, batch_size: int, rounds: int = 5) -> dict[str, float]:
     """Dev sentences per second for each run, in alternating rounds on the same batches; the fastest round kept."""
     from llmtune.tasks.classification_predict import Classifier
 
