@@ -1,19 +1,22 @@
-"""Speed benchmark: llmtune's defaults against a plain transformers Trainer script and TRL's SFTTrainer defaults,
-on the same model, data, adapter settings, learning rate, batch size and machine, in one run.
+"""Speed benchmark: llmtune's defaults against the strongest baselines, on the same model, data, adapter
+settings, learning rate, batch size and machine, in one run.
 
-Workloads (benchmarks/speed_workloads.py): SmolLM2-135M-Instruct LoRA SFT on Alpaca (plain Trainer, TRL, llmtune),
-QLoRA on SmolLM2 (plain Trainer, llmtune), all-MiniLM-L6-v2 LoRA on SST-2 (plain Trainer, llmtune) and a tiny GPT
-pretrained from scratch on Tiny Shakespeare (plain Trainer, llmtune). Every system trains in a fresh process
-until it has processed the same number of effective tokens (tokens attended to; padding excluded). Then one
-shared evaluator per workload scores every model on the same held-out data.
+Workloads (benchmarks/speed_workloads.py): SmolLM2-135M-Instruct LoRA SFT on Alpaca (plain Trainer script, TRL
+with its defaults, TRL tuned for speed, llmtune), QLoRA on SmolLM2 (plain Trainer, llmtune), all-MiniLM-L6-v2
+LoRA on SST-2 (plain Trainer, llmtune) and a tiny GPT pretrained from scratch on Tiny Shakespeare (plain
+Trainer, llmtune). Every system trains in a fresh process until it has processed the same number of effective
+tokens (tokens attended to; padding excluded), sized so that every compared run times at least 60 s and 20
+optimizer steps on a 2-core CPU; the compared systems run 3 interleaved rounds and report the median and the
+spread. Then one shared evaluator per workload scores every model on the same held-out data.
 
 Reported per run: effective tokens/s, step time, padding share, peak RSS (and peak GPU memory on CUDA),
-held-out loss, and MFU = 6 x N x tokens/s / the matmul peak of the run's precision, measured in this run
-(best of torch.matmul and F.linear on square fp32 and bf16 matrices). llmtune also runs in bf16 (a shorter
-budget: on CPUs without native bf16 it is emulated), so every workload has an MFU in both precisions.
-Preprocessing: every SFT system's path from the whole Alpaca 5k file to tokens, cold and with its datasets cache warm.
+held-out loss, and MFU = 6 x N x tokens/s / the matmul peak of the run's precision, measured around each
+workload (best of torch.matmul and F.linear on square fp32 and bf16 matrices). Where bf16 is native (CUDA,
+avx512_bf16/AMX) llmtune also runs once in bf16, for an MFU in both precisions (`--bf16-run on` forces it).
+Preprocessing: every SFT system's path from the whole Alpaca 5k file to tokens, cold and with its cache warm.
 
     .venv/bin/python benchmarks/speed.py                         # about 75 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/speed.py --workloads sft_lora    # one workload; the others keep their results
     .venv/bin/python benchmarks/speed.py --workloads sft_lora --size gpu
 Writes benchmarks/results/speed.json and benchmarks/RESULTS.md.
 """
@@ -36,19 +39,26 @@ from speed_workloads import ALPACA_5K, REPO, WORKLOADS, build, held_out, prepare
 from transformers import TrainerCallback  # noqa: E402 - after the offline switches
 from worker import peak_rss_mb, reset_peak_rss, run_in_fresh_process  # noqa: E402
 
-BF16_BUDGET_SHARE = 0.15  # of the workload's budget, for the llmtune bf16 run
+REFERENCE_BUDGET_SHARE = 0.05  # of the workload's budget, for the runs measured once (TRL defaults, bf16 emulated)
 MIN_TIMED_STEPS = 3  # a run trains at least this many steps after the (untimed) first, whatever its budget
+LONG_ENOUGH = (60.0, 20)  # seconds, timed steps: a compared run shorter than either is flagged in the table
+ONCE = ("trl",)  # far too slow on a CPU to repeat; a reference, not a comparison target
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS),
+                        help="Measure these; the others keep their last results in speed.json and RESULTS.md.")
     parser.add_argument("--size", choices=["cpu", "gpu"], default="gpu" if _cuda() else "cpu")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="Multiply every token budget.")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--with-compile", action="store_true", help="Also run llmtune with training.compile=true.")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="Rounds of the plain Trainer and llmtune runs, interleaved; the fastest of each is kept.")
+                        help="Interleaved rounds of every compared system; the median is reported, with the spread.")
+    parser.add_argument("--bf16-run", choices=["auto", "on", "off"], default="auto",
+                        help="The llmtune bf16 reference run; auto: only where bf16 is native (CUDA, avx512_bf16/AMX), "
+                        "since emulated bf16 is several times slower than fp32 and only gives an MFU.")
+    parser.add_argument("--skip-preprocessing", action="store_true", help="Keep the last preprocessing numbers.")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
     for hidden in ("worker", "work", "system", "precision", "token-budget", "batch-size"):
@@ -57,56 +67,63 @@ def main() -> int:
     if args.worker == "prep":
         args.batch_size = 1
         seconds = sft_preprocessing_seconds(args.system, args, Path(args.work), ALPACA_5K)
-        print(json.dumps({"seconds": round(seconds, 2)}))
+        print(json.dumps({"seconds": round(seconds, 3)}))
         return 0
     if args.worker:
         print(json.dumps(run_system(args)))
         return 0
 
-    peak = matmul_peak()
-    report = {"machine": machine(), "matmul_peak_gflops": peak, "size": args.size, "repeats": args.repeats,
-              "workloads": {}}
+    from llmtune.files import write_json, write_text
+    from llmtune.runs import library_versions
+
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    kept = {name: block for name, block in previous.get("workloads", {}).items() if "date" in block}  # this format
+    report = {"size": args.size, "repeats": args.repeats, "workloads": kept}
+    if "date" in previous.get("preprocessing_alpaca5k_s", {}):
+        report["preprocessing_alpaca5k_s"] = previous["preprocessing_alpaca5k_s"]
+    stamp = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     with tempfile.TemporaryDirectory() as work:
-        report["preprocessing_alpaca5k_s"] = preprocessing(Path(work))
+        if not args.skip_preprocessing or "preprocessing_alpaca5k_s" not in report:
+            report["preprocessing_alpaca5k_s"] = {**preprocessing(Path(work)), **stamp}
         for name in args.workloads:
             workload = WORKLOADS[name]
             folder = Path(work) / name
             folder.mkdir()
             prepare(name, folder, args.train_samples)
             budget = int(workload.token_budget[args.size] * args.budget_scale)
+            # The shared machine's speed drifts; the peak is the best seen either side of the workload's runs.
+            peak = matmul_peak()
             results = measure(name, folder, budget, args)
+            end_peak = matmul_peak()
+            peak = {key: max(peak[key], end_peak[key]) for key in peak}
             summarize(results, peak)
-            report["workloads"][name] = {"title": workload.title, "token_budget": budget, "results": results}
+            report["workloads"][name] = {"title": workload.title, "token_budget": budget, "results": results,
+                                         "matmul_peak_gflops": peak, "repeats": args.repeats, **stamp}
             print(render_workload(name, report["workloads"][name]), flush=True)
-    # The shared machine's speed drifts; the peak is the best seen at either end of the run.
-    end_peak = matmul_peak()
-    peak.update({key: max(peak[key], end_peak[key]) for key in peak})
-    for block in report["workloads"].values():
-        summarize(block["results"], peak)
-    from llmtune.files import write_json, write_text
-    from llmtune.runs import library_versions
-
     report["versions"] = library_versions()
     write_json(Path(args.out), report)
-    write_text(Path(args.results_md), render(report, args))
+    write_text(Path(args.results_md), render(report))
     print(f"Wrote {args.out} and {args.results_md}")
     return 0
 
 
 def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> list[dict]:
-    """Every system on one workload, each in a fresh process. The plain Trainer and llmtune run in
-    interleaved rounds and keep their fastest round (as timeit keeps its best): a neighbour's load on a shared
-    machine only ever slows a run down. TRL and the bf16 run are too slow to repeat and run once."""
+    """Every system on one workload, each run in a fresh process. The compared systems run `repeats`
+    interleaved rounds (so a slow spell of the shared machine hits all of them alike) and report the median
+    round with the spread; TRL's defaults and the emulated-bf16 run are references, run once on a short budget."""
     workload = WORKLOADS[name]
-    once = [(system, "default") for system in workload.systems if system not in ("plain_trainer", "llmtune")]
-    once.append(("llmtune", "bf16"))
+    compared = [(system, "auto" if system in ("llmtune", "trl_tuned") else "default")
+                for system in workload.systems if system not in ONCE]
+    once = [(system, "default") for system in workload.systems if system in ONCE]
+    if args.bf16_run == "on" or (args.bf16_run == "auto" and _native_bf16()):
+        once.append(("llmtune", "bf16"))
     if args.with_compile:
-        once.append(("llmtune", "compile"))
-    repeated = [("plain_trainer", "default"), ("llmtune", "auto")]
-    order = repeated + once + repeated * (args.repeats - 1)
-    best: dict[str, dict] = {}
+        compared.append(("llmtune", "compile"))
+    order = compared + once + compared * (args.repeats - 1)
+    rounds: dict[str, list[dict]] = {}
     for system, precision in order:
-        tokens = budget if precision != "bf16" else int(budget * BF16_BUDGET_SHARE)
+        short = (system, precision) in once
+        tokens = int(budget * REFERENCE_BUDGET_SHARE) if short else budget
         print(f"{name}: {system} ({precision}), {tokens} tokens ...", file=sys.stderr, flush=True)
         result = run_in_fresh_process([
             __file__, "--worker", name, "--work", str(folder), "--system", system, "--precision", precision,
@@ -114,66 +131,88 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> l
         if result is None:
             continue
         label = {"bf16": "llmtune (bf16)", "compile": "llmtune (torch.compile)"}.get(precision, system)
-        rounds = best.get(label, {}).get("tokens_per_s_rounds", []) + [round(result["tokens_per_s"], 1)]
-        if label not in best or result["tokens_per_s"] > best[label]["tokens_per_s"]:
-            best[label] = result
-        best[label] = {"system": label, **best[label], "tokens_per_s_rounds": rounds}
-    order_of_rows = ["plain_trainer", *workload.systems, "llmtune (bf16)", "llmtune (torch.compile)"]
-    return [best[label] for label in dict.fromkeys(order_of_rows) if label in best]
+        rounds.setdefault(label, []).append({**result, "reference_only": short})
+    order_of_rows = [*workload.systems, "llmtune (bf16)", "llmtune (torch.compile)"]
+    return [median_round(label, rounds[label]) for label in order_of_rows if label in rounds]
+
+
+def median_round(label: str, runs: list[dict]) -> dict:
+    """The round with the median tokens/s (the lower middle of an even count), with every round's speed and the
+    spread (max - min) / median."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    middle = ordered[(len(ordered) - 1) // 2]
+    speeds = [round(r["tokens_per_s"], 1) for r in runs]
+    return {"system": label, **middle, "tokens_per_s_rounds": speeds,
+            "spread": (max(speeds) - min(speeds)) / middle["tokens_per_s"]}
 
 
 def preprocessing(work: Path) -> dict[str, dict[str, float | None]]:
     """Each system's path from the Alpaca 5k file to tokens: first with an empty datasets cache (cold), then
-    again in a new process with the cache the first run left (cached). One cache per system."""
+    again in a new process with the cache the first run left (cached, the median of three). One cache per
+    system; the tokenizer is loaded before the clock starts for every system."""
     times = {}
-    for system in WORKLOADS["sft_lora"].systems:
-        env = {**os.environ, "HF_DATASETS_CACHE": str(work / f"datasets-cache-{system}")}
+    for system in ("plain_trainer", "trl", "llmtune"):
+        env = {**os.environ, "HF_DATASETS_CACHE": str(work / f"datasets-cache-{system}"),
+               "LLMTUNE_CACHE": str(work / f"llmtune-cache-{system}")}
         command = [__file__, "--worker", "prep", "--system", system, "--work", str(work)]
-        runs = {label: run_in_fresh_process(command, env=env) for label in ("cold", "cached")}
-        times[system] = {label: (r or {}).get("seconds") for label, r in runs.items()}
+        cold = run_in_fresh_process(command, env=env)
+        cached = sorted((run_in_fresh_process(command, env=env) or {}).get("seconds") or float("inf")
+                        for _ in range(3))[1]
+        times[system] = {"cold": (cold or {}).get("seconds"), "cached": cached if cached != float("inf") else None}
         print(f"preprocessing Alpaca 5k, {system}: {times[system]}", file=sys.stderr, flush=True)
     return times
 
 
 def summarize(results: list[dict], peak: dict[str, float]) -> None:
-    """MFU against the peak of each run's precision; speed ratios against the plain Trainer."""
-    baseline = next((r for r in results if r["system"] == "plain_trainer"), None)
+    """MFU against the peak of each run's precision; speed ratios against the workload's first system (the
+    plain Trainer script) and against TRL tuned where it ran."""
+    baseline = results[0]
+    tuned = next((r for r in results if r["system"] == "trl_tuned"), None)
     for r in results:
         r["mfu"] = 6 * r["parameters"] * r["tokens_per_s"] / (peak[r["precision"]] * 1e9)
-        r["speed_vs_plain"] = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None
+        r["speed_vs_plain"] = r["tokens_per_s"] / baseline["tokens_per_s"]
+        r["speed_vs_trl_tuned"] = r["tokens_per_s"] / tuned["tokens_per_s"] if tuned else None
 
 
 # --- reporting ---------------------------------------------------------------------------------------------
 
 
 def render_workload(name: str, block: dict) -> str:
+    peak = block["matmul_peak_gflops"]
+    tuned = any(r["system"] == "trl_tuned" for r in block["results"])
     lines = [f"### {block['title']}", "",
-             f"`{name}`: {block['token_budget']:,} effective training tokens per run (llmtune bf16: "
-             f"{int(block['token_budget'] * BF16_BUDGET_SHARE):,}).", "",
-             "| system | effective tokens/s | vs plain Trainer | s/step | padding | peak RSS (MB) | held-out loss | "
-             "MFU | precision | activation ckpt | tokens/s of each round |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"`{name}`: {block['token_budget']:,} effective training tokens per run (references: "
+             f"{int(block['token_budget'] * REFERENCE_BUDGET_SHARE):,}); measured {block['date']} on "
+             f"{block['machine']}; matmul peak fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f} GFLOP/s.", "",
+             "| system | effective tokens/s (median) | spread | vs plain Trainer |" + (" vs TRL tuned |" if tuned else "")
+             + " s/step | timed | padding | peak RSS (MB) | held-out loss | MFU | precision | activation ckpt | "
+             "tokens/s of each round |",
+             "|---|---|---|---|" + ("---|" if tuned else "") + "---|---|---|---|---|---|---|---|---|"]
     for r in block["results"]:
         loss = f"{r['held_out_loss']:.4f}" + (f" (acc {r['held_out_accuracy']:.3f})" if "held_out_accuracy" in r else "")
-        ratio = f"{r['speed_vs_plain']:.2f}x" if r.get("speed_vs_plain") else "-"
         memory = f"{r['peak_rss_mb']:.0f}" + (f" / GPU {r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") else "")
-        lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {ratio} | {r['seconds_per_step']:.2f} | "
-                     f"{r['padding_share']:.0%} | {memory} | {loss} | {r['mfu']:.1%} | {r['precision']} | "
-                     f"{'on' if r['activation_checkpointing'] else 'off'} | "
-                     f"{', '.join(f'{x:.1f}' for x in r.get('tokens_per_s_rounds', []))} |")
+        timed = f"{r['timed_seconds']:.0f} s, {r['steps'] - 1} steps"
+        if r.get("reference_only"):
+            timed += " (reference, once)"
+        elif r["timed_seconds"] < LONG_ENOUGH[0] or r["steps"] - 1 < LONG_ENOUGH[1]:
+            timed += " (short)"
+        ratios = f"{r['speed_vs_plain']:.2f}x |" + (f" {r['speed_vs_trl_tuned']:.2f}x |" if tuned else "")
+        lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['spread']:.0%} | {ratios} "
+                     f"{r['seconds_per_step']:.2f} | {timed} | {r['padding_share']:.0%} | {memory} | {loss} | "
+                     f"{r['mfu']:.1%} | {r['precision']} | {'on' if r['activation_checkpointing'] else 'off'} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['tokens_per_s_rounds'])} |")
     return "\n".join(lines)
 
 
-def render(report: dict, args: argparse.Namespace) -> str:
-    peak, machine_info, prep = report["matmul_peak_gflops"], report["machine"], report["preprocessing_alpaca5k_s"]
-    command = "python benchmarks/speed.py" + (f" --workloads {' '.join(args.workloads)}"
-                                              if args.workloads != list(WORKLOADS) else "")
+def render(report: dict) -> str:
+    prep = report["preprocessing_alpaca5k_s"]
     lines = ["# Speed benchmark results", "",
-             f"Machine: {machine_info}. Matmul peak, the best measured at the start and the end of this run: "
-             f"fp32 {peak['fp32']:.1f} GFLOP/s, "
-             f"bf16 {peak['bf16']:.1f} GFLOP/s.", f"Reproduce: `{command}` (writes this file and "
-             "`benchmarks/results/speed.json`).", "",
-             f"The plain Trainer and llmtune run {report['repeats']} interleaved rounds each and keep their fastest "
-             "round (a shared machine's neighbours only ever slow a run down); TRL and the bf16 runs run once. "
+             "Reproduce: `python benchmarks/speed.py` (every workload; `--workloads NAME ...` re-measures some and "
+             "keeps the rest; writes this file and `benchmarks/results/speed.json`).", "",
+             f"Every compared system runs {report['repeats']} interleaved rounds, each in a fresh process, and the "
+             "median round is reported with the spread of the rounds, (max - min) / median; a compared run is flagged "
+             f"short if it timed under {LONG_ENOUGH[0]:.0f} s or {LONG_ENOUGH[1]} optimizer steps. TRL's defaults and "
+             "the bf16 run (by default only where bf16 is native) are references, run once on a short budget. "
              "Effective tokens are tokens the model attends to (padding excluded). Held-out loss is computed by one "
              "evaluator per workload, the same for every system, after the same number of effective tokens. "
              "MFU = 6 x N x tokens/s / matmul peak of the run's precision, N = parameters that multiply every token "
@@ -182,20 +221,23 @@ def render(report: dict, args: argparse.Namespace) -> str:
              "tokens skips part of the head, so MFU by 6 x N overstates their hardware use.", ""]
     for name, block in report["workloads"].items():
         lines += [render_workload(name, block), ""]
-    lines += ["Preprocessing of all 5,000 Alpaca examples (load the file, chat template, tokenize; llmtune also "
-              "builds loss masks; TRL's time includes its LoRA wrapping), in a fresh process with an empty datasets "
-              "cache and again with the cache the first run left:", "",
+    lines += [f"Preprocessing of all 5,000 Alpaca examples (load the file, chat template, tokenize; llmtune also "
+              f"builds loss masks; TRL's time includes its LoRA wrapping), measured {prep.get('date', '-')} on "
+              f"{prep.get('machine', '-')}. Each system loads its tokenizer before the clock starts, then runs in a "
+              "fresh process with an empty datasets cache (cold) and again, three times, with the cache the first "
+              "run left (cached, the median):", "",
               "| system | cold (s) | cached (s) |", "|---|---|---|"]
     for system, seconds in prep.items():
-        lines.append(f"| {system} | {_seconds(seconds['cold'])} | {_seconds(seconds['cached'])} |")
+        if isinstance(seconds, dict):
+            lines.append(f"| {system} | {_seconds(seconds['cold'])} | {_seconds(seconds['cached'])} |")
     lines.append("")
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-    lines += [f"Versions: {versions}.", ""]
+    lines += [f"Versions (the latest run): {versions}.", ""]
     return "\n".join(lines)
 
 
 def _seconds(value: float | None) -> str:
-    return f"{value:.2f}" if value is not None else "failed"
+    return f"{value:.3f}" if value is not None else "failed"
 
 
 def machine() -> str:
@@ -237,6 +279,12 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _native_bf16() -> bool:
+    from llmtune.precision import cpu_has_native_bf16
+
+    return _cuda() or cpu_has_native_bf16()
 
 
 def _sync() -> None:
@@ -288,6 +336,10 @@ def run_system(args: argparse.Namespace) -> dict:
     args.learning_rate, args.batch_size = recipe.training.learning_rate, int(args.batch_size)
     args.compile = args.precision == "compile"
     args.precision = {"default": "fp32", "compile": "auto"}.get(args.precision, args.precision)
+    if args.precision == "auto" and args.system != "llmtune":  # the precision llmtune would pick on this machine
+        from llmtune.precision import resolved_precision
+
+        args.precision = resolved_precision("auto")
     trainer = build(workload, args.system, args, work)
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
@@ -303,6 +355,7 @@ def run_system(args: argparse.Namespace) -> dict:
     result = {
         "tokens_per_s": tokens / seconds,
         "seconds_per_step": seconds / max(steps, 1),
+        "timed_seconds": seconds,
         "steps": steps + 1,
         "effective_tokens": counter.effective,
         "padding_share": 1 - counter.effective / max(counter.slots, 1),

@@ -27,7 +27,7 @@ def preview(recipe: Recipe, samples: int = 3, colour: bool | None = None) -> str
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     lm_data = causal_lm.load_data(recipe)
     source = resolve_source(recipe)
-    tokenizer, _ = causal_lm.load_lm_tokenizer(recipe, lm_data, source.path if source else None)
+    tokenizer, _ = causal_lm.load_lm_tokenizer(recipe, lm_data.chat, source.path if source else None, lm_data)
     encoded, stats = causal_lm.tokenize_splits(recipe, lm_data, tokenizer)
     train_stats: dict[str, Any] = stats["train"]
     if lm_data.chat and recipe.lm.packing:

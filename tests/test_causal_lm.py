@@ -283,3 +283,58 @@ def test_tokenized_cache_keys_change_with_every_setting_and_the_tokenizer(tiny_l
     other = AutoTokenizer.from_pretrained(tiny_llama)
     other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert key != derived_fingerprint(rows, "conversations", "llmtune/data/lm_tokenize.py", other, max_length=64)
+
+
+def test_a_second_run_reuses_the_tokenized_splits_and_any_change_tokenizes_again(tiny_llama, tmp_path, monkeypatch):
+    """The finished splits are reused (memory-mapped, nothing tokenized) when data, tokenizer and settings are the
+    same; a changed setting, data file or tokenizer file tokenizes again into a new entry."""
+    import shutil
+
+    from llmtune.tasks import causal_lm
+
+    monkeypatch.setenv("LLMTUNE_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(24))
+    calls = []
+    tokenize = causal_lm.tokenize_splits
+    monkeypatch.setattr(causal_lm, "tokenize_splits", lambda *a: calls.append(1) or tokenize(*a))
+
+    def prepared(model: str = tiny_llama, *extra: str):
+        recipe = sft_recipe(model, data, tmp_path, "data.max_length=64", "data.validation_fraction=0.25", *extra)
+        return causal_lm.prepare_data(recipe, model)[2]
+
+    first = prepared()
+    again = prepared()
+    assert len(calls) == 1  # the second run tokenized nothing
+    for split in ("train", "eval"):
+        assert again.splits[split].to_list() == first.splits[split].to_list() and again.splits[split].cache_files
+    assert again.stats == first.stats and (again.fmt, again.loss_on) == (first.fmt, first.loss_on)
+
+    longest = max(len(r) for r in first.splits["train"]["input_ids"])
+    shorter = prepared(tiny_llama, f"data.max_length={longest - 1}")
+    assert len(calls) == 2 and max(len(r) for r in shorter.splits["train"]["input_ids"]) == longest - 1
+
+    prepared(tiny_llama, "lm.loss_on=all")
+    assert len(calls) == 3
+
+    write_jsonl(data, chats(25))
+    prepared()
+    assert len(calls) == 4
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_llama, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    prepared(str(other))
+    assert len(calls) == 5
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 5  # one entry each, no staging leftovers
+
+
+def test_recipes_whose_inputs_are_not_local_files_skip_the_tokenized_cache(tiny_llama, tmp_path):
+    from llmtune.data.tokenized_cache import cache_key
+
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(4))
+    assert cache_key(sft_recipe(tiny_llama, data, tmp_path), tiny_llama)
+    assert cache_key(sft_recipe(tiny_llama, data, tmp_path), "HuggingFaceTB/SmolLM2-135M-Instruct") is None
+    hub_data = load_recipe({"task": "sft", "model": {"name": tiny_llama}, "data": {"dataset": "tatsu-lab/alpaca"},
+                            "output": {"dir": str(tmp_path / "run")}})
+    assert cache_key(hub_data, tiny_llama) is None

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTConfig
 
 from llmtune.config.schema import DataConfig, Recipe
+from llmtune.data import tokenized_cache
 from llmtune.data.files import read_text_file
 from llmtune.data.formats import detect_format, text_column, to_conversations
 from llmtune.data.lm_tokenize import (
@@ -30,6 +31,7 @@ from llmtune.data.lm_tokenize import (
     tokenize_text_blocks,
 )
 from llmtune.data.loading import describe_source, load_file, load_splits
+from llmtune.data.tokenized_cache import Tokenized
 from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
 from llmtune.generation import GenerationLogger, perplexity, set_generation_eos
@@ -39,7 +41,7 @@ from llmtune.models.loading import ensure_pad_token, load_tokenizer, pretrained_
 from llmtune.models.pruning import prune_layers
 from llmtune.models.quantization import keep_adapters_in_compute_dtype
 from llmtune.models.scratch import build_model, train_tokenizer
-from llmtune.models.sources import ResolvedModel
+from llmtune.models.sources import ResolvedModel, cache_dir
 from llmtune.patches.trl_labelled_logits import LMTrainer
 from llmtune.precision import resolved_precision
 from llmtune.tasks.job import Job
@@ -72,10 +74,31 @@ def load_data(recipe: Recipe) -> LMData:
     return LMData(splits, fmt, chat, loss_on, mixture_sources(data, chat))
 
 
-def load_lm_tokenizer(recipe: Recipe, lm_data: LMData, model_path: str | None) -> tuple[Any, bool]:
+def prepare_data(recipe: Recipe, model_path: str | None) -> tuple[Any, bool, Tokenized]:
+    """(tokenizer, whether it gained tokens, the tokenized splits): from the cache of finished splits when an earlier
+    run read the same files with the same settings (llmtune/data/tokenized_cache.py), else loaded and tokenized
+    (and then cached)."""
+    key = tokenized_cache.cache_key(recipe, model_path)
+    folder = cache_dir() / "tokenized"
+    cached = tokenized_cache.load(folder, key) if key else None
+    if cached is not None:
+        tokenizer, added = load_lm_tokenizer(recipe, cached.chat, model_path)
+        return tokenizer, added, cached
+    lm_data = load_data(recipe)
+    tokenizer, added = load_lm_tokenizer(recipe, lm_data.chat, model_path, lm_data)
+    encoded, stats = tokenize_splits(recipe, lm_data, tokenizer)
+    prepared = Tokenized(encoded, stats, lm_data.fmt, lm_data.loss_on)
+    if key:
+        tokenized_cache.save(folder, key, prepared)
+    return tokenizer, added, prepared
+
+
+def load_lm_tokenizer(recipe: Recipe, chat: bool, model_path: str | None,
+                      lm_data: LMData | None = None) -> tuple[Any, bool]:
     """(tokenizer with pad token and chat template, whether tokens were added). With model.init=scratch a BPE
-    tokenizer is trained on the training data; otherwise the checkpoint's own is loaded."""
+    tokenizer is trained on the training data (`lm_data`); otherwise the checkpoint's own is loaded."""
     if recipe.model.init == "scratch":
+        assert lm_data is not None, "a tokenizer trained from scratch needs the training rows"
         train = internal_form(lm_data.splits["train"], lm_data.fmt, recipe.data, "the training data")
         corpus = (train["text"] if not lm_data.chat
                   else ("\n".join(m["content"] for m in row["messages"]) for row in train))
@@ -83,7 +106,7 @@ def load_lm_tokenizer(recipe: Recipe, lm_data: LMData, model_path: str | None) -
         ensure_pad_token(tokenizer)
     else:
         tokenizer = load_tokenizer(model_path, recipe)
-    added = setup_chat_template(tokenizer, recipe.lm.chat_template) if lm_data.chat else False
+    added = setup_chat_template(tokenizer, recipe.lm.chat_template) if chat else False
     return tokenizer, added
 
 
@@ -124,13 +147,13 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
     data, lm = recipe.data, recipe.lm
     model_path = source.path if source else None
 
-    with main_process_first():  # other processes then read the datasets cache
-        # 1. Data: raw rows of every source, and whether they are conversations or plain text
-        lm_data = load_data(recipe)
-        chat = lm_data.chat
+    with main_process_first():  # other processes then read the caches the first one wrote
+        # 1. Data: raw rows -> tokenizer (chat template, pad token) -> loss-masked conversations or text blocks,
+        # reused as a whole from an earlier run of the same data, tokenizer and settings
+        tokenizer, added_tokens, prepared = prepare_data(recipe, model_path)
+    encoded, stats, chat = prepared.splits, prepared.stats, prepared.chat
 
-        # 2. Tokenizer (chat template, pad token) and model (pretrained, or built from scratch)
-        tokenizer, added_tokens = load_lm_tokenizer(recipe, lm_data, model_path)
+    # 2. Model (pretrained, or built from scratch) with the attention kernel for its batches
     padding_free = chat and (lm.padding_free or lm.packing)  # text blocks are all max_length: nothing to remove
     attention = attention_for(recipe.model.attention, padding_free, resolved_precision(recipe.training.precision))
     if model_path is None:
@@ -143,10 +166,6 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     set_generation_eos(model, tokenizer, chat)
-
-    # 3. Tokenize: loss masks for conversations, fixed-size blocks for text
-    with main_process_first():
-        encoded, stats = tokenize_splits(recipe, lm_data, tokenizer)
 
     # 4. Model: full, LoRA or DoRA (QLoRA: on the quantized base)
     model = apply_method(model, recipe.method, TaskType.CAUSAL_LM, recipe.training.gradient_checkpointing)
@@ -186,7 +205,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
         return {"perplexity_file": perplexity(trainer.model, tokenizer, text, data.max_length, lm.stride)}
 
     return Job(trainer, model_path, summarize=lm_metrics,
-               record={"token_stats": stats, "format": lm_data.fmt, "loss_on": lm_data.loss_on},
+               record={"token_stats": stats, "format": prepared.fmt, "loss_on": prepared.loss_on},
                metrics={"data": stats},
                after_training=score_perplexity_file if lm.perplexity_file else None)
 
@@ -194,7 +213,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
 def validate(recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:
     """What `llmtune validate` reports: the data format and its token statistics as training would see them."""
     lm_data = load_data(recipe)
-    tokenizer, _ = load_lm_tokenizer(recipe, lm_data, source.path if source else None)
+    tokenizer, _ = load_lm_tokenizer(recipe, lm_data.chat, source.path if source else None, lm_data)
     _, stats = tokenize_splits(recipe, lm_data, tokenizer)
     return {"format": lm_data.fmt, "loss_on": lm_data.loss_on, "tokens": stats}
 

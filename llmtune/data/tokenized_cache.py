@@ -1,0 +1,121 @@
+"""The final tokenized training data of a causal-LM recipe, kept between runs.
+
+A second run of the same recipe on the same data should start training at once. datasets' own cache already
+skips the tokenization, but finding its entries still walks the raw rows (the conversion to conversations) and
+hashes the tokenizer: about 0.3 s for Alpaca 5k, every run. Here the finished splits are saved once with
+`save_to_disk` and reopened memory-mapped, with no per-row Python work, under a key computed from files alone:
+
+- the content (sha256) of every data file the recipe reads;
+- the content of the checkpoint's tokenizer files (every small non-weight file of its folder);
+- every data and loss setting of the recipe (data section, lm.loss_on, lm.chat_template, task, seed);
+- the source of the modules that read and tokenize, and the versions of datasets, tokenizers and transformers.
+
+Anything that could change a token changes the key, so a stale entry is never read. Recipes whose inputs cannot be
+hashed from local files - a Hub dataset or Hub checkpoint, a tokenizer trained from scratch - skip this cache and
+rely on datasets' own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from llmtune.data.fingerprint import source_fingerprint
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
+SMALL_FILE = 64 << 20  # tokenizer files are at most tens of MB; anything bigger is not one
+CODE = ("formats.py", "lm_tokenize.py", "loading.py", "files.py", "tokenized_cache.py")
+
+
+@dataclass
+class Tokenized:
+    splits: dict[str, Dataset]  # loss-masked conversations or text blocks per split
+    stats: dict[str, Any]  # token statistics per split
+    fmt: str  # the resolved data format
+    loss_on: str  # "assistant" or "all"
+
+    @property
+    def chat(self) -> bool:
+        return self.fmt != "text"
+
+
+def cache_key(recipe: Any, model_path: str | None) -> str | None:
+    """The entry's name, or None when an input is not a local file (see the module docstring)."""
+    data = recipe.data
+    if recipe.model.init == "scratch" or data.dataset or model_path is None or not Path(model_path).is_dir():
+        return None
+    files = [data.train_file, data.eval_file, *(source.get("train_file") for source in data.mixture)]
+    if any(source.get("dataset") for source in data.mixture):
+        return None
+    here = Path(__file__).parent
+    inputs = {
+        "data_files": {str(f): _file_hash(Path(f)) for f in files if f},
+        "tokenizer_files": _tokenizer_files_hash(Path(model_path)),
+        "settings": [dataclasses.asdict(data), recipe.lm.loss_on, recipe.lm.chat_template, recipe.task,
+                     recipe.training.seed],
+        "code": [source_fingerprint(str(here / name)) for name in CODE],
+        "versions": [importlib.metadata.version(p) for p in ("datasets", "tokenizers", "transformers")],
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def load(folder: Path, key: str) -> Tokenized | None:
+    """The cached splits (memory-mapped), or None when there is no complete entry."""
+    entry = folder / key
+    meta = entry / "meta.json"
+    if not meta.is_file():
+        return None
+    record = json.loads(meta.read_text())
+    splits = {name: Dataset.load_from_disk(str(entry / name)) for name in record["splits"]}
+    logger.info("Tokenized data reused from %s (the same data, tokenizer and settings as before)", entry)
+    return Tokenized(splits, record["stats"], record["fmt"], record["loss_on"])
+
+
+def save(folder: Path, key: str, tokenized: Tokenized) -> None:
+    """Write the entry to a staging folder and move it into place: a crash never leaves a half-written entry, and
+    a second process writing the same entry at once is harmless."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".writing-"))
+    try:
+        for name, rows in tokenized.splits.items():
+            rows.save_to_disk(str(staging / name))
+        record = {"splits": list(tokenized.splits), "stats": tokenized.stats, "fmt": tokenized.fmt,
+                  "loss_on": tokenized.loss_on}
+        (staging / "meta.json").write_text(json.dumps(record))
+        try:
+            os.replace(staging, folder / key)
+        except OSError:
+            if not (folder / key / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tokenizer_files_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and path.stat().st_size < SMALL_FILE:
+            digest.update(path.name.encode())
+            digest.update(_file_hash(path).encode())
+    return digest.hexdigest()
