@@ -3,10 +3,11 @@ settings, learning rate, batch size and machine, in one run.
 
 Workloads (benchmarks/speed_workloads.py): SmolLM2-135M-Instruct LoRA SFT on Alpaca (plain Trainer script, TRL
 with its defaults, TRL tuned for speed, llmtune), QLoRA on SmolLM2 (plain Trainer, llmtune), all-MiniLM-L6-v2
-LoRA on SST-2 (plain Trainer, llmtune) and a tiny GPT pretrained from scratch on Tiny Shakespeare (plain
-Trainer, llmtune). Every system trains in a fresh process until it has processed the same number of effective
-tokens (tokens attended to; padding excluded), sized so that every compared run times at least 60 s and 20
-optimizer steps on a 2-core CPU; the compared systems run 3 interleaved rounds and report the median and the
+LoRA on SST-2 (plain Trainer, llmtune), a tiny GPT pretrained from scratch on Tiny Shakespeare (plain
+Trainer, llmtune) and SmolLM2 LoRA DPO on Anthropic HH pairs (trl's documented DPO script, llmtune). Every
+system trains in a fresh process until it has processed the same number of effective tokens (tokens attended
+to; padding excluded), sized so that every compared run times at least 60 s and 20 optimizer steps on a 2-core
+CPU; the compared systems run 3 interleaved rounds and report the median and the
 spread. Then one shared evaluator per workload scores every model on the same held-out data.
 
 Reported per run: effective tokens/s, step time, padding share, peak RSS (and peak GPU memory on CUDA),
@@ -96,7 +97,7 @@ def main() -> int:
             results = measure(name, folder, budget, args)
             end_peak = matmul_peak()
             peak = {key: max(peak[key], end_peak[key]) for key in peak}
-            summarize(results, peak)
+            summarize(results, peak, workload.systems[0])
             report["workloads"][name] = {"title": workload.title, "token_budget": budget, "results": results,
                                          "matmul_peak_gflops": peak, "repeats": args.repeats, **stamp}
             print(render_workload(name, report["workloads"][name]), flush=True)
@@ -112,7 +113,7 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> l
     interleaved rounds (so a slow spell of the shared machine hits all of them alike) and report the median
     round with the spread; TRL's defaults and the emulated-bf16 run are references, run once on a short budget."""
     workload = WORKLOADS[name]
-    compared = [(system, "auto" if system in ("llmtune", "trl_tuned") else "default")
+    compared = [(system, "auto" if system in ("llmtune", "trl_tuned", "trl_script") else "default")
                 for system in workload.systems if system not in ONCE]
     once = [(system, "default") for system in workload.systems if system in ONCE]
     if args.bf16_run == "on" or (args.bf16_run == "auto" and _native_bf16()):
@@ -163,14 +164,14 @@ def preprocessing(work: Path) -> dict[str, dict[str, float | None]]:
     return times
 
 
-def summarize(results: list[dict], peak: dict[str, float]) -> None:
-    """MFU against the peak of each run's precision; speed ratios against the workload's first system (the
-    plain Trainer script) and against TRL tuned where it ran."""
-    baseline = results[0]
+def summarize(results: list[dict], peak: dict[str, float], baseline_system: str) -> None:
+    """MFU against the peak of each run's precision; speed ratios against the workload's baseline (its first
+    system: the plain Trainer script, or trl's script for DPO) and against TRL tuned where it ran."""
+    baseline = next((r for r in results if r["system"] == baseline_system), None)
     tuned = next((r for r in results if r["system"] == "trl_tuned"), None)
     for r in results:
         r["mfu"] = 6 * r["parameters"] * r["tokens_per_s"] / (peak[r["precision"]] * 1e9)
-        r["speed_vs_plain"] = r["tokens_per_s"] / baseline["tokens_per_s"]
+        r["speed_vs_baseline"] = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None
         r["speed_vs_trl_tuned"] = r["tokens_per_s"] / tuned["tokens_per_s"] if tuned else None
 
 
@@ -178,13 +179,13 @@ def summarize(results: list[dict], peak: dict[str, float]) -> None:
 
 
 def render_workload(name: str, block: dict) -> str:
-    peak = block["matmul_peak_gflops"]
+    peak, baseline = block["matmul_peak_gflops"], WORKLOADS[name].systems[0]
     tuned = any(r["system"] == "trl_tuned" for r in block["results"])
     lines = [f"### {block['title']}", "",
              f"`{name}`: {block['token_budget']:,} effective training tokens per run (references: "
              f"{int(block['token_budget'] * REFERENCE_BUDGET_SHARE):,}); measured {block['date']} on "
              f"{block['machine']}; matmul peak fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f} GFLOP/s.", "",
-             "| system | effective tokens/s (median) | spread | vs plain Trainer |" + (" vs TRL tuned |" if tuned else "")
+             f"| system | effective tokens/s (median) | spread | vs {baseline} |" + (" vs TRL tuned |" if tuned else "")
              + " s/step | timed | padding | peak RSS (MB) | held-out loss | MFU | precision | activation ckpt | "
              "tokens/s of each round |",
              "|---|---|---|---|" + ("---|" if tuned else "") + "---|---|---|---|---|---|---|---|---|"]
@@ -196,7 +197,8 @@ def render_workload(name: str, block: dict) -> str:
             timed += " (reference, once)"
         elif r["timed_seconds"] < LONG_ENOUGH[0] or r["steps"] - 1 < LONG_ENOUGH[1]:
             timed += " (short)"
-        ratios = f"{r['speed_vs_plain']:.2f}x |" + (f" {r['speed_vs_trl_tuned']:.2f}x |" if tuned else "")
+        ratios = (f"{r['speed_vs_baseline']:.2f}x |" if r["speed_vs_baseline"] else "- |") + (
+            f" {r['speed_vs_trl_tuned']:.2f}x |" if tuned else "")
         lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['spread']:.0%} | {ratios} "
                      f"{r['seconds_per_step']:.2f} | {timed} | {r['padding_share']:.0%} | {memory} | {loss} | "
                      f"{r['mfu']:.1%} | {r['precision']} | {'on' if r['activation_checkpointing'] else 'off'} | "
@@ -366,7 +368,8 @@ def run_system(args: argparse.Namespace) -> dict:
         "activation_checkpointing": bool(trainer.args.gradient_checkpointing),
     }
     max_length = recipe.data.max_length
-    return {**result, **held_out(workload, trainer.model, trainer.processing_class, work, max_length)}
+    return {**result, **held_out(workload, trainer.model, trainer.processing_class, work, max_length,
+                                 recipe.pref.beta)}
 
 
 def matmul_parameters(model) -> int:

@@ -45,8 +45,12 @@ WORKLOADS = {
         "tiny GPT (4 x 256) pretraining from scratch on Tiny Shakespeare (blocks of 128)",
         "tiny_gpt_shakespeare_scratch.yaml",
         ("plain_trainer", "llmtune"), {"cpu": 200_000, "gpu": 4_000_000}, {"cpu": 32, "gpu": 128}),
+    "dpo": Workload(
+        "SmolLM2-135M-Instruct LoRA DPO on HH-RLHF harmless-base pairs (max length 384)", "smollm2_hh_dpo_lora.yaml",
+        ("trl_script", "llmtune"), {"cpu": 40_000, "gpu": 1_000_000}, {"cpu": 4, "gpu": 16}),
 }
 SFT_WORKLOADS = ("sft_lora", "qlora")
+HH_PAIRS = DATA / "preference" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def prepare(workload: str, work: Path, samples: int) -> None:
@@ -56,6 +60,8 @@ def prepare(workload: str, work: Path, samples: int) -> None:
         rows = [r for r in rows if r["output"].strip()]
         (work / "train.json").write_text(json.dumps(rows[:samples]))
         (work / "eval.json").write_text(json.dumps(rows[-40:]))
+    elif workload == "dpo":
+        _write_preference_pairs(work)
     elif workload == "sst2":
         lines = (DATA / "sst2" / "train.tsv").read_text().splitlines()
         (work / "train.tsv").write_text("\n".join(lines[: samples + 1]) + "\n")
@@ -65,6 +71,25 @@ def prepare(workload: str, work: Path, samples: int) -> None:
         cut = int(len(text) * 0.9)
         (work / "train.txt").write_text(text[:cut])
         (work / "eval.txt").write_text(text[cut:cut + 40_000])
+
+
+def _write_preference_pairs(work: Path) -> None:
+    """The HH pairs as prompt/chosen/rejected message lists (llmtune's reading of the transcripts, rows that
+    cannot teach dropped), training pairs and the recipe's held-out pairs (every 5th) in separate files, so
+    both systems read the very same rows."""
+    from transformers import AutoTokenizer
+
+    from llmtune import load_recipe
+    from llmtune.data.preference import chat_prompt_tokens, load_preference_splits
+    from llmtune.models.sources import resolve_model
+
+    recipe = load_recipe(REPO / "recipes" / WORKLOADS["dpo"].recipe, [f"data.train_file={HH_PAIRS}"])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model.name).path)
+    splits, _, _ = load_preference_splits(recipe.data, recipe.training.seed, True, chat_prompt_tokens(tokenizer),
+                                          recipe.pref.max_prompt_length)
+    for name, file in (("train", "train.jsonl"), ("eval", "eval.jsonl")):
+        rows = splits[name].select_columns(["prompt", "chosen", "rejected"])
+        (work / file).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def llmtune_overrides(workload: str, work: Path, args) -> list[str]:
@@ -78,6 +103,9 @@ def llmtune_overrides(workload: str, work: Path, args) -> list[str]:
                          "lm.generation_prompts=[]"]
     if workload == "sst2":
         return common + ["data.dataset=null", f"data.train_file={work / 'train.tsv'}", "data.eval_split=null"]
+    if workload == "dpo":
+        return common + [f"data.train_file={work / 'train.jsonl'}", "data.holdout_every=null",
+                         "lm.generation_prompts=[]"]
     return common + ["data.dataset=null", f"data.train_file={work / 'train.txt'}", "data.eval_split=null"]
 
 
@@ -90,6 +118,8 @@ def build(workload: str, system: str, args, work: Path):
         from llmtune import build_trainer
 
         return build_trainer(recipe)
+    if workload == "dpo":
+        return trl_dpo_script(recipe, args, work)
     return {"sft_lora": _plain_sft, "qlora": _plain_sft, "sst2": _plain_sst2, "pretrain": _plain_pretrain}[workload](
         recipe, args, work, trl=system if system.startswith("trl") else None)
 
@@ -237,6 +267,21 @@ def sft_preprocessing_seconds(system: str, args, work: Path, train_file: Path) -
     return time.perf_counter() - start
 
 
+def trl_dpo_script(recipe, args, work: Path):
+    """DPO the way trl's docs teach it: the model, a LoraConfig and DPOConfig's defaults (activation checkpointing
+    on), conversational prompt/chosen/rejected rows; the recipe's beta and max length, and the precision that is
+    fastest on the machine (DPOConfig's bf16 default is emulated, several times slower, on a CPU without it)."""
+    from datasets import load_dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = _smollm2(recipe)
+    data = load_dataset("json", data_files=str(work / "train.jsonl"), split="train")
+    config = DPOConfig(**_training_args(args, work), beta=recipe.pref.beta, max_length=recipe.data.max_length,
+                       bf16=args.precision == "bf16")
+    return DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                      peft_config=_lora(recipe, "CAUSAL_LM"))
+
+
 def _plain_sst2(recipe, args, work: Path, trl: str | None):
     from datasets import load_dataset
     from peft import get_peft_model
@@ -291,7 +336,7 @@ def _plain_pretrain(recipe, args, work: Path, trl: str | None):
 # --- one evaluator per workload, the same for every system ------------------------------------------------
 
 
-def held_out(workload: str, model, tokenizer, work: Path, max_length: int) -> dict[str, float]:
+def held_out(workload: str, model, tokenizer, work: Path, max_length: int, beta: float = 0.1) -> dict[str, float]:
     import torch
 
     model.eval()
@@ -300,6 +345,8 @@ def held_out(workload: str, model, tokenizer, work: Path, max_length: int) -> di
             return {"held_out_loss": _answer_loss(model, tokenizer, work / "eval.json", max_length)}
         if workload == "sst2":
             return _classification_loss(model, tokenizer, work / "eval.tsv", max_length)
+        if workload == "dpo":
+            return _preference_accuracy(model, tokenizer, work / "eval.jsonl", max_length, beta)
         return {"held_out_loss": _text_loss(model, tokenizer, work / "eval.txt", max_length)}
 
 
@@ -322,6 +369,32 @@ def _answer_loss(model, tokenizer, eval_file: Path, max_length: int) -> float:
         total += out.loss.item() * answer_tokens
         count += answer_tokens
     return total / count
+
+
+def _preference_accuracy(model, tokenizer, eval_file: Path, max_length: int, beta: float,
+                         pairs: int = 60) -> dict[str, float]:
+    """On held-out pairs: the share whose implicit reward (policy minus reference log-probability of the reply,
+    the reference being the policy with its adapter off) is higher for the chosen reply; as held-out loss, the
+    mean DPO loss at the recipe's beta."""
+    import torch
+
+    def reply_logp(prompt: list, reply: list) -> float:
+        start = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+        ids = _ids(tokenizer.apply_chat_template(prompt + reply, tokenize=True))[:max_length]
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, len(start) - 1:-1].float()
+        return logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(start):])[:, None]).sum().item()
+
+    correct, losses = 0, []
+    rows = [json.loads(line) for line in eval_file.read_text().splitlines()[:pairs]]
+    for row in rows:
+        margins = {}
+        for side in ("chosen", "rejected"):
+            policy = reply_logp(row["prompt"], row[side])
+            with model.disable_adapter():
+                margins[side] = policy - reply_logp(row["prompt"], row[side])
+        correct += margins["chosen"] > margins["rejected"]
+        losses.append(-torch.nn.functional.logsigmoid(torch.tensor(beta * (margins["chosen"] - margins["rejected"]))))
+    return {"held_out_loss": float(torch.stack(losses).mean()), "held_out_accuracy": correct / len(rows)}
 
 
 def _classification_loss(model, tokenizer, eval_file: Path, max_length: int) -> dict[str, float]:

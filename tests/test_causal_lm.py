@@ -338,3 +338,25 @@ def test_recipes_whose_inputs_are_not_local_files_skip_the_tokenized_cache(tiny_
     hub_data = load_recipe({"task": "sft", "model": {"name": tiny_llama}, "data": {"dataset": "tatsu-lab/alpaca"},
                             "output": {"dir": str(tmp_path / "run")}})
     assert cache_key(hub_data, tiny_llama) is None
+
+
+def test_a_missing_data_file_is_named_and_an_unwritable_cache_only_warns(tiny_llama, tmp_path, monkeypatch, caplog):
+    """The cache key never reads a missing file itself (the loader names it), and a cache that cannot be written
+    (a full disk) is a warning: this run trains anyway, the next one tokenizes again."""
+    from llmtune.data import tokenized_cache
+    from llmtune.errors import LlmtuneError
+    from llmtune.tasks import causal_lm
+
+    monkeypatch.setenv("LLMTUNE_CACHE", str(tmp_path / "cache"))
+    missing = sft_recipe(tiny_llama, tmp_path / "nowhere.jsonl", tmp_path)
+    with pytest.raises(LlmtuneError, match="nowhere.jsonl"):
+        causal_lm.prepare_data(missing, tiny_llama)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tokenized_cache, "_write", full_disk)
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(8))
+    prepared = causal_lm.prepare_data(sft_recipe(tiny_llama, data, tmp_path, "data.max_length=64"), tiny_llama)[2]
+    assert len(prepared.splits["train"]) > 0
+    assert "Could not cache the tokenized data" in caplog.text and "No space left" in caplog.text

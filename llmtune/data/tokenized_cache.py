@@ -8,6 +8,7 @@ hashes the tokenizer: about 0.3 s for Alpaca 5k, every run. Here the finished sp
 - the content (sha256) of every data file the recipe reads;
 - the content of the checkpoint's tokenizer files (every small non-weight file of its folder);
 - every data and loss setting of the recipe (data section, lm.loss_on, lm.chat_template, task, seed);
+- the content of a `.jinja` chat template file the recipe names;
 - the source of the modules that read and tokenize, and the versions of datasets, tokenizers and transformers.
 
 Anything that could change a token changes the key, so a stale entry is never read. Recipes whose inputs cannot be
@@ -37,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
 SMALL_FILE = 64 << 20  # tokenizer files are at most tens of MB; anything bigger is not one
-CODE = ("formats.py", "lm_tokenize.py", "loading.py", "files.py", "tokenized_cache.py")
+PACKAGE = Path(__file__).resolve().parents[1]
+CODE = ("data/formats.py", "data/lm_tokenize.py", "data/loading.py", "data/files.py", "data/tokenized_cache.py",
+        "tasks/causal_lm.py", "models/loading.py")
 
 
 @dataclass
@@ -53,20 +56,23 @@ class Tokenized:
 
 
 def cache_key(recipe: Any, model_path: str | None) -> str | None:
-    """The entry's name, or None when an input is not a local file (see the module docstring)."""
-    data = recipe.data
+    """The entry's name, or None when an input is not a local file (see the module docstring); also None for a
+    missing file, so that the loader reports it as usual."""
+    data, template = recipe.data, recipe.lm.chat_template
     if recipe.model.init == "scratch" or data.dataset or model_path is None or not Path(model_path).is_dir():
         return None
-    files = [data.train_file, data.eval_file, *(source.get("train_file") for source in data.mixture)]
     if any(source.get("dataset") for source in data.mixture):
         return None
-    here = Path(__file__).parent
+    files = [Path(f) for f in (data.train_file, data.eval_file, *(s.get("train_file") for s in data.mixture)) if f]
+    if template and template.endswith(".jinja"):
+        files.append(Path(template))
+    if not all(f.is_file() for f in files):
+        return None
     inputs = {
-        "data_files": {str(f): _file_hash(Path(f)) for f in files if f},
+        "files": {str(f): _file_hash(f) for f in files},
         "tokenizer_files": _tokenizer_files_hash(Path(model_path)),
-        "settings": [dataclasses.asdict(data), recipe.lm.loss_on, recipe.lm.chat_template, recipe.task,
-                     recipe.training.seed],
-        "code": [source_fingerprint(str(here / name)) for name in CODE],
+        "settings": [dataclasses.asdict(data), recipe.lm.loss_on, template, recipe.task, recipe.training.seed],
+        "code": [source_fingerprint(str(PACKAGE / name)) for name in CODE],
         "versions": [importlib.metadata.version(p) for p in ("datasets", "tokenizers", "transformers")],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -86,7 +92,15 @@ def load(folder: Path, key: str) -> Tokenized | None:
 
 def save(folder: Path, key: str, tokenized: Tokenized) -> None:
     """Write the entry to a staging folder and move it into place: a crash never leaves a half-written entry, and
-    a second process writing the same entry at once is harmless."""
+    a second process writing the same entry at once is harmless. A cache that cannot be written (full disk,
+    read-only folder) costs the next run its shortcut, not this run: a warning, and training goes on."""
+    try:
+        _write(folder, key, tokenized)
+    except OSError as error:
+        logger.warning("Could not cache the tokenized data in %s (%s); the next run tokenizes again.", folder, error)
+
+
+def _write(folder: Path, key: str, tokenized: Tokenized) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".writing-"))
     try:

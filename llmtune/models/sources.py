@@ -132,21 +132,24 @@ def _check_hub_reachable(name: str, revision: str | None, trust_remote_code: boo
         ) from None
 
 
-_SAMPLE = 1 << 20  # bytes hashed from each end of a cached file's source
+_SAMPLES, _SAMPLE = 32, 1 << 20  # 1 MiB read at 32 evenly spaced places of a cached file's source
 
 
 def cache_entry(kind: str, name: str, source: Path) -> Path:
     """Where llmtune caches what it derives from the file `source` (a converted GGUF, a merged SFT adapter).
 
-    Keyed by the file's size and a hash of its first and last MiB rather than its place: the same checkpoint
-    installed into a second virtual environment reuses the entry, and a changed file gets a new one.
+    Keyed by content rather than place, so the same checkpoint installed into a second virtual environment
+    reuses the entry: the file's size and a hash of 32 MiB-long samples spread over it, first and last MiB
+    included (a whole file under 32 MiB). Two fine-tunes of one architecture differ in nearly every weight, so
+    they differ in the samples too; hashing every byte of a multi-GB file on each run would cost seconds.
     """
     size = source.stat().st_size
     digest = hashlib.sha256(str(size).encode())
+    step = max((size - _SAMPLE) // (_SAMPLES - 1), 1)
     with source.open("rb") as handle:
-        digest.update(handle.read(_SAMPLE))
-        handle.seek(max(size - _SAMPLE, 0))
-        digest.update(handle.read(_SAMPLE))
+        for offset in sorted({min(i * step, max(size - _SAMPLE, 0)) for i in range(_SAMPLES)}):
+            handle.seek(offset)
+            digest.update(handle.read(_SAMPLE))
     return cache_dir() / kind / f"{name}-{digest.hexdigest()[:16]}"
 
 

@@ -167,10 +167,10 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
         model.resize_token_embeddings(len(tokenizer))
     set_generation_eos(model, tokenizer, chat)
 
-    # 4. Model: full, LoRA or DoRA (QLoRA: on the quantized base)
+    # 3. Method: full, LoRA or DoRA (QLoRA: on the quantized base)
     model = apply_method(model, recipe.method, TaskType.CAUSAL_LM, recipe.training.gradient_checkpointing)
 
-    # 5. Trainer: trl builds labels from the masks and batches samples end to end without cross-sample attention
+    # 4. Trainer: trl builds labels from the masks and batches samples end to end without cross-sample attention
     packing = lm.packing and chat  # text blocks are already full
     args = training_arguments(
         recipe, str(run_dir), "loss", "eval" in encoded, resume, SFTConfig, padded=chat and not padding_free,
