@@ -33,6 +33,7 @@ from typing import Any
 from datasets import Dataset
 
 from llmtune.data.fingerprint import source_fingerprint
+from llmtune.files import sha256
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def cache_key(recipe: Any, model_path: str | None) -> str | None:
     if not all(f.is_file() for f in files):
         return None
     inputs = {
-        "files": {str(f): _file_hash(f) for f in files},
+        "files": {str(f): sha256(f) for f in files},
         "tokenizer_files": _tokenizer_files_hash(Path(model_path)),
         "settings": [dataclasses.asdict(data), recipe.lm.loss_on, template, recipe.task, recipe.training.seed],
         "code": [source_fingerprint(str(PACKAGE / name)) for name in CODE],
@@ -118,18 +119,10 @@ def _write(folder: Path, key: str, tokenized: Tokenized) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _tokenizer_files_hash(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and path.stat().st_size < SMALL_FILE:
             digest.update(path.name.encode())
-            digest.update(_file_hash(path).encode())
+            digest.update(sha256(path).encode())
     return digest.hexdigest()
