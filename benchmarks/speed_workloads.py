@@ -47,7 +47,7 @@ WORKLOADS = {
         ("plain_trainer", "llmtune"), {"cpu": 200_000, "gpu": 4_000_000}, {"cpu": 32, "gpu": 128}),
     "dpo": Workload(
         "SmolLM2-135M-Instruct LoRA DPO on HH-RLHF harmless-base pairs (max length 384)", "smollm2_hh_dpo_lora.yaml",
-        ("trl_script", "llmtune"), {"cpu": 40_000, "gpu": 1_000_000}, {"cpu": 4, "gpu": 16}),
+        ("trl_script", "llmtune"), {"cpu": 14_000, "gpu": 1_000_000}, {"cpu": 2, "gpu": 16}),
 }
 SFT_WORKLOADS = ("sft_lora", "qlora")
 HH_PAIRS = DATA / "preference" / "hh-rlhf-harmless-base-test.jsonl.gz"

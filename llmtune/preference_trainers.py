@@ -23,6 +23,7 @@ import torch
 
 from llmtune.config.schema import Recipe
 from llmtune.models.adapters import is_adapter
+from llmtune.patches.trl_compact_lm_head import project_labelled_positions_only_on_cpu
 from llmtune.training import training_arguments
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, train:
         padded=False,  # trl batches pairs itself; llmtune's length grouping needs an input_ids column
         metric_keys=METRIC_KEYS[task], **task_arguments(recipe, precompute),
     )
+    project_labelled_positions_only_on_cpu()
     kwargs: dict[str, Any] = {}
     if with_reference:
         if reference is None and not is_adapter(model) and not precompute:

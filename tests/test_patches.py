@@ -146,3 +146,61 @@ def test_transformers_still_builds_length_grouped_batches_without_a_generator(ti
     sampler = train_sampler(loader)
     assert sampler is not None, "llmtune no longer finds the length-grouped sampler"
     assert sampler.generator is None, "transformers now seeds the length-grouped order itself: drop the patch"
+
+
+def test_trl_fused_lm_head_still_projects_every_position_on_cpu():
+    """patches/trl_compact_lm_head.py: trl's fused head decides with `_use_triton` whether to project only the
+    labelled positions, and says no on a CPU. When it says yes (or uses the name for more than that choice), the
+    patch must go or be re-checked."""
+    import inspect
+
+    from trl.trainer import utils as trl_utils
+
+    from llmtune.patches import trl_compact_lm_head
+
+    assert trl_compact_lm_head._trl_choice(torch.device("cpu")) is False, "trl now compacts on CPU: drop the patch"
+    source = inspect.getsource(trl_utils)
+    assert source.count("_use_triton(") == 1 and "compact = _use_triton(" in source, (
+        "trl.trainer.utils now uses _use_triton for more than the compact-positions choice: re-check the patch")
+
+
+def test_compact_lm_head_gives_trls_log_probs_and_gradients(monkeypatch):
+    """With the patch, the fused head projects only the labelled positions and returns trl's own log-probabilities,
+    loss and gradients."""
+    from trl.trainer import utils as trl_utils
+
+    from llmtune.patches import trl_compact_lm_head
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(0, 96, (2, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100  # a prompt of 8 tokens: positions 7..10 predict the 4 labelled tokens
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        projected.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return out, grads
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_compact_lm_head._trl_choice)
+    full, full_grads = run()
+    trl_compact_lm_head.project_labelled_positions_only_on_cpu()
+    compact, compact_grads = run()
+    assert projected == [2 * 11, 2 * 4]
+    for name in ("log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(compact, name), getattr(full, name))
+    torch.testing.assert_close(compact.loss, full.loss)
+    for got, want in zip(compact_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want)

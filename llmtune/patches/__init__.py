@@ -9,6 +9,7 @@ upgrade tells us which workaround to drop or adapt:
 - `gguf_save`: a GGUF-loaded model refuses `save_pretrained` until its quantizer marker is dropped.
 - `trl_adapter_dtype`: trl stores a quantized model's adapters in bf16 even when the 4-bit layers compute in fp32.
 - `trl_labelled_logits`: trl's SFTTrainer scoring only the positions that carry loss (off CUDA).
+- `trl_compact_lm_head`: trl's fused LM head (DPO) projecting only the labelled positions on a CPU too.
 - `fsdp_full_state_dict`: gathering FSDP shards for the final save through accelerate's plugin object.
 - `length_grouped_order`: a seeded generator for transformers' length-grouped sampler, so resumed runs see the
   same batches.

@@ -1,0 +1,123 @@
+"""Where a training step's time goes: one system on one speed-benchmark workload, profiled with torch.profiler
+over a few optimizer steps after warm-up, its operators' own (self) time grouped into
+
+- matmul: the frozen weight matmuls of the transformer blocks (mm/addmm/bmm/linear);
+- LoRA matmul: those with the adapter rank as a dimension (x A^T, its B, and their gradients);
+- output head: matmuls with a vocabulary-sized dimension (the LM head, trl's vocabulary tiles, their gradients);
+- loss: log-softmax / cross-entropy and their gradients;
+- attention: the scaled-dot-product kernels;
+- elementwise: activations, norms, adds and multiplies, copies, casts, reductions;
+- optimizer: the AdamW update and gradient clipping;
+- other: everything else (indexing, data movement of the collator, autograd bookkeeping).
+
+    .venv/bin/python benchmarks/profile_step.py                       # llmtune, SFT LoRA on SmolLM2
+    .venv/bin/python benchmarks/profile_step.py --workload dpo --system trl_script
+Prints a table and writes benchmarks/results/profile_<workload>_<system>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from speed_workloads import REPO, WORKLOADS, build, prepare  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402 - after the offline switches
+
+ELEMENTWISE = ("add", "mul", "sub", "div", "silu", "gelu", "pow", "rsqrt", "mean", "sum", "copy_", "to", "_to_copy",
+               "neg", "cat", "exp", "where", "fill_", "zero_", "clone", "sigmoid", "tanh", "softmax",
+               "_softmax", "masked_fill", "lerp", "sqrt", "addcmul", "addcdiv", "cos", "sin", "threshold_backward",
+               "silu_backward", "gelu_backward", "_softmax_backward_data", "embedding_dense_backward", "abs",
+               "logsigmoid", "log_sigmoid_forward", "log_sigmoid_backward", "eq", "ne", "argmax", "max")
+MATMUL = ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "_addmm_activation")
+LOSS = ("log_softmax", "_log_softmax", "_log_softmax_backward_data", "nll_loss", "nll_loss_forward",
+        "nll_loss_backward", "cross_entropy_loss", "gather", "logsumexp")
+OPTIMIZER = ("_fused_adamw_", "_foreach_", "clip_grad_norm_", "_foreach_norm")
+
+
+def category(name: str, shapes: list, rank: int) -> str:
+    op = name.removeprefix("aten::")
+    if op in MATMUL:
+        dims = {d for shape in shapes if isinstance(shape, list) for d in shape}
+        # no weight of these models is 8192 wide; the vocabulary and trl's 32768-column tiles of it are
+        return "output head" if max(dims, default=0) >= 8192 else "LoRA matmul" if rank in dims else "matmul"
+    if op in LOSS:
+        return "loss"
+    if "scaled_dot_product" in op or "flash_attention" in op or "_efficient_attention" in op:
+        return "attention"
+    if op.startswith("_foreach") or op in OPTIMIZER:
+        return "optimizer"
+    if op.rstrip("_") in ELEMENTWISE or op in ELEMENTWISE or "norm" in op:
+        return "elementwise"
+    return "other"
+
+
+class Profile(TrainerCallback):
+    """Profiles steps warmup+1 .. warmup+steps, then stops training."""
+
+    def __init__(self, warmup: int, steps: int):
+        import torch
+
+        self.warmup, self.steps = warmup, steps
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            self.profiler.__enter__()
+        elif state.global_step == self.warmup + self.steps:
+            self.profiler.__exit__(None, None, None)
+            control.should_training_stop = True
+        return control
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="sft_lora", choices=list(WORKLOADS))
+    parser.add_argument("--system", default="llmtune")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from llmtune import load_recipe
+
+    workload = WORKLOADS[args.workload]
+    recipe = load_recipe(REPO / "recipes" / workload.recipe)
+    run = argparse.Namespace(learning_rate=recipe.training.learning_rate, batch_size=workload.batch_size["cpu"],
+                             precision="fp32", compile=False)
+    with tempfile.TemporaryDirectory(prefix="llmtune-profile-") as tmp:
+        work = Path(tmp)
+        prepare(args.workload, work, 2000)
+        trainer = build(args.workload, args.system, run, work)
+        profile = Profile(args.warmup, args.steps)
+        trainer.add_callback(profile)
+        trainer.train()
+    totals: dict[str, float] = {}
+    top: list[tuple[float, str, str]] = []
+    for event in profile.profiler.key_averages(group_by_input_shape=True):
+        seconds = event.self_cpu_time_total / 1e6 / args.steps
+        kind = category(event.key, event.input_shapes, recipe.method.r)
+        totals[kind] = totals.get(kind, 0.0) + seconds
+        top.append((seconds, event.key, str(event.input_shapes)[:90]))
+    step = sum(totals.values())
+    print(f"{args.workload} / {args.system}: {step:.2f} s of operator time per step ({args.steps} steps profiled)")
+    for kind, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"  {kind:<12} {seconds:7.3f} s  {100 * seconds / step:5.1f}%")
+    print("Top operators (s per step):")
+    for seconds, key, shapes in sorted(top, reverse=True)[:15]:
+        print(f"  {seconds:7.3f}  {key:<36} {shapes}")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"profile_{args.workload}_{args.system}.json")
+    out.write_text(json.dumps({"workload": args.workload, "system": args.system, "seconds_per_step": step,
+                               "by_category": totals,
+                               "top": [{"seconds": s, "op": k, "shapes": sh} for s, k, sh in sorted(top, reverse=True)[:30]]},
+                              indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

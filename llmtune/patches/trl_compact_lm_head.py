@@ -1,0 +1,32 @@
+"""trl's fused LM head projecting only the labelled positions on a CPU, as it already does on Triton devices.
+
+trl's preference trainers (DPO here) give the model a fused output head (`trl.trainer.utils.add_fused_lm_head`): it
+projects the hidden states through the head in tiles and returns each position's log-probability of its label. On
+Triton devices it projects only the positions whose label is not -100. Everywhere else it projects every position,
+prompt and padding included, because a compiled backend (Neuron) would recompile for every new number of positions.
+A CPU runs eagerly and gains nothing from that, and it pays: in DPO on HH-RLHF pairs, the prompts and padding are
+most positions, and the torch fallback makes several passes over every (position x vocabulary) tile. Before this
+patch, that head took about half of a DPO step (benchmarks/profile_step.py --workload dpo).
+
+trl makes the choice with `trl.trainer.utils._use_triton(device)`, a name that module uses for that choice alone (the
+kernels module keeps its own). `project_labelled_positions_only_on_cpu()` swaps in a function that also says yes
+for CPU tensors. The kernels still run their torch fallback on CPU, so the per-token results are the same.
+Canaries: tests/test_patches.py::test_trl_fused_lm_head_still_projects_every_position_on_cpu (fails when trl
+changes the choice or uses the name for anything else) and ::test_compact_lm_head_gives_trls_log_probs_and_gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl.trainer import utils as trl_utils
+
+_trl_choice = trl_utils._use_triton
+
+
+def _compact_positions(device: torch.device) -> bool:
+    return device.type == "cpu" or _trl_choice(device)
+
+
+def project_labelled_positions_only_on_cpu() -> None:
+    """Make trl's fused LM head skip unlabelled positions on CPU tensors too (idempotent)."""
+    trl_utils._use_triton = _compact_positions
