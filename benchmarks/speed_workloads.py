@@ -291,12 +291,14 @@ def _plain_sst2(recipe, args, work: Path, trl: str | None):
         DataCollatorWithPadding,
         Trainer,
         TrainingArguments,
+        set_seed,
     )
 
     from llmtune.models.sources import resolve_model
 
     path = resolve_model(recipe.model.name).path
     tokenizer = AutoTokenizer.from_pretrained(path)
+    set_seed(42)  # the classifier head and LoRA weights start as llmtune's (seeded before the model is built)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     rows = load_dataset("csv", data_files=str(work / "train.tsv"), delimiter="\t", split="train")
     data = rows.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=recipe.data.max_length),
@@ -414,9 +416,14 @@ def _classification_loss(model, tokenizer, eval_file: Path, max_length: int) -> 
 
 
 def _text_loss(model, tokenizer, eval_file: Path, block: int) -> float:
+    """Mean loss on held-out blocks made the way both systems make training blocks (each non-empty line and an
+    end-of-text token, concatenated), over the text's own tokens: the plain script's collator never trains the
+    end-of-text token (it is also the pad token, so its labels are masked), so predicting it is not scored."""
     import torch
 
-    ids = tokenizer(eval_file.read_text())["input_ids"]
-    blocks = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)][:64]
-    out = model(input_ids=torch.tensor(blocks), labels=torch.tensor(blocks), use_cache=False)
+    eos = tokenizer.eos_token_id
+    lines = [line for line in eval_file.read_text().splitlines() if line]
+    ids = [t for line in lines for t in tokenizer(line, add_special_tokens=False)["input_ids"] + [eos]]
+    blocks = torch.tensor([ids[i:i + block] for i in range(0, len(ids) - block + 1, block)][:64])
+    out = model(input_ids=blocks, labels=blocks.masked_fill(blocks == eos, -100), use_cache=False)
     return out.loss.item() if math.isfinite(out.loss.item()) else float("nan")

@@ -101,11 +101,15 @@ def tiny_bert(tmp_path_factory, minilm_path) -> str:
 @pytest.fixture()
 def reviews_files(tmp_path) -> dict[str, Path]:
     """Small labelled files written per test (string labels), derived from the quickstart data."""
+    return write_reviews(tmp_path)
+
+
+def write_reviews(folder: Path) -> dict[str, Path]:
     source = REPO / "recipes" / "data" / "reviews"
     files = {}
     for name, rows in (("train", 64), ("eval", 32), ("test", 8)):
         lines = (source / f"{name}.jsonl").read_text().splitlines()[:rows]
-        files[name] = tmp_path / f"{name}.jsonl"
+        files[name] = folder / f"{name}.jsonl"
         files[name].write_text("\n".join(lines) + "\n")
     return files
 

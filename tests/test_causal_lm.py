@@ -329,6 +329,27 @@ def test_a_second_run_reuses_the_tokenized_splits_and_any_change_tokenizes_again
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 5  # one entry each, no staging leftovers
 
 
+def test_a_run_on_cached_tokens_still_warns_about_the_rows_its_data_lost(tiny_llama, tmp_path, monkeypatch, caplog):
+    """Rows dropped at the first tokenization (an empty reply; a sample truncation left without a trained token)
+    are counted in the token statistics and said again by a run that reuses the cached splits."""
+    from llmtune.tasks import causal_lm
+
+    monkeypatch.setenv("LLMTUNE_CACHE", str(tmp_path / "cache"))
+    rows = chats(12)
+    rows[3]["messages"][1]["content"] = "  "  # an empty reply
+    rows[5]["messages"] = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "Yes."}]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    recipe = sft_recipe(tiny_llama, data, tmp_path, "data.max_length=64", "data.validation_fraction=0")
+    first = causal_lm.prepare_data(recipe, tiny_llama)[2]
+    stats = first.stats["train"]
+    assert (stats["dropped_empty_turn"], stats["dropped_no_trained_tokens"], stats["samples"]) == (1, 1, 11)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = causal_lm.prepare_data(recipe, tiny_llama)[2]
+    assert again.splits["train"].cache_files and again.stats == first.stats
+    assert "1 conversations with an empty turn and 1 samples with no trained token" in caplog.text
+
+
 def test_recipes_whose_inputs_are_not_local_files_skip_the_tokenized_cache(tiny_llama, tmp_path):
     from llmtune.data.tokenized_cache import cache_key
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,8 +109,18 @@ def sst2_args(files, out, *extra):
             "training.early_stopping_patience=null", "training.save_every=no", f"output.dir={out}", *extra]
 
 
+@pytest.fixture(scope="module")
+def single_process_sst2(sst2_files, tmp_path_factory) -> Path:
+    """One process, global batch 32: the 2-process run's reference and the distillation tests' teacher."""
+    run_dir = tmp_path_factory.mktemp("single") / "sst2"
+    done = run_cli(*sst2_args(sst2_files, run_dir, "training.batch_size=32"), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run_dir
+
+
 @pytest.mark.slow  # two real processes
-def test_two_process_classification_trains_together_and_evaluates_every_sample_once(sst2_files, tmp_path):
+def test_two_process_classification_trains_together_and_evaluates_every_sample_once(sst2_files, tmp_path,
+                                                                                     single_process_sst2):
     run_dir = tmp_path / "ddp"
     result = accelerate_launch("cpu_ddp", *sst2_args(sst2_files, run_dir, "training.batch_size=16"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,9 +141,7 @@ def test_two_process_classification_trains_together_and_evaluates_every_sample_o
 
     # A single process with the same global batch (32) ends near the same held-out loss; the two differ only in
     # the order examples are drawn and the head's random init (measured: 0.6684 vs 0.6653).
-    reference = run_cli(*sst2_args(sst2_files, tmp_path / "single", "training.batch_size=32"), cwd=REPO)
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    single_metrics = json.loads((single_process_sst2 / "metrics.json").read_text())
     assert metrics["after"]["loss"] == pytest.approx(single_metrics["after"]["loss"], abs=0.02)
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
 
@@ -206,14 +215,13 @@ def test_two_process_dpo_trains_together_with_an_unscaled_loss(tiny_llama, tmp_p
 
 
 @pytest.mark.slow  # real MiniLM, two real processes
-def test_two_process_distillation_from_a_minilm_teacher_into_a_pruned_student(sst2_files, tmp_path):
+def test_two_process_distillation_from_a_minilm_teacher_into_a_pruned_student(sst2_files, tmp_path,
+                                                                               single_process_sst2):
     """Real checkpoint, real data, cpu_ddp: a MiniLM teacher, then a 3-block student distilled from it by two
     processes that train in step; the student saves as a plain 3-layer BERT classifier."""
     from transformers import AutoModelForSequenceClassification
 
-    teacher = tmp_path / "teacher"
-    done = run_cli(*sst2_args(sst2_files, teacher, "training.batch_size=16"), cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
+    teacher = single_process_sst2
     student = tmp_path / "student"
     result = accelerate_launch("cpu_ddp", *sst2_args(sst2_files, student, "training.batch_size=16", "task=distill",
                                                      f"distill.teacher={teacher}", f"model.name={teacher}",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, write_jsonl
+from conftest import REPO, run_cli, write_jsonl, write_reviews
 
 from llmtune.checkpoints import why_incomplete
 
@@ -48,9 +48,19 @@ def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_bert, tmp_path_factory) -> dict:
+    """The metrics of the 200-step run the signal tests resume to, trained once for both signals."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    whole = run_cli(*tiny_args(tiny_bert, write_reviews(folder), folder / "whole", "training.max_steps=200",
+                               "training.eval_every=200", "training.save_every=1000"), cwd=REPO)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return metrics_of(folder / "whole")
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_a_signal_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_run(
-        tiny_bert, reviews_files, tmp_path, sig, code):
+        tiny_bert, reviews_files, tmp_path, sig, code, uninterrupted_run):
     args = tiny_args(tiny_bert, reviews_files, tmp_path / "run", "training.max_steps=200", "training.eval_every=200",
                      "training.save_every=1000")  # no scheduled checkpoint: any checkpoint comes from the signal
     process = start(args)
@@ -70,10 +80,7 @@ def test_a_signal_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_r
     resumed = run_cli(*args, "--resume", cwd=REPO)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from checkpoint-{stopped_at}" in resumed.stderr
-    whole = run_cli(*tiny_args(tiny_bert, reviews_files, tmp_path / "whole", "training.max_steps=200",
-                               "training.eval_every=200", "training.save_every=1000"), cwd=REPO)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    got, expected = metrics_of(run_dir), metrics_of(tmp_path / "whole")
+    got, expected = metrics_of(run_dir), uninterrupted_run
     assert got["train"]["global_step"] == 200
     untimed = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second"))}  # noqa: E731
     assert untimed(got["before"]) == untimed(expected["before"])  # kept from before the interruption

@@ -133,6 +133,7 @@ class TokenStats:
     truncated: int
     tokens: int
     trained_tokens: int
+    dropped_empty_turn: int = 0  # conversations dropped before tokenizing (llmtune/data/formats.py)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -181,6 +182,16 @@ def tokenize_conversations(
     if len(keep) < len(encoded):
         encoded = encoded.select(keep)
     return encoded.remove_columns(["tokens", "trained", "truncated"]), stats
+
+
+def repeat_drop_warnings(split: str, stats: dict[str, Any]) -> None:
+    """On a run that reuses tokenized data: the rows its first tokenization dropped, said again (they are still
+    missing from the data this run trains on)."""
+    empty, untrained = stats.get("dropped_empty_turn", 0), stats.get("dropped_no_trained_tokens", 0)
+    if empty or untrained:
+        logger.warning("%s: %d conversations with an empty turn and %d samples with no trained token left after "
+                       "truncation were dropped when this data was tokenized (counts in run.json token_stats).",
+                       split, empty, untrained)
 
 
 def tokenize_text_blocks(

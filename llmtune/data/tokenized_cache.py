@@ -33,6 +33,7 @@ from typing import Any
 from datasets import Dataset
 
 from llmtune.data.fingerprint import source_fingerprint
+from llmtune.data.lm_tokenize import repeat_drop_warnings
 from llmtune.files import sha256
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def load(folder: Path, key: str) -> Tokenized | None:
     record = json.loads(meta.read_text())
     splits = {name: Dataset.load_from_disk(str(entry / name)) for name in record["splits"]}
     logger.info("Tokenized data reused from %s (the same data, tokenizer and settings as before)", entry)
+    for split, stats in record["stats"].items():
+        repeat_drop_warnings(split, stats)
     return Tokenized(splits, record["stats"], record["fmt"], record["loss_on"])
 
 

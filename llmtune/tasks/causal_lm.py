@@ -116,13 +116,16 @@ def tokenize_splits(recipe: Recipe, lm_data: LMData, tokenizer: Any) -> tuple[di
     encoded, stats = {}, {}
     for split, rows in lm_data.splits.items():
         where = f"the {split} data ({describe_source(data, split)})"
+        raw_rows = len(rows)
         rows = internal_form(rows, lm_data.fmt, data, where)
+        empty_turns = raw_rows - len(rows)
         if split == "train" and lm_data.mixture:
             rows = concatenate_datasets([rows, *lm_data.mixture])
         if lm_data.chat:
             encoded[split], split_stats = tokenize_conversations(
                 rows, tokenizer, lm_data.loss_on, data.max_length, split, data.preprocessing_workers
             )
+            split_stats.dropped_empty_turn = empty_turns
         else:
             encoded[split], split_stats = tokenize_text_blocks(
                 rows, "text", tokenizer, data.max_length, split, data.preprocessing_workers
