@@ -16,7 +16,7 @@ workload (best of torch.matmul and F.linear on square fp32 and bf16 matrices). W
 avx512_bf16/AMX) llmtune also runs once in bf16, for an MFU in both precisions (`--bf16-run on` forces it).
 Preprocessing: every SFT system's path from the whole Alpaca 5k file to tokens, cold and with its cache warm.
 
-    .venv/bin/python benchmarks/speed.py                         # about 75 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/speed.py                         # about 2.5 hours on 2 CPU cores
     .venv/bin/python benchmarks/speed.py --workloads sft_lora    # one workload; the others keep their results
     .venv/bin/python benchmarks/speed.py --workloads sft_lora --size gpu
 Writes benchmarks/results/speed.json and benchmarks/RESULTS.md.
