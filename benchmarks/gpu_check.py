@@ -119,8 +119,10 @@ print(model(**tokenizer("Hello there", return_tensors="pt").to(model.device)).lo
 
 
 def _last_error(stderr: str) -> str:
+    """The last line that names an error (launchers print banners after it), else the last line."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "no output")[:300].replace("|", "/")
+    errors = [line for line in lines if "Error" in line or "error:" in line]
+    return (errors or lines or ["no output"])[-1][:300].replace("|", "/")
 
 
 if __name__ == "__main__":

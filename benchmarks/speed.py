@@ -84,7 +84,7 @@ def main() -> int:
         report["preprocessing_alpaca5k_s"] = previous["preprocessing_alpaca5k_s"]
     stamp = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     with tempfile.TemporaryDirectory() as work:
-        if not args.skip_preprocessing or "preprocessing_alpaca5k_s" not in report:
+        if not args.skip_preprocessing:
             report["preprocessing_alpaca5k_s"] = {**preprocessing(Path(work)), **stamp}
         for name in args.workloads:
             workload = WORKLOADS[name]
@@ -113,7 +113,9 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> l
     interleaved rounds (so a slow spell of the shared machine hits all of them alike) and report the median
     round with the spread; TRL's defaults and the emulated-bf16 run are references, run once on a short budget."""
     workload = WORKLOADS[name]
-    compared = [(system, "auto" if system in ("llmtune", "trl_tuned", "trl_script") else "default")
+    # Every compared system trains in the precision that is fastest on the machine (fp32 where bf16 is emulated,
+    # bf16 on a GPU): a plain script's author would pick it too. TRL's defaults keep their own.
+    compared = [(system, "auto" if system != "trl" else "default")
                 for system in workload.systems if system not in ONCE]
     once = [(system, "default") for system in workload.systems if system in ONCE]
     if args.bf16_run == "on" or (args.bf16_run == "auto" and _native_bf16()):
@@ -207,7 +209,7 @@ def render_workload(name: str, block: dict) -> str:
 
 
 def render(report: dict) -> str:
-    prep = report["preprocessing_alpaca5k_s"]
+    prep = report.get("preprocessing_alpaca5k_s", {})
     lines = ["# Speed benchmark results", "",
              "Reproduce: `python benchmarks/speed.py` (every workload; `--workloads NAME ...` re-measures some and "
              "keeps the rest; writes this file and `benchmarks/results/speed.json`).", "",

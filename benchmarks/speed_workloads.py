@@ -366,7 +366,8 @@ def _answer_loss(model, tokenizer, eval_file: Path, max_length: int) -> float:
         prompt = _ids(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True))
         full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))[:max_length]
         labels = ([-100] * len(prompt) + full[len(prompt):])[: len(full)]
-        out = model(input_ids=torch.tensor([full]), labels=torch.tensor([labels]), use_cache=False)
+        out = model(input_ids=torch.tensor([full], device=model.device),
+                    labels=torch.tensor([labels], device=model.device), use_cache=False)
         answer_tokens = sum(1 for t in labels[1:] if t != -100)
         total += out.loss.item() * answer_tokens
         count += answer_tokens
@@ -383,8 +384,10 @@ def _preference_accuracy(model, tokenizer, eval_file: Path, max_length: int, bet
     def reply_logp(prompt: list, reply: list) -> float:
         start = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
         ids = _ids(tokenizer.apply_chat_template(prompt + reply, tokenize=True))[:max_length]
-        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, len(start) - 1:-1].float()
-        return logits.log_softmax(-1).gather(-1, torch.tensor(ids[len(start):])[:, None]).sum().item()
+        logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits
+        logits = logits[0, len(start) - 1:-1].float()
+        targets = torch.tensor(ids[len(start):], device=model.device)
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).sum().item()
 
     correct, losses = 0, []
     rows = [json.loads(line) for line in eval_file.read_text().splitlines()[:pairs]]
@@ -407,8 +410,8 @@ def _classification_loss(model, tokenizer, eval_file: Path, max_length: int) -> 
     for start in range(0, len(rows), 64):
         chunk = rows[start:start + 64]
         batch = tokenizer([s for s, _ in chunk], truncation=True, max_length=max_length, padding=True,
-                          return_tensors="pt")
-        labels = torch.tensor([int(label) for _, label in chunk])
+                          return_tensors="pt").to(model.device)
+        labels = torch.tensor([int(label) for _, label in chunk], device=model.device)
         logits = model(**batch).logits
         losses.append(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item())
         correct += int((logits.argmax(-1) == labels).sum())
@@ -424,6 +427,6 @@ def _text_loss(model, tokenizer, eval_file: Path, block: int) -> float:
     eos = tokenizer.eos_token_id
     lines = [line for line in eval_file.read_text().splitlines() if line]
     ids = [t for line in lines for t in tokenizer(line, add_special_tokens=False)["input_ids"] + [eos]]
-    blocks = torch.tensor([ids[i:i + block] for i in range(0, len(ids) - block + 1, block)][:64])
+    blocks = torch.tensor([ids[i:i + block] for i in range(0, len(ids) - block + 1, block)][:64], device=model.device)
     out = model(input_ids=blocks, labels=blocks.masked_fill(blocks == eos, -100), use_cache=False)
     return out.loss.item() if math.isfinite(out.loss.item()) else float("nan")

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 from llmtune.config.schema import Recipe
+from llmtune.distributed import launched_with
+from llmtune.errors import LlmtuneError
 from llmtune.models.adapters import is_adapter
-from llmtune.patches.trl_compact_lm_head import project_labelled_positions_only_on_cpu
+from llmtune.patches.trl_compact_lm_head import fused_head_breaks_fsdp2, project_labelled_positions_only_on_cpu
 from llmtune.training import training_arguments
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,14 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, train:
     task = recipe.task
     trainer_class, config_class = trainer_classes(task)
     with_reference = task in ("dpo", "kto")
+    if with_reference and launched_with("FSDP") and fused_head_breaks_fsdp2():  # their trainers use trl's fused head
+        name = task.upper()
+        raise LlmtuneError(
+            f"{name} under FSDP needs torch >= 2.13, and this is torch {torch.__version__}: trl's {name} trainer "
+            "computes log-probabilities with a fused output head that on older torch breaks FSDP2's gathering of the "
+            "tied embedding after the first checkpoint save. Upgrade torch, or launch with data parallelism "
+            "(--accelerate multi_gpu), which holds a whole model on every GPU."
+        )
     precompute = with_reference and reference is None and not is_adapter(model) and precompute_reference(recipe, model)
     args = training_arguments(
         recipe, str(run_dir), MAIN_METRIC[task], eval_set is not None, resume, config_class,

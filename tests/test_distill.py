@@ -57,7 +57,7 @@ def test_distill_run_learns_from_a_teacher_run_and_prunes_to_a_plain_checkpoint(
     assert plain.config.num_hidden_layers == 1 and len(plain.bert.encoder.layer) == 1
     from llmtune.tasks.classification_predict import Classifier
 
-    ours = Classifier.load(student)
+    ours = Classifier.load(student, precision="fp32")  # the run's own may be bf16 (CPUs with avx512_bf16)
     batch = ours.tokenizer(["a fine chair", "it broke in a day"], padding=True, return_tensors="pt")
     assert torch.allclose(plain(**batch).logits, torch.from_numpy(ours.logits(["a fine chair", "it broke in a day"])),
                           atol=1e-5)

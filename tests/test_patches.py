@@ -204,3 +204,62 @@ def test_compact_lm_head_gives_trls_log_probs_and_gradients(monkeypatch):
     torch.testing.assert_close(compact.loss, full.loss)
     for got, want in zip(compact_grads, full_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+FSDP2_TIED_HEAD = """
+import os, sys, socket
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+from trl.trainer.utils import add_fused_lm_head
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+dist.init_process_group("gloo", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+fused = sys.argv[1] == "fused"
+if fused:
+    add_fused_lm_head(model, outputs=("log_probs",))
+# accelerate 1.15's FSDP2 wrapping: each block, then [final norm, input embedding, tied head] in one group, then the root
+for layer in model.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard([model.model.norm, model.model.embed_tokens, model.lm_head], mesh=mesh, reshard_after_forward=False)
+fully_shard(model, mesh=mesh)
+ids = torch.randint(0, 64, (2, 8))
+for step in range(3):
+    if fused:  # trl: the backbone, then the head's weight read directly (lm_head.forward never runs)
+        loss = -model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.mean()
+    else:  # llmtune's LMTrainer off the fused head: the labelled positions through lm_head.forward
+        logits = model(input_ids=ids, logits_to_keep=torch.arange(7)).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    model.reshard()  # what a sharded checkpoint save leaves behind
+print("trained")
+"""
+
+
+@pytest.mark.slow  # two 8-second processes
+@pytest.mark.parametrize("head", ["fused", "labelled"])
+def test_fsdp2_gate_matches_whether_torch_gathers_a_tied_head_group_the_fused_head_skips(head):
+    """patches/trl_compact_lm_head.fused_head_breaks_fsdp2: on torch < 2.13, FSDP2 gathers a group of modules again
+    only after every module in it ran forward, and trl's fused LM head never calls the tied output head, so after a
+    sharded save the embedding stays sharded ("mixed torch.Tensor and DTensor", seen on an H200 with torch 2.11).
+    Run on a CPU mesh: trl's fused head must train across saves exactly when the gate says it is safe (on a torch
+    where it fails while the gate says otherwise, the gate is wrong), and the path llmtune takes instead always
+    trains."""
+    import subprocess
+    import sys
+
+    from llmtune.patches.trl_compact_lm_head import fused_head_breaks_fsdp2
+
+    done = subprocess.run([sys.executable, "-c", FSDP2_TIED_HEAD, head], capture_output=True, text=True, timeout=120)
+    trains = done.returncode == 0 and "trained" in done.stdout
+    if head == "fused":
+        assert trains == (not fused_head_breaks_fsdp2()), done.stderr[-2000:]
+    else:
+        assert trains, done.stderr[-2000:]

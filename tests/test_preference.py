@@ -218,3 +218,19 @@ def test_full_fine_tuning_dpo_keeps_a_frozen_reference_or_precomputes_it(tiny_ll
         assert trainer.ref_model is None and trainer.precompute_ref_logps
     result = api.train(recipe_for("dpo", tiny_llama, hh_file, out, *extra))
     assert result["after"]["margin"] != 0 and result["train"]["weights_changed"]
+
+
+def test_dpo_and_kto_under_fsdp_on_a_torch_that_breaks_the_fused_head_are_refused_with_the_way_out(
+        tiny_llama, hh_file, tmp_path, monkeypatch):
+    """trl's DPO/KTO head breaks FSDP2 on torch < 2.13 (tests/test_patches.py::test_fsdp2_gate_...): say so before
+    training rather than fail at the first step after a checkpoint save."""
+    from llmtune import preference_trainers
+    from llmtune.errors import LlmtuneError
+
+    monkeypatch.setattr(preference_trainers, "launched_with", lambda mode: mode == "FSDP")
+    monkeypatch.setattr(preference_trainers, "fused_head_breaks_fsdp2", lambda: True)
+    for task in ("dpo", "kto"):
+        with pytest.raises(LlmtuneError, match=rf"{task.upper()} under FSDP needs torch >= 2\.13.*--accelerate multi_gpu"):
+            api.build_trainer(recipe_for(task, tiny_llama, hh_file, tmp_path / task))
+    # SimPO's trainer calls the model's own output head, so the same launch is fine for it
+    assert api.build_trainer(recipe_for("simpo", tiny_llama, hh_file, tmp_path / "simpo")) is not None

@@ -13,6 +13,9 @@ kernels module keeps its own). `project_labelled_positions_only_on_cpu()` swaps 
 for CPU tensors. The kernels still run their torch fallback on CPU, so the per-token results are the same.
 Canaries: tests/test_patches.py::test_trl_fused_lm_head_still_projects_every_position_on_cpu (fails when trl
 changes the choice or uses the name for anything else) and ::test_compact_lm_head_gives_trls_log_probs_and_gradients.
+
+The same fused head never calls the output head module, which FSDP2 on torch < 2.13 cannot take:
+`fused_head_breaks_fsdp2()` says when llmtune must keep trl's fused head out of an FSDP run.
 """
 
 from __future__ import annotations
@@ -30,3 +33,15 @@ def _compact_positions(device: torch.device) -> bool:
 def project_labelled_positions_only_on_cpu() -> None:
     """Make trl's fused LM head skip unlabelled positions on CPU tensors too (idempotent)."""
     trl_utils._use_triton = _compact_positions
+
+
+def fused_head_breaks_fsdp2() -> bool:
+    """Whether this torch's FSDP2 fails with trl's fused head. Before torch 2.13, FSDP2 gathers a group of modules
+    again only after every module in it ran forward; accelerate groups a tied output head with the input embedding,
+    and the fused head reads the head's weight without calling it, so after the first sharded checkpoint save the
+    embedding stays sharded and the next step fails with "got mixed torch.Tensor and DTensor" (seen on an H200
+    with torch 2.11; torch 2.13 completes such groups from the root). Canary: tests/test_patches.py::
+    test_fsdp2_gate_matches_whether_torch_gathers_a_tied_head_group_the_fused_head_skips."""
+    from packaging.version import Version
+
+    return Version(torch.__version__.split("+")[0]) < Version("2.13")

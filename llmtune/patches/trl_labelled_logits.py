@@ -4,7 +4,9 @@ In instruction tuning most prompt tokens carry no loss, yet a causal LM projects
 output head (576 x 49k for SmolLM2: a fifth of the model's work per token) and trl then scores them all, with an
 entropy over the whole vocabulary on top. trl's fused head skips unlabelled positions only on Triton devices, so on
 CUDA it is used as is; elsewhere this trainer asks the model for the labelled positions' logits only
-(`logits_to_keep`) and computes the same token-summed cross entropy and token accuracy from them.
+(`logits_to_keep`) and computes the same token-summed cross entropy and token accuracy from them. So it does on
+CUDA under FSDP with torch < 2.13, where the fused head, which never calls the output head module, breaks FSDP2's
+gathering of the tied embedding group (`trl_compact_lm_head.fused_head_breaks_fsdp2`).
 
 It overrides SFTTrainer's `compute_loss` and `log` and relies on two trl behaviours: the loss is summed over
 labelled tokens and divided by `num_items_in_batch`, and token accuracy is reported as `mean_token_accuracy`
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
+from llmtune.patches.trl_compact_lm_head import fused_head_breaks_fsdp2
+
 IGNORE = -100
 
 
@@ -28,8 +32,8 @@ class LMTrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self.labelled_logits_only = (
-            not torch.cuda.is_available() and "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.labelled_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters and (
+            not torch.cuda.is_available() or (self.is_fsdp_enabled and fused_head_breaks_fsdp2())
         )
         self._token_hits: dict[str, list[torch.Tensor]] = {}
 
