@@ -225,16 +225,17 @@ def render(report: dict) -> str:
              "tokens skips part of the head, so MFU by 6 x N overstates their hardware use.", ""]
     for name, block in report["workloads"].items():
         lines += [render_workload(name, block), ""]
-    lines += [f"Preprocessing of all 5,000 Alpaca examples (load the file, chat template, tokenize; llmtune also "
-              f"builds loss masks; TRL's time includes its LoRA wrapping), measured {prep.get('date', '-')} on "
-              f"{prep.get('machine', '-')}. Each system loads its tokenizer before the clock starts, then runs in a "
-              "fresh process with an empty datasets cache (cold) and again, three times, with the cache the first "
-              "run left (cached, the median):", "",
-              "| system | cold (s) | cached (s) |", "|---|---|---|"]
-    for system, seconds in prep.items():
-        if isinstance(seconds, dict):
-            lines.append(f"| {system} | {_seconds(seconds['cold'])} | {_seconds(seconds['cached'])} |")
-    lines.append("")
+    if prep:  # absent when a run skipped it and no earlier numbers exist
+        lines += [f"Preprocessing of all 5,000 Alpaca examples (load the file, chat template, tokenize; llmtune also "
+                  f"builds loss masks; TRL's time includes its LoRA wrapping), measured {prep.get('date', '-')} on "
+                  f"{prep.get('machine', '-')}. Each system loads its tokenizer before the clock starts, then runs in a "
+                  "fresh process with an empty datasets cache (cold) and again, three times, with the cache the first "
+                  "run left (cached, the median):", "",
+                  "| system | cold (s) | cached (s) |", "|---|---|---|"]
+        for system, seconds in prep.items():
+            if isinstance(seconds, dict):
+                lines.append(f"| {system} | {_seconds(seconds['cold'])} | {_seconds(seconds['cached'])} |")
+        lines.append("")
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += [f"Versions (the latest run): {versions}.", ""]
     return "\n".join(lines)
