@@ -82,14 +82,18 @@ def main() -> int:
     parser.add_argument("--system", default="llmtune")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: the machine's fastest, as speed.py's compared systems train")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from llmtune import load_recipe
 
     workload = WORKLOADS[args.workload]
     recipe = load_recipe(REPO / "recipes" / workload.recipe)
+    from llmtune.precision import resolved_precision
+
     run = argparse.Namespace(learning_rate=recipe.training.learning_rate, batch_size=workload.batch_size["cpu"],
-                             precision="fp32", compile=False)
+                             precision=resolved_precision(args.precision), compile=False)
     with tempfile.TemporaryDirectory(prefix="llmtune-profile-") as tmp:
         work = Path(tmp)
         prepare(args.workload, work, 2000)
@@ -98,22 +102,30 @@ def main() -> int:
         trainer.add_callback(profile)
         trainer.train()
     totals: dict[str, float] = {}
+    by_operator: dict[str, float] = {}
     top: list[tuple[float, str, str]] = []
     for event in profile.profiler.key_averages(group_by_input_shape=True):
         seconds = event.self_cpu_time_total / 1e6 / args.steps
         kind = category(event.key, event.input_shapes, recipe.method.r)
         totals[kind] = totals.get(kind, 0.0) + seconds
+        by_operator[event.key] = by_operator.get(event.key, 0.0) + seconds
         top.append((seconds, event.key, str(event.input_shapes)[:90]))
     step = sum(totals.values())
-    print(f"{args.workload} / {args.system}: {step:.2f} s of operator time per step ({args.steps} steps profiled)")
+    print(f"{args.workload} / {args.system} ({run.precision}): {step:.2f} s of operator time per step "
+          f"({args.steps} steps profiled)")
     for kind, seconds in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"  {kind:<12} {seconds:7.3f} s  {100 * seconds / step:5.1f}%")
-    print("Top operators (s per step):")
+    operators = sorted(by_operator.items(), key=lambda item: -item[1])[:20]
+    print("Top operators, all shapes (s per step):")
+    for key, seconds in operators:
+        print(f"  {seconds:7.3f}  {key:<36} {category(key, [], 0)}")
+    print("Top operator calls by shape (s per step):")
     for seconds, key, shapes in sorted(top, reverse=True)[:15]:
         print(f"  {seconds:7.3f}  {key:<36} {shapes}")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"profile_{args.workload}_{args.system}.json")
-    out.write_text(json.dumps({"workload": args.workload, "system": args.system, "seconds_per_step": step,
-                               "by_category": totals,
+    out.write_text(json.dumps({"workload": args.workload, "system": args.system, "precision": run.precision,
+                               "seconds_per_step": step,
+                               "by_category": totals, "by_operator": dict(operators),
                                "top": [{"seconds": s, "op": k, "shapes": sh} for s, k, sh in sorted(top, reverse=True)[:30]]},
                               indent=2) + "\n")
     return 0

@@ -232,8 +232,8 @@ def trl_sft_trainer(model, tokenizer, recipe, args, work: Path, train_file: Path
 def sft_preprocessing_seconds(system: str, args, work: Path, train_file: Path) -> float:
     """Seconds from the raw Alpaca file to the tokenized training set, the way `system` does it, with the
     tokenizer already loaded (every system needs it anyway). TRL tokenizes inside SFTTrainer's constructor, so its
-    time includes wrapping the (already loaded) model in LoRA. llmtune's time is what `prepare_data` does after
-    loading the tokenizer: the cache key, then the cached splits or the tokenization."""
+    time includes wrapping the (already loaded) model in LoRA. llmtune's time is its `prepare_data` given the loaded
+    tokenizer: the cache key, then the cached splits or the tokenization."""
     import time
 
     from llmtune import load_recipe
@@ -242,20 +242,13 @@ def sft_preprocessing_seconds(system: str, args, work: Path, train_file: Path) -
         "data.dataset=null", f"data.train_file={train_file}", "data.validation_fraction=0", "data.eval_split=null",
         f"output.dir={work / 'run'}"])
     if system == "llmtune":
-        from llmtune.data import tokenized_cache
-        from llmtune.models.sources import cache_dir
         from llmtune.pipeline import resolve_source
         from llmtune.tasks import causal_lm
 
         path = resolve_source(recipe).path
-        tokenizer, _ = causal_lm.load_lm_tokenizer(recipe, True, path)
+        loaded = causal_lm.load_lm_tokenizer(recipe, True, path)
         start = time.perf_counter()
-        key = tokenized_cache.cache_key(recipe, path)
-        if tokenized_cache.load(cache_dir() / "tokenized", key) is None:
-            lm_data = causal_lm.load_data(recipe)
-            encoded, stats = causal_lm.tokenize_splits(recipe, lm_data, tokenizer)
-            tokenized_cache.save(cache_dir() / "tokenized", key,
-                                 tokenized_cache.Tokenized(encoded, stats, lm_data.fmt, lm_data.loss_on))
+        causal_lm.prepare_data(recipe, path, loaded)
         return time.perf_counter() - start
     model, tokenizer = _smollm2(recipe)
     args.learning_rate, args.precision = recipe.training.learning_rate, "fp32"

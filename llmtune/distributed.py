@@ -108,6 +108,18 @@ def accumulation_for(global_batch: int, per_device: int, processes: int) -> int:
     return global_batch // processes // per_device
 
 
+def shut_down() -> None:
+    """Leave the process group at the end of a run, on every rank. Left to interpreter exit, the group's
+    communication threads can be destroyed while still joinable, and a rank that finished its work aborts
+    ("terminate called without an active exception") - a failed exit code for a run that succeeded."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launched_with(mode: str) -> bool:
     """Whether accelerate launched this process in a mode ('FSDP', 'DEEPSPEED'): it exports ACCELERATE_USE_<MODE>."""
     return os.environ.get(f"ACCELERATE_USE_{mode}", "false").lower() in ("1", "true")

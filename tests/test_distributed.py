@@ -75,6 +75,21 @@ def test_fsdp_launch_without_gpu_is_refused_not_silently_ignored(monkeypatch):
         check_launch_environment()
 
 
+def test_a_rank_that_finished_its_run_leaves_the_process_group(monkeypatch):
+    """Left to interpreter exit, gloo's threads can abort a rank whose run succeeded (exit code 134)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what each rank of a launched run sees
+    monkeypatch.setattr("llmtune.api.train", lambda *args, **kwargs: None)
+    try:
+        assert main(["train", str(REPO / "recipes" / "quickstart.yaml")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_global_batch_derives_accumulation_and_rejects_uneven_splits(tmp_path):
     assert accumulation_for(64, 8, 2) == 4 and accumulation_for(32, 16, 2) == 1
     with pytest.raises(LlmtuneError, match="'training.global_batch_size' is 10, which does not divide evenly over 4"):

@@ -78,6 +78,26 @@ def test_fused_layer_under_bf16_autocast_matches_peft_and_keeps_float32_adapters
         torch.testing.assert_close(g.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_frozen_weights_are_cast_for_autocast_once_and_again_after_they_change(fused_calls):
+    base = TwoLinears(bias=True)
+    model = adapted(base, fused=True)
+    layer = model.base_model.model.up
+    x = torch.randn(2, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(x)
+        cast = layer._frozen_base_in(torch.bfloat16)[0]
+        second = model(x)
+        assert layer._frozen_base_in(torch.bfloat16)[0] is cast, "cast again although the weight had not changed"
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+        with torch.no_grad():  # as loading a checkpoint into the model does
+            layer.base_layer.weight.mul_(2)
+        changed = model(x)
+        fresh = adapted(base, fused=True)  # nothing cached yet
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(changed, fresh(x), rtol=0, atol=0)
+    assert fused_calls and not torch.equal(changed, first)
+
+
 @pytest.mark.parametrize("lora", [{"lora_dropout": 0.1}, {"use_dora": True}], ids=["dropout", "dora"])
 def test_what_the_fused_path_does_not_cover_is_peft_unchanged(lora, fused_calls):
     base = TwoLinears(bias=True)
@@ -103,6 +123,19 @@ def test_disabled_or_merged_adapters_give_the_base_or_merged_output(fused_calls)
         model.merge_adapter()
         torch.testing.assert_close(model(x), adapter_output, rtol=1e-5, atol=1e-6)
     assert len(fused_calls) == 2  # only the adapter forward: two layers, one call each
+
+
+def test_disabled_adapters_under_autocast_give_the_base_output_autocast_gives():
+    """DPO's reference pass: the policy with its adapters off, through the base weights' cached cast."""
+    base = TwoLinears(bias=True)
+    x = torch.randn(3, 24)
+    model = adapted(base, fused=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with model.disable_adapter():
+            got = model(x)
+        want = base(x)
+    assert got.dtype == torch.bfloat16 and "_cast_base" in vars(model.base_model.model.up)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_weights_not_whole_on_this_process_take_peft_path(fused_calls):

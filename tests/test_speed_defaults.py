@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from llmtune import build_trainer, load_recipe
 from llmtune.errors import LlmtuneError
-from llmtune.models.attention import SDPA_VARLEN, attention_for
+from llmtune.models.attention import SDPA_VARLEN, attention_for, sdpa_varlen_attention
 from llmtune.precision import cpu_has_native_bf16, resolved_precision
 
 
@@ -62,6 +62,30 @@ def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_only():
     assert attention_for("auto", padding_free=True, precision="fp32") == SDPA_VARLEN
     assert attention_for("auto", padding_free=False, precision="fp32") == "sdpa"
     assert attention_for("eager", padding_free=True, precision="fp32") == "eager"
+
+
+def test_per_sample_attention_on_a_cpu_under_bf16_autocast_attends_in_float32():
+    """Faster there than bf16 (see llmtune/models/attention.py), and exact: each sample as float32 SDPA alone."""
+    import types
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    module = types.SimpleNamespace(is_causal=True, training=False, num_key_value_groups=3, layer_idx=0)
+    lengths = [5, 9, 4]
+    query = torch.randn(1, 6, sum(lengths), 8, dtype=torch.bfloat16, requires_grad=True)
+    key, value = (torch.randn(1, 2, sum(lengths), 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = sdpa_varlen_attention(module, query, key, value, None, position_ids=positions)
+    assert out.dtype == torch.float32
+    expected = torch.cat([
+        F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(3, 1), v.float().repeat_interleave(3, 1),
+                                       is_causal=True).transpose(1, 2)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))], dim=1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.sum().backward()  # gradients reach the bf16 projections in their own dtype
+    assert query.grad.dtype == key.grad.dtype == torch.bfloat16 and query.grad.abs().sum() > 0
 
 
 def test_padded_classification_batches_are_grouped_by_length(tmp_path):

@@ -248,8 +248,10 @@ def _train(args: argparse.Namespace) -> int:
         return relaunch(args.accelerate, [args.recipe, *args.overrides, *flags], args.num_processes,
                         recipe.training.stop_grace_seconds)
     from llmtune.api import train
+    from llmtune.distributed import shut_down
 
     train(recipe, resume=args.resume, overrides=args.overrides, force=args.force)
+    shut_down()  # after a failure the other ranks may still be in a collective: leave the group only on success
     return 0
 
 

@@ -48,6 +48,10 @@ class FusedLoraLinear(PeftLoraLinear):
     """peft's LoRA linear with a fused single-adapter training path (see the module docstring)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._base_alone_under_autocast(x, args, kwargs):  # e.g. DPO's reference: the policy, adapters off
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return torch.nn.functional.linear(x.to(dtype), *self._frozen_base_in(dtype))
         adapter = self._fusable_adapter(x, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
@@ -58,11 +62,35 @@ class FusedLoraLinear(PeftLoraLinear):
             # What autocast would do to each matmul, done once up front; the casts are differentiable, so the
             # float32 adapter weights still receive their gradients.
             dtype = torch.get_autocast_dtype(device)
-            x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-            bias = None if bias is None else bias.to(dtype)
+            x, lora_a, lora_b = (t.to(dtype) for t in (x, lora_a, lora_b))
+            weight, bias = self._frozen_base_in(dtype)
             with torch.autocast(device, enabled=False):
                 return _LoraMatmul.apply(x, weight, bias, lora_a, lora_b, self.scaling[adapter])
         return _LoraMatmul.apply(x, weight, bias, lora_a, lora_b, self.scaling[adapter])
+
+    def _frozen_base_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen base weight and bias cast to the autocast dtype, cast once and kept until they change.
+
+        Autocast would cast them again in every forward pass, a read and write of every frozen weight per step.
+        The copy is the very tensor autocast would have made and saved for the backward pass, so it adds nothing
+        at the step's peak: on a CPU with native bf16, SmolLM2 LoRA SFT peaked 10% lower in RSS with it (2.57 vs
+        2.84 GB, fewer large allocations) and ran about 1% faster. A weight changed in place (loading a
+        checkpoint) or replaced (moved, reloaded) has a new version or address and is cast again."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        key = (dtype, weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
+        cached = self.__dict__.get("_cast_base")  # a plain attribute: never saved, moved, sharded or counted
+        if cached is None or cached[0] != key:
+            cast = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+            cached = self.__dict__["_cast_base"] = (key, cast)
+        return cached[1]
+
+    def _base_alone_under_autocast(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether peft would run the frozen base layer alone (adapters disabled), under autocast."""
+        base = self.base_layer
+        return (self.disable_adapters and not self.merged and not args and not kwargs
+                and type(base) is torch.nn.Linear and torch.is_autocast_enabled(x.device.type)
+                and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+                and _local(base.weight))
 
     def _fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The one active plain-LoRA adapter when the fused path computes exactly what peft would, else None."""

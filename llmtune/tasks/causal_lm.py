@@ -74,18 +74,20 @@ def load_data(recipe: Recipe) -> LMData:
     return LMData(splits, fmt, chat, loss_on, mixture_sources(data, chat))
 
 
-def prepare_data(recipe: Recipe, model_path: str | None) -> tuple[Any, bool, Tokenized]:
+def prepare_data(recipe: Recipe, model_path: str | None,
+                 loaded: tuple[Any, bool] | None = None) -> tuple[Any, bool, Tokenized]:
     """(tokenizer, whether it gained tokens, the tokenized splits): from the cache of finished splits when an earlier
     run read the same files with the same settings (llmtune/data/tokenized_cache.py), else loaded and tokenized
-    (and then cached)."""
+    (and then cached). `loaded`: what load_lm_tokenizer already returned (the speed benchmark times the data
+    alone), instead of loading the tokenizer here."""
     key = tokenized_cache.cache_key(recipe, model_path)
     folder = cache_dir() / "tokenized"
     cached = tokenized_cache.load(folder, key) if key else None
     if cached is not None:
-        tokenizer, added = load_lm_tokenizer(recipe, cached.chat, model_path)
+        tokenizer, added = loaded or load_lm_tokenizer(recipe, cached.chat, model_path)
         return tokenizer, added, cached
     lm_data = load_data(recipe)
-    tokenizer, added = load_lm_tokenizer(recipe, lm_data.chat, model_path, lm_data)
+    tokenizer, added = loaded or load_lm_tokenizer(recipe, lm_data.chat, model_path, lm_data)
     encoded, stats = tokenize_splits(recipe, lm_data, tokenizer)
     prepared = Tokenized(encoded, stats, lm_data.fmt, lm_data.loss_on)
     if key:
