@@ -12,7 +12,7 @@ over a few optimizer steps after warm-up, its operators' own (self) time grouped
 
     .venv/bin/python benchmarks/profile_step.py                       # llmtune, SFT LoRA on SmolLM2
     .venv/bin/python benchmarks/profile_step.py --workload dpo --system trl_script
-Prints a table and writes benchmarks/results/profile_<workload>_<system>.json.
+Prints a table and writes benchmarks/results/profile_<workload>_<system>[_bf16].json.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def main() -> int:
     print("Top operator calls by shape (s per step):")
     for seconds, key, shapes in sorted(top, reverse=True)[:15]:
         print(f"  {seconds:7.3f}  {key:<36} {shapes}")
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"profile_{args.workload}_{args.system}.json")
+    suffix = "" if run.precision == "fp32" else f"_{run.precision}"
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"profile_{args.workload}_{args.system}{suffix}.json")
     out.write_text(json.dumps({"workload": args.workload, "system": args.system, "precision": run.precision,
                                "seconds_per_step": step,
                                "by_category": totals, "by_operator": dict(operators),

@@ -76,15 +76,29 @@ def test_fsdp_launch_without_gpu_is_refused_not_silently_ignored(monkeypatch):
 
 
 def test_a_rank_that_finished_its_run_leaves_the_process_group(monkeypatch):
-    """Left to interpreter exit, gloo's threads can abort a rank whose run succeeded (exit code 134)."""
+    """Left to interpreter exit, gloo's threads can abort a rank whose run succeeded or stopped on a signal after
+    saving (exit code 134 instead of 0 or 143)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from llmtune.errors import TrainingStopped
+
     monkeypatch.setenv("WORLD_SIZE", "2")  # what each rank of a launched run sees
-    monkeypatch.setattr("llmtune.api.train", lambda *args, **kwargs: None)
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+
+    def ends(raising: BaseException | None):
+        def train(*args, **kwargs):
+            if raising:
+                raise raising
+        return train
+
     try:
-        assert main(["train", str(REPO / "recipes" / "quickstart.yaml")]) == 0
-        assert not dist.is_initialized()
+        for raising, code, left in ((None, 0, True), (TrainingStopped("stopped", 143), 143, True),
+                                    (LlmtuneError("bad data"), 2, False)):
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            monkeypatch.setattr("llmtune.api.train", ends(raising))
+            assert main(["train", recipe]) == code
+            assert dist.is_initialized() is not left  # a failed rank stays: the others may be in a collective
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

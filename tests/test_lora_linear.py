@@ -125,6 +125,28 @@ def test_disabled_or_merged_adapters_give_the_base_or_merged_output(fused_calls)
     assert len(fused_calls) == 2  # only the adapter forward: two layers, one call each
 
 
+def test_the_cast_copy_is_dropped_when_moved_merged_or_copied_and_never_made_in_inference_mode():
+    model = adapted(TwoLinears(bias=True), fused=True)
+    layer = model.base_model.model.up
+    x = torch.randn(2, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            model(x)
+        assert "_cast_base" not in vars(layer)
+        model(x).float().sum().backward()  # a later training step can save what it casts
+        assert "_cast_base" in vars(layer) and layer.lora_A["default"].weight.grad is not None
+        assert "_cast_base" not in vars(copy.deepcopy(model).base_model.model.up)
+        model.to(torch.float32)
+        assert "_cast_base" not in vars(layer)
+        model(x)
+        layer.merge()
+        assert "_cast_base" not in vars(layer)
+        merged = model(x)
+        layer.unmerge()
+        assert "_cast_base" not in vars(layer)
+    torch.testing.assert_close(merged.float(), model(x).float(), rtol=2e-2, atol=2e-2)
+
+
 def test_disabled_adapters_under_autocast_give_the_base_output_autocast_gives():
     """DPO's reference pass: the policy with its adapters off, through the base weights' cached cast."""
     base = TwoLinears(bias=True)

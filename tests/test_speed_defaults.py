@@ -86,6 +86,8 @@ def test_per_sample_attention_on_a_cpu_under_bf16_autocast_attends_in_float32():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     out.sum().backward()  # gradients reach the bf16 projections in their own dtype
     assert query.grad.dtype == key.grad.dtype == torch.bfloat16 and query.grad.abs().sum() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation: as `llmtune eval` computes it
+        assert sdpa_varlen_attention(module, query, key, value, None, position_ids=positions)[0].dtype == torch.bfloat16
 
 
 def test_padded_classification_batches_are_grouped_by_length(tmp_path):

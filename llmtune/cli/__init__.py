@@ -19,7 +19,7 @@ from llmtune import __version__
 from llmtune.cli.loaders import is_image_run, load_classifier, load_image_classifier, load_lm
 from llmtune.cli.observe_commands import add_observe_commands
 from llmtune.cli.ship_commands import add_ship_commands
-from llmtune.errors import LlmtuneError
+from llmtune.errors import LlmtuneError, TrainingStopped
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_HELP = "Compute precision: auto is the run's own evaluation precision (run.json), fp32 for other models."
@@ -250,8 +250,13 @@ def _train(args: argparse.Namespace) -> int:
     from llmtune.api import train
     from llmtune.distributed import shut_down
 
-    train(recipe, resume=args.resume, overrides=args.overrides, force=args.force)
-    shut_down()  # after a failure the other ranks may still be in a collective: leave the group only on success
+    # Leave the group only when every rank is done: after a failure the others may still be in a collective.
+    try:
+        train(recipe, resume=args.resume, overrides=args.overrides, force=args.force)
+    except TrainingStopped:  # all ranks agreed to stop and saved the checkpoint
+        shut_down()
+        raise
+    shut_down()
     return 0
 
 

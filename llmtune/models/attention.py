@@ -6,9 +6,10 @@ mask over the whole row, so attention costs (sum of lengths)^2 instead of the su
 must be materialized. `sdpa_varlen` runs SDPA once per sample instead - the same numbers (the tests compare
 them) at a fraction of the cost. It is registered through transformers' public AttentionInterface.
 
-On a CPU under bf16 autocast it attends in float32: PyTorch's CPU flash-attention kernel is slower in bf16 than in
-float32 at fine-tuning lengths, even with native bf16 matmuls (torch 2.13 on an AVX-512 EPYC with avx512_bf16:
-forward + backward 2.3x slower at 100 tokens, 1.3x at 200, about level from 450), and float32 is the more exact.
+When training on a CPU under bf16 autocast it attends in float32: PyTorch's CPU flash-attention kernel is slower in
+bf16 than in float32 at fine-tuning lengths, even with native bf16 matmuls (torch 2.13 on an AVX-512 EPYC with
+avx512_bf16: forward + backward 2.3x slower at 100 tokens, 1.3x at 200, about level from 450), and float32 is the
+more exact. Evaluation and generation (no gradients) keep autocast's bf16, as `llmtune eval` computes it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, position_id
     query/key/value are (batch, heads, length, head_dim). The varlen path needs one row whose queries and keys
     are the same tokens (training and evaluation - not generation with a cache).
     """
-    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    training_shape = torch.is_grad_enabled() and query.shape[2] == key.shape[2]  # not evaluation or generation
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu") and training_shape:
         floating_mask = attention_mask is not None and attention_mask.is_floating_point()
         with torch.autocast("cpu", enabled=False):  # the next layer's matmuls cast the output back to bf16
             return sdpa_varlen_attention(module, query.float(), key.float(), value.float(),

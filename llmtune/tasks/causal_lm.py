@@ -78,8 +78,8 @@ def prepare_data(recipe: Recipe, model_path: str | None,
                  loaded: tuple[Any, bool] | None = None) -> tuple[Any, bool, Tokenized]:
     """(tokenizer, whether it gained tokens, the tokenized splits): from the cache of finished splits when an earlier
     run read the same files with the same settings (llmtune/data/tokenized_cache.py), else loaded and tokenized
-    (and then cached). `loaded`: what load_lm_tokenizer already returned (the speed benchmark times the data
-    alone), instead of loading the tokenizer here."""
+    (and then cached). `loaded`: what load_lm_tokenizer already returned for this recipe and data, used instead of
+    loading the tokenizer here (the speed benchmark times the data alone); it fills the same cache entry."""
     key = tokenized_cache.cache_key(recipe, model_path)
     folder = cache_dir() / "tokenized"
     cached = tokenized_cache.load(folder, key) if key else None
