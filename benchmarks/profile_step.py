@@ -87,11 +87,10 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from llmtune import load_recipe
+    from llmtune.precision import resolved_precision
 
     workload = WORKLOADS[args.workload]
     recipe = load_recipe(REPO / "recipes" / workload.recipe)
-    from llmtune.precision import resolved_precision
-
     run = argparse.Namespace(learning_rate=recipe.training.learning_rate, batch_size=workload.batch_size["cpu"],
                              precision=resolved_precision(args.precision), compile=False)
     with tempfile.TemporaryDirectory(prefix="llmtune-profile-") as tmp:

@@ -112,11 +112,14 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def _base_alone_under_autocast(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         """Whether peft would run the frozen base layer alone (adapters disabled), under autocast."""
-        base = self.base_layer
         return (self.disable_adapters and not self.merged and not args and not kwargs
-                and type(base) is torch.nn.Linear and torch.is_autocast_enabled(x.device.type)
-                and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-                and _local(base.weight))
+                and torch.is_autocast_enabled(x.device.type) and self._frozen_whole_linear_base())
+
+    def _frozen_whole_linear_base(self) -> bool:
+        """Whether the base layer is a plain nn.Linear, frozen, and whole on this process."""
+        base = self.base_layer
+        return (type(base) is torch.nn.Linear and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad) and _local(base.weight))
 
     def _fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The one active plain-LoRA adapter when the fused path computes exactly what peft would, else None."""
@@ -126,18 +129,16 @@ class FusedLoraLinear(PeftLoraLinear):
         if len(active) != 1:
             return None
         adapter = active[0]
-        base = self.base_layer
-        if type(base) is not torch.nn.Linear:
+        if not self._frozen_whole_linear_base():
             return None
-        frozen_base = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         plain_lora = (
             adapter not in self.lora_variant
             and isinstance(self.lora_dropout[adapter], torch.nn.Identity)
             and self.lora_B[adapter].bias is None
         )
-        weights = (base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
-        same_dtype = x.dtype == base.weight.dtype == weights[1].dtype
-        if frozen_base and plain_lora and all(map(_local, weights)) and (
+        lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        same_dtype = x.dtype == self.base_layer.weight.dtype == lora_a.dtype
+        if plain_lora and _local(lora_a) and _local(lora_b) and (
             same_dtype or torch.is_autocast_enabled(x.device.type)
         ):
             return adapter
