@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
-from llmtune.callbacks import StopOnSignal, TrainingSanity
+from llmtune.callbacks import ReleaseFreedMemory, StopOnSignal, TrainingSanity
 from llmtune.checkpoints import CompleteCheckpoints, newest_complete, save_failure
 from llmtune.config.schema import Recipe, TrainingConfig
 from llmtune.config.vocab import OPTIMIZERS
@@ -152,8 +152,9 @@ def liger_kernels_on(setting: str) -> bool:
 def attach_run_callbacks(trainer: Any, cfg: TrainingConfig, run_dir: Path) -> None:
     """What every llmtune Trainer carries, also when a Python user drives it: complete-only checkpoints with
     rotation (last, so it sees every other callback's decision), the seeded length-grouped order, the sanity
-    checks."""
-    for callback in (SeededLengthGroupedOrder(cfg.seed), TrainingSanity(cfg.learning_rate),
+    checks, and (`training.release_memory`) freed memory handed back to the OS on a CPU."""
+    extra = [ReleaseFreedMemory()] if cfg.release_memory else []
+    for callback in (SeededLengthGroupedOrder(cfg.seed), TrainingSanity(cfg.learning_rate), *extra,
                      CompleteCheckpoints(run_dir, cfg.keep_checkpoints)):
         trainer.add_callback(callback)
     for callback in trainer.callback_handler.callbacks:

@@ -31,6 +31,7 @@ def test_full_run_leaves_model_records_metrics_and_predictions(tiny_bert, review
     metrics = train(recipe_for(tiny_bert, reviews_files, run_dir))
 
     assert set(metrics) >= {"before", "train", "after"} and "accuracy" in metrics["after"]
+    assert metrics["train"]["max_learning_rate"] > 0 and metrics["train"]["weights_changed"] is True  # not flagged
     assert json.loads((run_dir / "metrics.json").read_text())["after"] == metrics["after"]
 
     record = json.loads((run_dir / "run.json").read_text())

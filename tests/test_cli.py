@@ -85,9 +85,4 @@ def test_a_run_whose_learning_rate_stays_at_zero_is_flagged(tiny_bert, reviews_f
     assert "learning rate never rose above 0" in warnings and "No trainable weight changed" in warnings
     train = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]
     assert train["max_learning_rate"] == 0 and train["weights_changed"] is False
-    assert main(["train", "recipes/quickstart.yaml", f"model.name={tiny_bert}",
-                 f"data.train_file={reviews_files['train']}", "data.eval_file=null", "data.test_file=null",
-                 f"output.dir={tmp_path / 'run2'}", "training.max_steps=2", "training.eval_every=no",
-                 "training.save_every=no"]) == 0
-    train = json.loads((tmp_path / "run2" / "metrics.json").read_text())["train"]
-    assert train["max_learning_rate"] > 0 and train["weights_changed"] is True
+    # A run that does learn records the opposite: tests/test_classification.py::test_full_run_leaves_model_records...

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, write_reviews
 from test_classification import recipe_for
 
 from llmtune import load_recipe, train, validate
@@ -39,11 +39,23 @@ def test_distillation_loss_equals_the_hand_computed_value():
     assert distillation_loss(teacher, teacher, labels, 1.0, t).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_distill_run_learns_from_a_teacher_run_and_prunes_to_a_plain_checkpoint(tiny_bert, reviews_files, tmp_path):
+@pytest.fixture(scope="module")
+def reviews_files(tmp_path_factory) -> dict:
+    """conftest's files, written once for this module: the teacher trains on them."""
+    return write_reviews(tmp_path_factory.mktemp("reviews"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_bert, reviews_files, tmp_path_factory):
+    """One trained classifier run, the teacher of every test here (they only read it)."""
+    folder = tmp_path_factory.mktemp("distill") / "teacher"
+    train(recipe_for(tiny_bert, reviews_files, folder, "data.test_file=null"))
+    return folder
+
+
+def test_distill_run_learns_from_a_teacher_run_and_prunes_to_a_plain_checkpoint(tiny_bert, reviews_files, teacher, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    teacher = tmp_path / "teacher"
-    train(recipe_for(tiny_bert, reviews_files, teacher, "data.test_file=null"))
     student = tmp_path / "student"
     metrics = train(recipe_for(tiny_bert, reviews_files, student, "task=distill", f"distill.teacher={teacher}",
                                f"model.name={teacher}", "model.keep_layers=[1]", "distill.alpha=0.8"))
@@ -73,9 +85,7 @@ def test_distill_run_learns_from_a_teacher_run_and_prunes_to_a_plain_checkpoint(
     assert teacher_logits(again, rows, data, str(teacher))["teacher_logits"] == first["teacher_logits"]
 
 
-def test_distill_bad_input_is_refused_before_anything_is_written(tiny_bert, reviews_files, tmp_path):
-    teacher = tmp_path / "teacher"
-    train(recipe_for(tiny_bert, reviews_files, teacher, "data.test_file=null", "training.max_steps=1"))
+def test_distill_bad_input_is_refused_before_anything_is_written(tiny_bert, reviews_files, teacher, tmp_path):
     relabelled = tmp_path / "other.jsonl"
     relabelled.write_text(reviews_files["train"].read_text().replace('"positive"', '"good"').replace('"negative"', '"bad"'))
     never = tmp_path / "never"
@@ -101,9 +111,7 @@ def test_distill_bad_input_is_refused_before_anything_is_written(tiny_bert, revi
         recipe_for(tiny_bert, reviews_files, never, f"distill.teacher={teacher}")
 
 
-def test_a_transfer_file_adds_unlabelled_rows_the_teacher_alone_teaches(tiny_bert, reviews_files, tmp_path):
-    teacher = tmp_path / "teacher"
-    train(recipe_for(tiny_bert, reviews_files, teacher, "data.test_file=null", "training.max_steps=2"))
+def test_a_transfer_file_adds_unlabelled_rows_the_teacher_alone_teaches(tiny_bert, reviews_files, teacher, tmp_path):
     transfer = tmp_path / "transfer.jsonl"  # texts only; a label column would be ignored
     transfer.write_text("".join(json.dumps({"text": f"review number {i}: it was {w}"}) + "\n"
                                 for i, w in enumerate(["fine", "awful", "great", "poor"] * 5)))

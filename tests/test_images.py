@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, run_cli
+from conftest import REPO, SHARED_DATA
 from PIL import Image
 
 from llmtune import load_recipe, train, validate
+from llmtune.cli import main
 from llmtune.errors import LlmtuneError
 
 MNIST = SHARED_DATA / "mnist"
@@ -85,8 +86,6 @@ def test_cnn_learns_real_digits_and_predict_reads_image_files(mnist, tmp_path, c
     assert 0.1 < record["pixels"]["mean"][0] < 0.2  # measured on the digits: mostly black
     # Two digits as files: a 28 x 28 grayscale one and a 56 x 56 RGB copy of another (converted and resized).
     files = [digit_png(mnist, 4, tmp_path / "a.png"), digit_png(mnist, 9, tmp_path / "b.png", "RGB", 56)]
-    from llmtune.cli import main
-
     assert main(["predict", str(run_dir), "--image", str(files[0]), "--image", str(files[1])]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [line["image"] for line in lines] == [str(f) for f in files]
@@ -161,7 +160,7 @@ def test_augmentation_shifts_and_rotates_training_batches_only():
     assert torch.equal(plain, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
 
 
-def test_bad_image_sources_get_one_paragraph_errors_and_nothing_is_written(mnist, tmp_path):
+def test_bad_image_sources_get_one_paragraph_errors_and_nothing_is_written(mnist, tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "cats").mkdir(parents=True)
     (empty / "cats" / "notes.txt").write_text("no images here")
@@ -183,9 +182,10 @@ def test_bad_image_sources_get_one_paragraph_errors_and_nothing_is_written(mnist
     for extra, message in cases.values():
         with pytest.raises(LlmtuneError, match=message):
             validate(load_recipe(None, [*base, *extra]))
-    result = run_cli("train", "recipes/mnist_cnn_scratch.yaml", f"data.dataset={empty}",
-                     f"output.dir={tmp_path / 'never'}", cwd=REPO)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    code = main(["train", str(REPO / "recipes" / "mnist_cnn_scratch.yaml"), f"data.dataset={empty}",
+                 f"output.dir={tmp_path / 'never'}"])
+    error = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in error and str(empty) in error
     assert not (tmp_path / "never").exists()
 
 

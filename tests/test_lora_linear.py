@@ -125,6 +125,45 @@ def test_disabled_or_merged_adapters_give_the_base_or_merged_output(fused_calls)
     assert len(fused_calls) == 2  # only the adapter forward: two layers, one call each
 
 
+class ThreeReaders(torch.nn.Module):
+    """q, k and v of an attention block: three projections of one input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(24, 24) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+def test_projections_of_one_input_share_one_saved_bf16_copy_and_keep_pefts_gradients(fused_calls):
+    torch.manual_seed(0)
+    base, x = ThreeReaders(), torch.randn(2, 5, 24)
+    targets = dict(target_modules=["q", "k", "v"], init_lora_weights=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        reference = outputs_and_grads(get_peft_model(copy.deepcopy(base), LoraConfig(r=4, **targets)), x)
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, **targets)
+        use_lora_layer(config, torch.nn.Linear, FusedLoraLinear)
+        model = get_peft_model(copy.deepcopy(base), config)
+        got = outputs_and_grads(model, x)
+        saved_inputs = set()
+
+        def pack(tensor):
+            if tensor.shape == (10, 24) and torch.equal(tensor, x.reshape(10, 24).to(tensor.dtype)):
+                saved_inputs.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(x.clone().requires_grad_())
+    assert len(fused_calls) >= 3 and len(saved_inputs) == 1, "each projection saved its own bf16 copy of the input"
+    for g, want in zip(got, reference, strict=True):
+        torch.testing.assert_close(g.float(), want.float(), rtol=2e-2, atol=2e-2)
+    del got, reference, model
+    assert lora_linear._last_cast is None, "the shared copy outlived its input"
+
+
 def test_the_cast_copy_is_dropped_when_moved_merged_or_copied_and_never_made_in_inference_mode():
     model = adapted(TwoLinears(bias=True), fused=True)
     layer = model.base_model.model.up

@@ -3,6 +3,10 @@ where the CPU has it, length-grouped padded batches - each must give the numbers
 
 from __future__ import annotations
 
+import os
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -102,7 +106,18 @@ def test_padded_classification_batches_are_grouped_by_length(tmp_path):
     off = load_recipe({"task": "classification", "model": {"name": "minilm"}, "data": {"train_file": str(data)},
                        "output": {"dir": str(tmp_path / "run2")}}, ["data.validation_fraction=0",
                                                                    "training.group_by_length=false"])
-    assert build_trainer(off).args.train_sampling_strategy == "random"
+    trainer = build_trainer(off)
+    assert trainer.args.train_sampling_strategy == "random"
+    # The heap trim after each step is opt-in (training.release_memory): it is off here, on when asked.
+    from llmtune.callbacks import ReleaseFreedMemory
+
+    def trims(trainer) -> bool:
+        return any(isinstance(cb, ReleaseFreedMemory) for cb in trainer.callback_handler.callbacks)
+
+    assert not trims(trainer)
+    assert trims(build_trainer(load_recipe({"task": "classification", "model": {"name": "minilm"}, "data": {
+        "train_file": str(data)}, "output": {"dir": str(tmp_path / "run3")}}, ["data.validation_fraction=0",
+                                                                           "training.release_memory=true"])))
 
 
 @pytest.mark.slow  # the real SmolLM2
@@ -134,3 +149,40 @@ def test_real_smollm2_fast_path_loss_equals_padded_full_logits_loss(alpaca_files
     labels = padded["labels"][:, 1:].flatten()
     reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, ignore_index=-100).item()
     assert fast == pytest.approx(reference, abs=1e-4)
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_a_cpu_run_hands_freed_heap_memory_back_after_a_step_within_its_time_share():
+    from llmtune.callbacks import ReleaseFreedMemory
+
+    release = ReleaseFreedMemory()
+    if release._trim is None or not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs glibc's malloc_trim and Linux's /proc (this C library or OS has neither)")
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    release.on_train_begin(cpu, None, None)
+    # What a step leaves: many freed 1 MB tensors inside the heap, below one that is still alive.
+    torch.empty(8 * 2**20, dtype=torch.uint8).fill_(1)  # freed at once: glibc now keeps 1 MB blocks in its heap
+    blocks = [torch.empty(2**20, dtype=torch.uint8).fill_(1) for _ in range(300)]
+    kept = blocks.pop()
+    blocks.clear()
+    before = _resident_mb()
+    release.on_step_end(cpu, None, None)
+    assert before - _resident_mb() > 150, "the freed blocks stayed resident"
+    assert kept.sum() == 2**20
+    # The trim's cost sets how often it may run: right after one, the next step skips it.
+    calls = []
+    release._trim = lambda pad: calls.append(time.sleep(0.01))
+    release._since, release._cost = 0.0, 0.0
+    for _ in range(3):
+        release.on_step_end(cpu, None, None)
+    assert len(calls) == 1
+    release._since -= 1.0  # as if steps had run for 100 x the trim's time
+    release.on_step_end(cpu, None, None)
+    assert len(calls) == 2
+    gpu = ReleaseFreedMemory()
+    gpu.on_train_begin(SimpleNamespace(device=torch.device("cuda")), None, None)
+    assert gpu._trim is None

@@ -239,6 +239,13 @@ class TrainingConfig:
         "Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, ...) in place of the model's layers, for the decoders "
         "Liger supports. auto: on when training on CUDA with the liger-kernel package installed; on: required.",
     )
+    release_memory: bool = _field(
+        False,
+        "On a CPU (glibc), after optimizer steps hand the memory the heap holds free back to the OS (malloc_trim), "
+        "at most 3% of the time in the trim itself. Lowers the peak resident memory where batch shapes vary a lot "
+        "(SmolLM2 LoRA DPO: 3.94 rather than 4.31 GB), but the next step faults the pages back in: SFT LoRA ran "
+        "10% slower for 3% less memory. Off: glibc keeps freed memory for reuse.",
+    )
     group_by_length: bool = _field(
         True,
         "Padded batches: draw samples of similar length together (in shuffled groups), so little compute goes "
