@@ -139,8 +139,8 @@ class ReleaseFreedMemory(TrainerCallback):
     Tensors freed by a step stay with the allocator for later requests, but a run's batches differ in shape, and
     the holes one step leaves rarely fit the next step's tensors, so the resident set climbs step after step above
     what training holds. In llmtune's DPO LoRA worker on SmolLM2 (33 steps, 2-core EPYC with avx512_bf16) it rose
-    from 2.6 GB after the first step to 3.7 GB; trimming after every step kept the peak at 3.46 GB, for 0.9% more
-    time per step (a trim took 83 ms of a 3.5 s step), while trimming after every other step kept 3.66 GB. A trim
+    from 2.6 GB after the first step to 3.71 GB; trimming after every step kept the peak at 3.46 GB (a trim took
+    83 ms, 2.4% of a 3.5 s step), while trimming after every other step kept 3.66 GB. A trim
     takes time in proportion to the heap, so it runs only as often as keeps it under `SHARE` of the training time.
     The next step then faults the released pages back in, a cost the trim's own time does not show: SFT LoRA's
     short steps ran 10% slower for 3% less memory. So it is opt-in (`training.release_memory`), on in the DPO

@@ -160,7 +160,11 @@ def test_projections_of_one_input_share_one_saved_bf16_copy_and_keep_pefts_gradi
     assert len(fused_calls) >= 3 and len(saved_inputs) == 1, "each projection saved its own bf16 copy of the input"
     for g, want in zip(got, reference, strict=True):
         torch.testing.assert_close(g.float(), want.float(), rtol=2e-2, atol=2e-2)
-    del got, reference, model
+    with torch.inference_mode():
+        made_for_inference = torch.randn(2, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model(made_for_inference)  # a tensor without a version counter is cast, not shared
+    del got, reference, model, made_for_inference
     assert lora_linear._last_cast is None, "the shared copy outlived its input"
 
 

@@ -162,6 +162,8 @@ def test_a_cpu_run_hands_freed_heap_memory_back_after_a_step_within_its_time_sha
     release = ReleaseFreedMemory()
     if release._trim is None or not os.path.exists("/proc/self/statm"):
         pytest.skip("needs glibc's malloc_trim and Linux's /proc (this C library or OS has neither)")
+    if os.environ.get("LD_PRELOAD") or any(name.startswith("MALLOC_") for name in os.environ):
+        pytest.skip("another allocator is preloaded or glibc's malloc is tuned: the heap layout below does not hold")
     cpu = SimpleNamespace(device=torch.device("cpu"))
     release.on_train_begin(cpu, None, None)
     # What a step leaves: many freed 1 MB tensors inside the heap, below one that is still alive.
@@ -180,7 +182,7 @@ def test_a_cpu_run_hands_freed_heap_memory_back_after_a_step_within_its_time_sha
     for _ in range(3):
         release.on_step_end(cpu, None, None)
     assert len(calls) == 1
-    release._since -= 1.0  # as if steps had run for 100 x the trim's time
+    release._since -= 100.0  # as if steps had run for far longer than the trim
     release.on_step_end(cpu, None, None)
     assert len(calls) == 2
     gpu = ReleaseFreedMemory()

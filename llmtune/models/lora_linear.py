@@ -160,10 +160,11 @@ def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     their cast passes. Shared, a DPO step on a 4 x 363-token batch saves 1,351 rather than 1,495 MB for backward.
     Only for casts that autograd does not follow (inside `_LoraMatmul`, or with gradients off): a shared
     differentiable cast would sum its consumers' gradients in bf16 rather than float32. Never under inference mode
-    (a later training step could not save its copy) or while compiling. The copy lives as long as the input does."""
+    (a later training step could not save its copy) or while compiling. The copy lives as long as the input does;
+    like autocast's own weight cache, it does not see a write through `.data`, which keeps the version."""
     global _last_cast
     if (x.dtype == dtype or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling()
-            or torch.is_inference_mode_enabled()):
+            or torch.is_inference_mode_enabled() or x.is_inference()):  # inference tensors have no version
         return x.to(dtype)
     last = _last_cast
     if last is not None and last[0]() is x and last[1] == (x._version, dtype):
