@@ -84,8 +84,7 @@ class FusedLoraLinear(PeftLoraLinear):
         for a later backward pass). A weight changed in place (loading a checkpoint) or replaced has a new version
         or address and is cast again; moving the module, merging or unmerging drops the copy."""
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if (weight.device.type != "cpu" or torch.compiler.is_compiling()
-                or torch.is_inference_mode_enabled()):
+        if weight.device.type != "cpu" or not _copies_may_be_kept():
             return weight.to(dtype), None if bias is None else bias.to(dtype)
         key = (dtype, weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
         cached = self.__dict__.get("_cast_base")  # a plain attribute: not a parameter or buffer, never in a state dict
@@ -163,8 +162,8 @@ def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (a later training step could not save its copy) or while compiling. The copy lives as long as the input does;
     like autocast's own weight cache, it does not see a write through `.data`, which keeps the version."""
     global _last_cast
-    if (x.dtype == dtype or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling()
-            or torch.is_inference_mode_enabled() or x.is_inference()):  # inference tensors have no version
+    if (x.dtype == dtype or (torch.is_grad_enabled() and x.requires_grad) or not _copies_may_be_kept()
+            or x.is_inference()):  # inference tensors have no version
         return x.to(dtype)
     last = _last_cast
     if last is not None and last[0]() is x and last[1] == (x._version, dtype):
@@ -179,6 +178,12 @@ def _forget_cast(reference: weakref.ref) -> None:
     last = _last_cast
     if last is not None and last[0] is reference:
         _last_cast = None
+
+
+def _copies_may_be_kept() -> bool:
+    """Whether a cast copy may outlive the call that made it: not while compiling, nor under inference mode,
+    whose tensors a later training step could not save for its backward pass."""
+    return not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
 
 
 def _local(param: torch.Tensor) -> bool:
