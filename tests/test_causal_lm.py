@@ -239,8 +239,9 @@ def test_chat_command_answers_until_an_empty_line(tiny_llama, tmp_path):
 
 def test_scoring_only_labelled_positions_matches_trl_loss_gradient_and_accuracy(tiny_llama, tmp_path):
     """llmtune projects only labelled positions through the LM head off CUDA, with a frozen head in blocks whose
-    gradient is made in the forward pass (llmtune/models/head_loss.py); trl scores every position. Same loss (1e-5),
-    same LoRA gradients (1e-5 relative) and same token accuracy on a padding-free batch, for both of llmtune's ways."""
+    gradient is made in the forward pass (`head_cross_entropy`); trl scores every position. Same loss (1e-5), same
+    LoRA gradients (1e-5 relative) and same token accuracy for both of llmtune's ways, on a padding-free batch and
+    on a padded one of several rows (positions labelled in one row only are kept for all rows)."""
     data = write_jsonl(tmp_path / "chats.jsonl", chats(6))
     trainer = build_trainer(sft_recipe(tiny_llama, data, tmp_path, "method.type=lora", "training.batch_size=6"))
     assert trainer.labelled_logits_only and trainer.head_in_blocks
@@ -248,6 +249,20 @@ def test_scoring_only_labelled_positions_matches_trl_loss_gradient_and_accuracy(
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(6)]))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one row, no padding
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    assert_three_ways_agree(trainer, batch)
+    padded = build_trainer(sft_recipe(tiny_llama, data, tmp_path / "padded", "method.type=lora",
+                                      "training.batch_size=6", "lm.padding_free=false"))
+    batch = padded._prepare_inputs(padded.data_collator([padded.train_dataset[i] for i in range(6)]))
+    assert batch["input_ids"].shape[0] == 6 and (batch["attention_mask"] == 0).any()
+    assert_three_ways_agree(padded, batch)
+    # A trained head needs its own gradient, which the blocks do not make: full fine-tuning keeps the logits path.
+    full = build_trainer(sft_recipe(tiny_llama, data, tmp_path / "full", "method.type=full", "training.batch_size=6"))
+    assert full.labelled_logits_only and not full.head_in_blocks
+    full.compute_loss(full.model, dict(batch), num_items_in_batch=None).backward()
+    assert full.model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def assert_three_ways_agree(trainer, batch: dict) -> None:
     results = {}
     for way, labelled_only, in_blocks in (("blocks", True, True), ("labelled", True, False), ("trl", False, False)):
         trainer.labelled_logits_only, trainer.head_in_blocks = labelled_only, in_blocks
@@ -267,11 +282,6 @@ def test_scoring_only_labelled_positions_matches_trl_loss_gradient_and_accuracy(
             scale = grads_trl[name].abs().max().item() + 1e-12
             assert (grads_ours[name] - grads_trl[name]).abs().max().item() / scale < 1e-5, (way, name)
         assert acc_ours == pytest.approx(acc_trl, abs=1e-6), way
-    # A trained head needs its own gradient, which the blocks do not make: full fine-tuning keeps the logits path.
-    full = build_trainer(sft_recipe(tiny_llama, data, tmp_path / "full", "method.type=full", "training.batch_size=6"))
-    assert full.labelled_logits_only and not full.head_in_blocks
-    full.compute_loss(full.model, dict(batch), num_items_in_batch=None).backward()
-    assert full.model.get_output_embeddings().weight.grad.abs().sum() > 0
 
 
 def test_tokenized_cache_keys_change_with_every_setting_and_the_tokenizer(tiny_llama, tmp_path):

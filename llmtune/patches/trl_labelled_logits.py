@@ -59,21 +59,22 @@ class _HeadCrossEntropy(torch.autograd.Function):
             picked = target.clamp(min=0).unsqueeze(1)
             logits = (block.to(weight.dtype) @ weight.T).float()
             log_norm = logits.logsumexp(dim=1)
-            total += ((log_norm - logits.gather(1, picked).squeeze(1)) * scored).sum()
+            total += torch.where(scored, log_norm - logits.gather(1, picked).squeeze(1), 0).sum()
             hits += ((logits.argmax(dim=1) == target) & scored).sum()
             if grad is not None:
                 probs = logits.sub_(log_norm.unsqueeze(1)).exp_()  # softmax, in the logits' memory
                 probs.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=probs.dtype))
-                probs.mul_(scored.unsqueeze(1))
+                probs.masked_fill_(~scored.unsqueeze(1), 0)
                 grad[start:start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(hits)
         return total, hits
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_hits):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
+        return grad * grad_total, None, None, None
 
 
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
@@ -98,12 +99,13 @@ class LMTrainer(SFTTrainer):
         )
         self._token_hits: dict[str, list[torch.Tensor]] = {}
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        # Scoring in blocks (llmtune/models/head_loss.py) needs a frozen plain head whose output the model returns
-        # as is (no soft-capping or scaling after it), whole on this process.
+        # Scoring in blocks (`head_cross_entropy`) needs a frozen plain head whose output the model returns as is
+        # (no soft-capping or scaling after it), whole on this process, and no compiled model (dynamo would keep
+        # whichever head hooks it first saw).
         self.head_in_blocks = (
             self.labelled_logits_only and type(head) is torch.nn.Linear and head.bias is None
             and not head.weight.requires_grad and model.config.model_type in PLAIN_HEAD_MODEL_TYPES
-            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.torch_compile)
         )
         self._head = head
         self._head_cast: tuple | None = None
@@ -153,6 +155,9 @@ class LMTrainer(SFTTrainer):
             model(**forward, use_cache=False, logits_to_keep=keep)
         finally:
             handle.remove()
+        if not captured:
+            raise RuntimeError("The model did not call the output head it had when the trainer was built (was the "
+                               "model or its head replaced?); build the trainer again for the new model.")
         return captured[0]
 
     def _head_weight(self, dtype: torch.dtype) -> torch.Tensor:
