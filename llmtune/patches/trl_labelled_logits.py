@@ -129,10 +129,11 @@ class LMTrainer(SFTTrainer):
                 hit_count = ((logits.argmax(-1) == targets) & labelled).sum()
         # Like trl and Trainer: num_items_in_batch counts the labelled tokens of the whole optimizer step (all
         # accumulation micro-batches, all ranks), and DDP averages gradients across ranks.
-        loss = summed / (labelled.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        count = labelled.sum()
+        loss = summed / (count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        hits = torch.stack([hit_count, labelled.sum()])
+        hits = torch.stack([hit_count, count])
         mode = "train" if model.training else "eval"
         self._token_hits.setdefault(mode, []).append(self.accelerator.gather_for_metrics(hits.view(1, 2)).sum(0))
         return loss
