@@ -122,7 +122,8 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
         return metrics
     write_json(run_dir / METRICS_FILE, metrics)  # one writer, one report, one push
     trainer.save_state()  # trainer_state.json: the log history the report plots
-    report(run_dir)
+    if recipe.output.report:
+        report(run_dir)
     logger.info("Done.\n%s", summary_table(metrics, run_dir))
     if recipe.output.push_to_hub:
         from llmtune.hub.push import push

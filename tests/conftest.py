@@ -32,6 +32,8 @@ if "LLMTUNE_CACHE" not in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Runs whose tests do not look at the report skip drawing it (about 0.5 s a run); tests/test_observe.py checks it.
+NO_REPORT = "output.report=false"
 
 
 def pytest_addoption(parser):

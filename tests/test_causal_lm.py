@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import NO_REPORT, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -38,7 +38,7 @@ def chats(n: int) -> list[dict]:
 
 def sft_recipe(model: str, train_file, tmp_path, *extra: str):
     return load_recipe({"task": "sft", "model": {"name": model}, "data": {"train_file": str(train_file)},
-                        "output": {"dir": str(tmp_path / "run")}}, ["training.max_steps=1", *extra])
+                        "output": {"dir": str(tmp_path / "run"), "report": False}}, ["training.max_steps=1", *extra])
 
 
 def test_only_assistant_turns_are_trained_in_a_multi_turn_chat(tiny_llama):
@@ -142,7 +142,7 @@ def test_sft_run_saves_eos_equal_to_end_of_turn_and_generations(tiny_llama, alpa
     recipe = load_recipe("recipes/smollm2_alpaca_lora.yaml", [
         f"model.name={tiny_llama}", "data.dataset=null", f"data.train_file={alpaca_files['train']}",
         f"data.eval_file={alpaca_files['eval']}", "data.eval_split=null", "data.validation_fraction=0", "data.max_length=128",
-        "training.max_steps=2", "lm.max_new_tokens=4", "lm.packing=true", f"output.dir={tmp_path / 'run'}",
+        "training.max_steps=2", "lm.max_new_tokens=4", "lm.packing=true", f"output.dir={tmp_path / 'run'}", NO_REPORT,
     ])
     metrics = train(recipe)
     run_dir = tmp_path / "run"
@@ -177,7 +177,7 @@ def test_base_tokenizer_without_template_or_pad_gets_chatml_and_a_pad(tmp_path, 
     tokenizer.save_pretrained(base)
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
     recipe = load_recipe({"task": "sft", "model": {"name": str(base)}, "data": {"train_file": str(data), "max_length": 512},
-                          "output": {"dir": str(tmp_path / "run")}}, ["training.max_steps=1"])
+                          "output": {"dir": str(tmp_path / "run"), "report": False}}, ["training.max_steps=1"])
     with caplog.at_level("INFO"):
         train(recipe)
     assert "no pad token" in caplog.text and "no chat template; using ChatML" in caplog.text
@@ -260,6 +260,36 @@ def test_scoring_only_labelled_positions_matches_trl_loss_gradient_and_accuracy(
     assert full.labelled_logits_only and not full.head_in_blocks
     full.compute_loss(full.model, dict(batch), num_items_in_batch=None).backward()
     assert full.model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_scoring_in_blocks_casts_the_frozen_head_once_not_every_step(tiny_llama, tmp_path):
+    """Under bf16 autocast the head weight (vocabulary x hidden) is cast to bf16 once and reused: the model's own
+    head call is skipped, since autocast would cast the whole weight again in every step even for zero positions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(4))
+    trainer = build_trainer(sft_recipe(tiny_llama, data, tmp_path, "method.type=lora", "training.batch_size=4"))
+    assert trainer.head_in_blocks
+    head = trainer.model.get_output_embeddings()
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    casts = []
+
+    class CountHeadCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == head.weight.shape:
+                casts.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    losses = []
+    with CountHeadCasts():
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=None)
+            loss.backward()
+            losses.append(loss.item())
+    assert casts == [torch.float32], casts  # the one cached cast, in the first step
+    assert losses[0] == losses[1] == losses[2] and losses[0] > 0
+    assert "forward" not in head.__dict__  # the head's own forward is back
 
 
 def assert_three_ways_agree(trainer, batch: dict) -> None:

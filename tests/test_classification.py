@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NO_REPORT
 from transformers import AutoModelForSequenceClassification
 
 from llmtune import build_trainer, load_recipe, train
@@ -20,6 +21,7 @@ def recipe_for(tiny_bert: str, files: dict[str, Path], run_dir: Path, *extra: st
         f"data.eval_file={files['eval']}",
         f"data.test_file={files['test']}",
         f"output.dir={run_dir}",
+        NO_REPORT,
         "training.epochs=2",
         "training.learning_rate=1e-3",
         *extra,
@@ -47,6 +49,7 @@ def test_full_run_leaves_model_records_metrics_and_predictions(tiny_bert, review
     assert all(p["label"] in ("negative", "positive") for p in predictions)
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
     assert "test" in metrics  # the test file has labels, so it is scored too
+    assert not (run_dir / "report.html").exists() and not (run_dir / "plots").exists()  # output.report=false
 
 
 def test_lora_run_saves_adapter_with_head_and_cli_predict_eval_agree(tiny_bert, reviews_files, tmp_path, capsys):
@@ -110,7 +113,7 @@ def test_sentence_pairs_and_integer_labels_and_validation_fraction(tiny_bert, tm
         "data": {"train_file": str(data), "text_column": "premise", "text_pair_column": "hypothesis",
                  "validation_fraction": 0.25},
         "training": {"max_steps": 3},
-        "output": {"dir": str(tmp_path / "pairs-run")},
+        "output": {"dir": str(tmp_path / "pairs-run"), "report": False},
     })
     metrics = train(recipe)
     assert metrics["after"]["accuracy"] in {i / 15 for i in range(16)}  # scored on all 15 held-out pairs
@@ -147,7 +150,7 @@ def test_dataset_folder_with_named_splits_and_a_wrong_split_name(tiny_bert, revi
         "validation": load_dataset("json", data_files=str(reviews_files["eval"]), split="train"),
     }).save_to_disk(str(folder))
     base = [f"model.name={tiny_bert}", "data.train_file=null", f"data.dataset={folder}", "data.eval_file=null",
-            "data.test_file=null", f"output.dir={tmp_path / 'run'}", "training.max_steps=2"]
+            "data.test_file=null", f"output.dir={tmp_path / 'run'}", "training.max_steps=2", NO_REPORT]
     metrics = train(load_recipe("recipes/quickstart.yaml", [*base, "data.eval_split=validation"]))
     assert "accuracy" in metrics["after"]
     with pytest.raises(LlmtuneError, match=r"'data.eval_split' is 'valid'.*Did you mean \"validation\".*train, validation"):

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import NO_REPORT, REPO
 
 import llmtune
 from llmtune.cli import main
@@ -79,7 +79,7 @@ def test_a_run_whose_learning_rate_stays_at_zero_is_flagged(tiny_bert, reviews_f
     """One step with warm-up: the learning rate is 0 for that step, so nothing is trained - say so."""
     assert main(["train", "recipes/quickstart.yaml", f"model.name={tiny_bert}",
                  f"data.train_file={reviews_files['train']}", "data.eval_file=null", "data.test_file=null",
-                 f"output.dir={tmp_path / 'run'}", "training.max_steps=1", "training.warmup=0.5",
+                 f"output.dir={tmp_path / 'run'}", NO_REPORT, "training.max_steps=1", "training.warmup=0.5",
                  "training.eval_every=no", "training.save_every=no"]) == 0
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "learning rate never rose above 0" in warnings and "No trainable weight changed" in warnings

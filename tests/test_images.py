@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA
+from conftest import NO_REPORT, REPO, SHARED_DATA
 from PIL import Image
 
 from llmtune import load_recipe, train, validate
@@ -72,12 +72,13 @@ def test_scratch_models_round_trip_through_save_pretrained_with_identical_logits
     assert torch.equal(model(pixel_values=pixels).logits, loaded(pixel_values=pixels).logits)
 
 
+@pytest.mark.slow  # trains on 1,000 real digits to an accuracy floor (3 s)
 def test_cnn_learns_real_digits_and_predict_reads_image_files(mnist, tmp_path, capsys):
     """A few seconds on 1,000 real digits: far above chance, and the CLI predicts PNG files of any size and mode."""
     run_dir = tmp_path / "cnn"
     metrics = train(load_recipe(REPO / "recipes" / "mnist_cnn_scratch.yaml", [
         f"data.dataset={MNIST}", "data.max_train_samples=1000", "data.max_eval_samples=300", "training.epochs=4",
-        "training.save_every=no", f"output.dir={run_dir}"]))
+        "training.save_every=no", f"output.dir={run_dir}", NO_REPORT]))
     assert metrics["after"]["accuracy"] > 0.85 > metrics["before"]["accuracy"] + 0.5
     details = metrics["eval_details"]
     assert np.array(details["confusion_matrix"]).sum() == 300 and details["labels"] == [str(d) for d in range(10)]
@@ -104,7 +105,7 @@ def test_image_folder_with_a_corrupt_file_and_mixed_modes_trains_and_counts_the_
     run_dir = tmp_path / "run"
     train(load_recipe(REPO / "recipes" / "mnist_mlp_scratch.yaml", [
         f"data.dataset={folder}", "data.holdout_every=null", "data.validation_fraction=0.25", "training.epochs=2",
-        "training.save_every=no", f"output.dir={run_dir}"]))
+        "training.save_every=no", f"output.dir={run_dir}", NO_REPORT]))
     record = json.loads((run_dir / "run.json").read_text())
     assert record["labels"] == ["d0", "d1"]  # imagefolder's class names
     assert sum(record["skipped_images"].values()) == 1 and sum(record["data_sizes"].values()) == 24
@@ -140,7 +141,7 @@ def test_parquet_rows_with_image_bytes_and_relative_paths(mnist, tmp_path):
         "data": {"train_file": str(tmp_path / "train.parquet"), "eval_file": str(tmp_path / "eval.jsonl"),
                  "label_column": "digit"},
         "image": {"column": "picture"}, "training": {"epochs": 1, "save_every": "no"},
-        "output": {"dir": str(tmp_path / "run")}}))
+        "output": {"dir": str(tmp_path / "run"), "report": False}}))
     assert 0 <= metrics["after"]["accuracy"] <= 1
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["data_sizes"] == {"train": 40, "eval": 20} and not record["skipped_images"]
@@ -213,7 +214,7 @@ def test_pretrained_vision_checkpoint_full_and_lora_with_pruning(method, tiny_vi
         "task=image_classification", f"model.name={tiny_vit}", f"method.type={method}",
         *(["model.keep_layers=[1]"] if method == "full" else []),
         f"data.dataset={MNIST}", "data.holdout_every=5", "data.max_train_samples=64", "data.max_eval_samples=16",
-        "training.epochs=1", "training.batch_size=16", "training.save_every=no", f"output.dir={run_dir}"]))
+        "training.epochs=1", "training.batch_size=16", "training.save_every=no", f"output.dir={run_dir}", NO_REPORT]))
     record = json.loads((run_dir / "run.json").read_text())
     assert record["pixels"] == {"size": 28, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
     from llmtune.tasks.image_predict import ImageClassifier

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import NO_REPORT, write_jsonl
 
 from llmtune.cli import main
 
@@ -14,7 +14,7 @@ def sft(capsys, model: str, data, tmp_path, *extra: str, command: str = "validat
     """`llmtune validate` (or train) of an SFT recipe on this data: the data checks run the same either way."""
     code = main([command, "recipes/smollm2_alpaca_lora.yaml", f"model.name={model}", "data.dataset=null",
                  f"data.train_file={data}", "data.eval_split=null", "data.validation_fraction=0", "data.format=auto",
-                 "training.max_steps=1", f"output.dir={tmp_path / 'run'}", "lm.generation_prompts=[]", *extra])
+                 "training.max_steps=1", f"output.dir={tmp_path / 'run'}", "lm.generation_prompts=[]", NO_REPORT, *extra])
     lines = capsys.readouterr().err.strip().splitlines()
     return code, lines[-1] if lines else ""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NO_REPORT
 
 from llmtune import api
 from llmtune.config.loader import load_recipe
@@ -37,7 +38,7 @@ def recipe_for(task: str, model: str, data: Path, out: Path, *extra: str):
         f"task={task}", f"model.name={model}", f"data.train_file={data}", "data.holdout_every=5",
         "data.max_length=192", "pref.max_prompt_length=128", "method.type=lora", "training.max_steps=3",
         "training.batch_size=4", "training.eval_batch_size=6", "training.learning_rate=5e-3",
-        "training.eval_every=3", "training.precision=fp32", f"output.dir={out}", *extra,
+        "training.eval_every=3", "training.precision=fp32", f"output.dir={out}", NO_REPORT, *extra,
     ])
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import NO_REPORT, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from llmtune import build_trainer, load_recipe, train
@@ -23,7 +23,7 @@ def recipe_for(model: str, tmp_path, *overrides: str):
         "task=sft", f"model.name={model}", f"data.train_file={data}", "data.validation_fraction=0.25",
         "data.max_length=64", "method.type=lora", "training.max_steps=3", "training.batch_size=4",
         "training.eval_every=1", "training.save_every=no", "training.learning_rate=1e-2",
-        "eval.before_training=false", f"output.dir={tmp_path / 'run'}", *overrides,
+        "eval.before_training=false", f"output.dir={tmp_path / 'run'}", NO_REPORT, *overrides,
     ])
 
 

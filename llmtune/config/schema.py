@@ -219,7 +219,8 @@ class TrainingConfig:
         [], "Experiment trackers that receive every logged value, through transformers' integrations: tensorboard "
         "(event files in the run's tensorboard/ folder), trackio, wandb, mlflow, comet_ml, neptune, clearml, dvclive, "
         "swanlab, codecarbon. Each needs its package installed; online trackers follow their own settings (e.g. "
-        "WANDB_MODE=offline). Default: none (the run's report.html and trainer_state.json always exist).",
+        "WANDB_MODE=offline). Default: none (the run's trainer_state.json always exists, and report.html unless "
+        "output.report is false).",
     )
     keep_checkpoints: int = _field(2, "Checkpoints kept on disk (the best one is always kept).")
     metric_for_best: str | None = _field(
@@ -277,6 +278,11 @@ class OutputConfig:
         "What the run leaves: 'adapter' (LoRA/DoRA weights + head), 'merged' (adapter folded into a full-"
         "precision copy of the base; the adapter is kept in adapter/), 'full' (the whole model). auto: adapter "
         "for lora/dora, full for full fine-tuning.",
+    )
+    report: bool = _field(
+        True,
+        "Write report.html and plots/*.png when the run ends (matplotlib, about 0.05 s a plot). false: skip them, "
+        "e.g. for many short runs; `llmtune report RUN_DIR` draws them later from the run's saved history.",
     )
     push_to_hub: str | None = _field(
         None,
