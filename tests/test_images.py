@@ -73,8 +73,8 @@ def test_scratch_models_round_trip_through_save_pretrained_with_identical_logits
 
 
 @pytest.mark.slow  # trains on 1,000 real digits to an accuracy floor (3 s)
-def test_cnn_learns_real_digits_and_predict_reads_image_files(mnist, tmp_path, capsys):
-    """A few seconds on 1,000 real digits: far above chance, and the CLI predicts PNG files of any size and mode."""
+def test_cnn_learns_real_digits(mnist, tmp_path):
+    """A few seconds on 1,000 real digits: far above chance."""
     run_dir = tmp_path / "cnn"
     metrics = train(load_recipe(REPO / "recipes" / "mnist_cnn_scratch.yaml", [
         f"data.dataset={MNIST}", "data.max_train_samples=1000", "data.max_eval_samples=300", "training.epochs=4",
@@ -85,18 +85,6 @@ def test_cnn_learns_real_digits_and_predict_reads_image_files(mnist, tmp_path, c
     record = json.loads((run_dir / "run.json").read_text())
     assert record["pixels"]["size"] == 28 and record["pixels"]["channels"] == 1
     assert 0.1 < record["pixels"]["mean"][0] < 0.2  # measured on the digits: mostly black
-    # Two digits as files: a 28 x 28 grayscale one and a 56 x 56 RGB copy of another (converted and resized).
-    files = [digit_png(mnist, 4, tmp_path / "a.png"), digit_png(mnist, 9, tmp_path / "b.png", "RGB", 56)]
-    assert main(["predict", str(run_dir), "--image", str(files[0]), "--image", str(files[1])]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert [line["image"] for line in lines] == [str(f) for f in files]
-    assert all(abs(sum(line["probabilities"].values()) - 1) < 1e-3 for line in lines)
-    from llmtune.tasks.image_predict import ImageClassifier
-
-    classifier = ImageClassifier.load(run_dir)
-    expected = [classifier.labels[int(p.argmax())] for p in classifier.probabilities(
-        [np.array(mnist[4]["image"], dtype=np.uint8), np.array(Image.open(files[1]))])]
-    assert [line["label"] for line in lines] == expected
 
 
 def test_image_folder_with_a_corrupt_file_and_mixed_modes_trains_and_counts_the_skip(mnist, tmp_path, capsys):
@@ -121,6 +109,17 @@ def test_image_folder_with_a_corrupt_file_and_mixed_modes_trains_and_counts_the_
 
     assert main(["eval", str(run_dir), "--data", str(folder), "--metrics", "accuracy", "f1"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 24
+    # Predicting files of any size and mode: a 28 x 28 grayscale digit and a 56 x 56 RGB copy of another (converted
+    # and resized), one JSON line each, labelled as the library labels the same pixels.
+    files = [digit_png(mnist, 4, tmp_path / "a.png"), digit_png(mnist, 9, tmp_path / "b.png", "RGB", 56)]
+    assert main(["predict", str(run_dir), "--image", str(files[0]), "--image", str(files[1])]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["image"] for line in lines] == [str(f) for f in files]
+    assert all(abs(sum(line["probabilities"].values()) - 1) < 1e-3 for line in lines)
+    classifier = ImageClassifier.load(run_dir)
+    expected = [classifier.labels[int(p.argmax())] for p in classifier.probabilities(
+        [np.array(mnist[4]["image"], dtype=np.uint8), np.array(Image.open(files[1]))])]
+    assert [line["label"] for line in lines] == expected
 
 
 def test_parquet_rows_with_image_bytes_and_relative_paths(mnist, tmp_path):

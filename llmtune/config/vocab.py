@@ -39,7 +39,7 @@ REWARD_METRICS = ("loss", "accuracy", "margin")
 # Recipe keys that may differ when a run is resumed: they change what is logged, kept or published, not what
 # is trained. Any other difference is refused unless the user passes --force.
 RESUME_SAFE_KEYS = (
-    "output.dir", "output.overwrite", "output.push_to_hub", "output.hub_private", "output.license",
+    "output.dir", "output.overwrite", "output.report", "output.push_to_hub", "output.hub_private", "output.license",
     "training.log_every", "training.keep_checkpoints", "training.dataloader_workers", "training.eval_batch_size",
     "training.stop_grace_seconds", "eval.before_training", "lm.generation_prompts",
     "lm.max_new_tokens", "lm.perplexity_file", "lm.stride",

@@ -100,10 +100,12 @@ class LMTrainer(SFTTrainer):
         self._token_hits: dict[str, list[torch.Tensor]] = {}
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         # Scoring in blocks (`head_cross_entropy`) needs a frozen plain head whose output the model returns as is
-        # (no soft-capping or scaling after it), whole on this process, and no compiled model (dynamo would keep
-        # whichever head forward it first saw).
+        # (no soft-capping or scaling after it), whole on this process and run by nothing else (accelerate's device
+        # hooks, as with a device_map, would be skipped along with the head's forward), and no compiled model
+        # (dynamo would keep whichever head forward it first saw).
         self.head_in_blocks = (
             self.labelled_logits_only and type(head) is torch.nn.Linear and head.bias is None
+            and not hasattr(head, "_hf_hook")
             and not head.weight.requires_grad and model.config.model_type in PLAIN_HEAD_MODEL_TYPES
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.torch_compile)
         )
@@ -153,7 +155,7 @@ class LMTrainer(SFTTrainer):
             captured.append((hidden, torch.get_autocast_dtype(device) if autocast else head.weight.dtype))
             return hidden.new_empty(*hidden.shape[:-2], 0, head.out_features)
 
-        own_forward = head.__dict__.get("forward")  # e.g. accelerate's device hooks set one on the instance
+        own_forward = head.__dict__.get("forward")  # put back as found
         head.forward = defer
         try:
             model(**forward, use_cache=False, logits_to_keep=keep)
