@@ -56,3 +56,26 @@ def test_nothing_vocabulary_wide_is_kept_for_the_backward_pass_and_no_gradient_i
     with torch.no_grad():
         again, _ = head_cross_entropy(hidden, weight, targets)
     assert again.item() == pytest.approx(summed.item(), rel=1e-6) and not again.requires_grad
+
+
+def test_a_kept_workspace_gives_the_same_results_and_is_made_at_most_twice(monkeypatch):
+    """The trainer passes one workspace every step: its block buffers are reused (no fresh allocation, so no page
+    faults for them), grow once to a whole block when a step needs more, and never change a result."""
+    from llmtune.patches.trl_labelled_logits import HeadWorkspace
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(head_loss, "BLOCK_BYTES", 4 * 300 * 40)  # blocks of 40 positions of a 300-token vocabulary
+    weight = torch.randn(300, 16).to(torch.bfloat16)
+    workspace, made = HeadWorkspace(), []
+    for positions in (25, 25, 90, 30, 90):
+        hidden = torch.randn(positions, 16, requires_grad=True)
+        targets = torch.randint(0, 300, (positions,))
+        summed, hits = head_cross_entropy(hidden, weight, targets, workspace)
+        summed.backward()
+        fresh, fresh_hits = head_cross_entropy(hidden.detach().requires_grad_(), weight, targets)
+        assert summed.item() == fresh.item() and hits.item() == fresh_hits.item()
+        logits, compute = workspace.buffers(1, 40, weight)
+        if not made or made[-1] != (logits.data_ptr(), compute.data_ptr()):
+            made.append((logits.data_ptr(), compute.data_ptr()))
+        assert logits.dtype == torch.float32 and compute.dtype == torch.bfloat16
+    assert len(made) == 2 and len(logits) == 40  # sized to the first call (25 rows), then to a whole block
