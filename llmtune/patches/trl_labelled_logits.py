@@ -49,15 +49,17 @@ BLOCK_BYTES = 32 * 2**20
 
 class HeadWorkspace:
     """The block buffers of `head_cross_entropy`, kept from one step to the next: a float32 block of logits and,
-    for a bf16 / fp16 head, the matmul's block in that dtype. Made fresh for every block, each would be a new
-    mapping of the C allocator (they are above glibc's mmap threshold) and page-faulted in on first touch."""
+    for a head in a lower precision (bf16, fp16), the matmul's block in that dtype. Made fresh for every block, each
+    would be a new mapping of the C allocator (they are above glibc's mmap threshold), page-faulted in on first
+    touch."""
 
     def __init__(self) -> None:
         self._buffers: tuple | None = None
 
     def buffers(self, needed: int, block_rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Buffers of at least `needed` rows (at most `block_rows`) for blocks of `weight`'s logits. The first are
-        sized to the first call; once a call needs more, they grow to a whole block, so they are made twice at most."""
+        sized to the first call; once a call needs more, they grow to a whole block: made twice at most for one head
+        weight's vocabulary, dtype and device (another makes them again)."""
         key = (weight.shape[0], weight.dtype, weight.device)
         kept = self._buffers
         if kept is not None and kept[0] == key and len(kept[1]) >= needed:
