@@ -11,7 +11,7 @@
 # Measured on H200 leases (2026-11-26): call 1 holds the machine ~50 s (start included); a gpu_check check takes
 # 70-100 s (accelerate start, model load, 20 steps, two evaluations, saves, reload); a speed.py worker for SmolLM2
 # did not finish 100k tokens in 110 s. A 15-minute lease fits the two calls and about six checks, so run.sh runs
-# the checks only; run speed.py (--repeats 1 --budget-scale 0.25 --skip-preprocessing) on another lease.
+# the checks only; run speed.py (--repeats 1 --budget-scale 0.25 --min-seconds 0 --skip-preprocessing) on another lease.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -6,9 +6,10 @@ with its defaults, TRL tuned for speed, llmtune), QLoRA on SmolLM2 (plain Traine
 LoRA on SST-2 (plain Trainer, llmtune), a tiny GPT pretrained from scratch on Tiny Shakespeare (plain
 Trainer, llmtune) and SmolLM2 LoRA DPO on Anthropic HH pairs (trl's documented DPO script, llmtune). Every
 system trains in a fresh process until it has processed the same number of effective tokens (tokens attended
-to; padding excluded), sized so that every compared run times at least 60 s and 20 optimizer steps on a 2-core
-CPU; the compared systems run 3 interleaved rounds and report the median and the
-spread. Then one shared evaluator per workload scores every model on the same held-out data.
+to; padding excluded). The budget is the workload's, raised where a first-round run times under 60 s or 20
+optimizer steps (the rounds then start again), so every compared run lasts at least that. The compared systems
+run 3 interleaved rounds and report the median and the spread. Then one shared evaluator per workload scores
+every model on the same held-out data.
 
 Reported per run: effective tokens/s, step time, padding share, peak RSS (and peak GPU memory on CUDA),
 held-out loss, and MFU = 6 x N x tokens/s / the matmul peak of the run's precision, measured around each
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -36,13 +38,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from speed_workloads import ALPACA_5K, REPO, WORKLOADS, build, held_out, prepare, sft_preprocessing_seconds  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402 - after the offline switches
-from worker import peak_rss_mb, reset_peak_rss, run_in_fresh_process  # noqa: E402
+from speed_run import run_system, sync  # noqa: E402
+from speed_workloads import ALPACA_5K, REPO, WORKLOADS, prepare, sft_preprocessing_seconds  # noqa: E402
+from worker import run_in_fresh_process  # noqa: E402
 
 REFERENCE_BUDGET_SHARE = 0.05  # of the workload's budget, for the runs measured once (TRL defaults, bf16 emulated)
-MIN_TIMED_STEPS = 3  # a run trains at least this many steps after the (untimed) first, whatever its budget
-LONG_ENOUGH = (60.0, 20)  # seconds, timed steps: a compared run shorter than either is flagged in the table
+LONG_ENOUGH = (60.0, 20)  # seconds, timed steps: a first-round run shorter raises the budget; a later one is flagged
 ONCE = ("trl",)  # far too slow on a CPU to repeat; a reference, not a comparison target
 
 
@@ -51,7 +52,11 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS),
                         help="Measure these; the others keep their last results in speed.json and RESULTS.md.")
     parser.add_argument("--size", choices=["cpu", "gpu"], default="gpu" if _cuda() else "cpu")
-    parser.add_argument("--budget-scale", type=float, default=1.0, help="Multiply every token budget.")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="Multiply every token budget (one too short for this machine is raised anyway).")
+    parser.add_argument("--min-seconds", type=float, default=LONG_ENOUGH[0],
+                        help="Raise the budget until every first-round run times this long (and 20 steps); 0: never "
+                        "(a quick look on a short lease; its runs are flagged short).")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--with-compile", action="store_true", help="Also run llmtune with training.compile=true.")
     parser.add_argument("--repeats", type=int, default=3,
@@ -94,7 +99,7 @@ def main() -> int:
             budget = int(workload.token_budget[args.size] * args.budget_scale)
             # The shared machine's speed drifts; the peak is the best seen either side of the workload's runs.
             peak = matmul_peak()
-            results = measure(name, folder, budget, args)
+            results, budget = measure(name, folder, budget, args)
             end_peak = matmul_peak()
             peak = {key: max(peak[key], end_peak[key]) for key in peak}
             summarize(results, peak, workload.systems[0])
@@ -108,15 +113,17 @@ def main() -> int:
     return 0
 
 
-def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> list[dict]:
-    """Every system on one workload, each run in a fresh process. The compared systems run `repeats`
-    interleaved rounds (so a slow spell of the shared machine hits all of them alike) and report the median
-    round with the spread; TRL's defaults and the emulated-bf16 run are references, run once on a short budget."""
+def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> tuple[list[dict], int]:
+    """Every system on one workload, each run in a fresh process, and the token budget they ran with. The compared
+    systems run `repeats` interleaved rounds (so a slow spell of the shared machine hits all of them alike) and
+    report the median round with the spread; TRL's defaults and the emulated-bf16 run are references, run once on a
+    short budget. A first-round run shorter than LONG_ENOUGH raises the budget to fit it (`longer_budget`) and the
+    rounds start again, so every system still sees the same tokens; llmtune, usually the fastest, runs first."""
     workload = WORKLOADS[name]
     # Every compared system trains in the precision that is fastest on the machine (fp32 where bf16 is emulated,
     # bf16 on a GPU): a plain script's author would pick it too. TRL's defaults keep their own.
-    compared = [(system, "auto" if system != "trl" else "default")
-                for system in workload.systems if system not in ONCE]
+    compared = sorted([(system, "auto" if system != "trl" else "default")
+                       for system in workload.systems if system not in ONCE], key=lambda run: run[0] != "llmtune")
     once = [(system, "default") for system in workload.systems if system in ONCE]
     if args.bf16_run == "on" or (args.bf16_run == "auto" and _native_bf16()):
         once.append(("llmtune", "bf16"))
@@ -124,19 +131,35 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> l
         compared.append(("llmtune", "compile"))
     order = compared + once + compared * (args.repeats - 1)
     rounds: dict[str, list[dict]] = {}
-    for system, precision in order:
+    done = 0
+    while done < len(order):
+        system, precision = order[done]
         short = (system, precision) in once
         tokens = int(budget * REFERENCE_BUDGET_SHARE) if short else budget
         print(f"{name}: {system} ({precision}), {tokens} tokens ...", file=sys.stderr, flush=True)
         result = run_in_fresh_process([
             __file__, "--worker", name, "--work", str(folder), "--system", system, "--precision", precision,
             "--token-budget", str(tokens), "--batch-size", str(workload.batch_size[args.size])])
+        done += 1
         if result is None:
+            continue
+        if done <= len(compared) and args.min_seconds and (raised := longer_budget(budget, result, args.min_seconds)) > budget:
+            print(f"{name}: {system} timed {result['timed_seconds']:.0f} s, {result['steps'] - 1} steps: budget "
+                  f"raised to {raised} tokens; the rounds start again", file=sys.stderr, flush=True)
+            budget, rounds, done = raised, {}, 0
             continue
         label = {"bf16": "llmtune (bf16)", "compile": "llmtune (torch.compile)"}.get(precision, system)
         rounds.setdefault(label, []).append({**result, "reference_only": short})
     order_of_rows = [*workload.systems, "llmtune (bf16)", "llmtune (torch.compile)"]
-    return [median_round(label, rounds[label]) for label in order_of_rows if label in rounds]
+    return [median_round(label, rounds[label]) for label in order_of_rows if label in rounds], budget
+
+
+def longer_budget(budget: int, result: dict, seconds: float) -> int:
+    """The budget unchanged if the run timed at least `seconds` and LONG_ENOUGH's steps, else one that makes it 15%
+    longer than that at the speed it ran (the first step, untimed, counts towards the budget but not the time)."""
+    steps = LONG_ENOUGH[1]
+    stretch = max(seconds / result["timed_seconds"], steps / max(result["steps"] - 1, 1))
+    return budget if stretch <= 1 else math.ceil(budget * stretch * 1.15)
 
 
 def median_round(label: str, runs: list[dict]) -> dict:
@@ -214,8 +237,9 @@ def render(report: dict) -> str:
              "Reproduce: `python benchmarks/speed.py` (every workload; `--workloads NAME ...` re-measures some and "
              "keeps the rest; writes this file and `benchmarks/results/speed.json`).", "",
              f"Every compared system runs {report['repeats']} interleaved rounds, each in a fresh process, and the "
-             "median round is reported with the spread of the rounds, (max - min) / median; a compared run is flagged "
-             f"short if it timed under {LONG_ENOUGH[0]:.0f} s or {LONG_ENOUGH[1]} optimizer steps. TRL's defaults and "
+             "median round is reported with the spread of the rounds, (max - min) / median. A first-round run that timed "
+             f"under {LONG_ENOUGH[0]:.0f} s or {LONG_ENOUGH[1]} optimizer steps raises the workload's token budget and "
+             "the rounds start again; a later run that short (the machine sped up) is flagged short. TRL's defaults and "
              "the bf16 run (by default only where bf16 is native) are references, run once on a short budget. "
              "Effective tokens are tokens the model attends to (padding excluded). Held-out loss is computed by one "
              "evaluator per workload, the same for every system, after the same number of effective tokens. "
@@ -271,10 +295,10 @@ def matmul_peak(size: int = 2048, repeats: int = 3) -> dict[str, float]:
         for op in (torch.matmul, torch.nn.functional.linear):
             op(a, b)
             for _ in range(repeats):
-                _sync()
+                sync()
                 start = time.perf_counter()
                 op(a, b)
-                _sync()
+                sync()
                 best = min(best, time.perf_counter() - start)
         peak[name] = round(2 * size**3 / best / 1e9, 1)
     return peak
@@ -290,104 +314,6 @@ def _native_bf16() -> bool:
     from llmtune.precision import cpu_has_native_bf16
 
     return _cuda() or cpu_has_native_bf16()
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-# --- one system on one workload, in its own process ----------------------------------------------------------
-
-
-class TokenCounter:
-    """Wraps a data collator: counts the attended (non-padding) tokens and all token slots of every batch."""
-
-    def __init__(self, collator):
-        self.collator, self.effective, self.slots = collator, 0, 0
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        mask = batch.get("attention_mask")
-        self.slots += batch["input_ids"].numel()
-        self.effective += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return batch
-
-
-class Budget(TrainerCallback):
-    """Stops training once the counted effective tokens reach the budget; times the steps after the first."""
-
-    def __init__(self, counter: TokenCounter, budget: int):
-        self.counter, self.budget, self.ends, self.tokens_at = counter, budget, [], []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        _sync()
-        self.ends.append(time.perf_counter())
-        self.tokens_at.append(self.counter.effective)
-        if self.counter.effective >= self.budget and len(self.ends) > MIN_TIMED_STEPS:
-            control.should_training_stop = True
-        return control
-
-
-def run_system(args: argparse.Namespace) -> dict:
-    import torch
-
-    from llmtune import load_recipe
-
-    workload, work = args.worker, Path(args.work)
-    recipe = load_recipe(REPO / "recipes" / WORKLOADS[workload].recipe)
-    args.learning_rate, args.batch_size = recipe.training.learning_rate, int(args.batch_size)
-    args.compile = args.precision == "compile"
-    args.precision = {"default": "fp32", "compile": "auto"}.get(args.precision, args.precision)
-    if args.precision == "auto" and args.system != "llmtune":  # the precision llmtune would pick on this machine
-        from llmtune.precision import resolved_precision
-
-        args.precision = resolved_precision("auto")
-    trainer = build(workload, args.system, args, work)
-    counter = TokenCounter(trainer.data_collator)
-    trainer.data_collator = counter
-    budget = Budget(counter, int(args.token_budget))
-    trainer.add_callback(budget)
-    reset_peak_rss()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    steps = len(budget.ends) - 1
-    seconds = budget.ends[-1] - budget.ends[0]
-    tokens = budget.tokens_at[-1] - budget.tokens_at[0]
-    result = {
-        "tokens_per_s": tokens / seconds,
-        "seconds_per_step": seconds / max(steps, 1),
-        "timed_seconds": seconds,
-        "steps": steps + 1,
-        "effective_tokens": counter.effective,
-        "padding_share": 1 - counter.effective / max(counter.slots, 1),
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "parameters": matmul_parameters(trainer.model),
-        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
-        "activation_checkpointing": bool(trainer.args.gradient_checkpointing),
-    }
-    max_length = recipe.data.max_length
-    return {**result, **held_out(workload, trainer.model, trainer.processing_class, work, max_length,
-                                 recipe.pref.beta)}
-
-
-def matmul_parameters(model) -> int:
-    """N of 6 x N x tokens: the weights that multiply every token - all but embedding lookups (an output head
-    tied to the input embedding does multiply, so it counts). 4-bit weights counted unpacked."""
-    import torch
-
-    from llmtune.models.adapters import unpacked_numel
-
-    lookups = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    count = sum(unpacked_numel(p) for p in model.parameters() if id(p) not in lookups)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and id(head.weight) in lookups:
-        count += head.weight.numel()
-    return count
 
 
 if __name__ == "__main__":

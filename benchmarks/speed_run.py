@@ -1,0 +1,114 @@
+"""One system on one speed-benchmark workload, in its own process (`speed.py --worker`): build its Trainer, count
+the effective tokens its collator hands out, stop at the token budget, and time the steps after the first."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from speed_workloads import REPO, WORKLOADS, build, held_out  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402 - after the offline switches
+from worker import peak_rss_mb, reset_peak_rss  # noqa: E402
+
+MIN_TIMED_STEPS = 3  # a run trains at least this many steps after the (untimed) first, whatever its budget
+
+
+class TokenCounter:
+    """Wraps a data collator: counts the attended (non-padding) tokens and all token slots of every batch."""
+
+    def __init__(self, collator):
+        self.collator, self.effective, self.slots = collator, 0, 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask")
+        self.slots += batch["input_ids"].numel()
+        self.effective += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return batch
+
+
+class Budget(TrainerCallback):
+    """Stops training once the counted effective tokens reach the budget; times the steps after the first."""
+
+    def __init__(self, counter: TokenCounter, budget: int):
+        self.counter, self.budget, self.ends, self.tokens_at = counter, budget, [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync()
+        self.ends.append(time.perf_counter())
+        self.tokens_at.append(self.counter.effective)
+        if self.counter.effective >= self.budget and len(self.ends) > MIN_TIMED_STEPS:
+            control.should_training_stop = True
+        return control
+
+
+def run_system(args: argparse.Namespace) -> dict:
+    import torch
+
+    from llmtune import load_recipe
+
+    workload, work = args.worker, Path(args.work)
+    recipe = load_recipe(REPO / "recipes" / WORKLOADS[workload].recipe)
+    args.learning_rate, args.batch_size = recipe.training.learning_rate, int(args.batch_size)
+    args.compile = args.precision == "compile"
+    args.precision = {"default": "fp32", "compile": "auto"}.get(args.precision, args.precision)
+    if args.precision == "auto" and args.system != "llmtune":  # the precision llmtune would pick on this machine
+        from llmtune.precision import resolved_precision
+
+        args.precision = resolved_precision("auto")
+    trainer = build(workload, args.system, args, work)
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    budget = Budget(counter, int(args.token_budget))
+    trainer.add_callback(budget)
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    steps = len(budget.ends) - 1
+    seconds = budget.ends[-1] - budget.ends[0]
+    tokens = budget.tokens_at[-1] - budget.tokens_at[0]
+    result = {
+        "tokens_per_s": tokens / seconds,
+        "seconds_per_step": seconds / max(steps, 1),
+        "timed_seconds": seconds,
+        "steps": steps + 1,
+        "effective_tokens": counter.effective,
+        "padding_share": 1 - counter.effective / max(counter.slots, 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "parameters": matmul_parameters(trainer.model),
+        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+        "activation_checkpointing": bool(trainer.args.gradient_checkpointing),
+    }
+    max_length = recipe.data.max_length
+    return {**result, **held_out(workload, trainer.model, trainer.processing_class, work, max_length,
+                                 recipe.pref.beta)}
+
+
+def matmul_parameters(model) -> int:
+    """N of 6 x N x tokens: the weights that multiply every token - all but embedding lookups (an output head
+    tied to the input embedding does multiply, so it counts). 4-bit weights counted unpacked."""
+    import torch
+
+    from llmtune.models.adapters import unpacked_numel
+
+    lookups = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    count = sum(unpacked_numel(p) for p in model.parameters() if id(p) not in lookups)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in lookups:
+        count += head.weight.numel()
+    return count
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so a clock read after it counts it."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
