@@ -7,7 +7,7 @@ LoRA on SST-2 (plain Trainer, llmtune), a tiny GPT pretrained from scratch on Ti
 Trainer, llmtune) and SmolLM2 LoRA DPO on Anthropic HH pairs (trl's documented DPO script, llmtune). Every
 system trains in a fresh process until it has processed the same number of effective tokens (tokens attended
 to; padding excluded). The budget is the workload's, raised where a first-round run times under 60 s or 20
-optimizer steps (the rounds then start again), so every compared run lasts at least that. The compared systems
+optimizer steps (the rounds then start again); a system with any round still that short is flagged. The compared systems
 run 3 interleaved rounds and report the median and the spread. Then one shared evaluator per workload scores
 every model on the same held-out data.
 
@@ -42,8 +42,9 @@ from speed_run import run_system, sync  # noqa: E402
 from speed_workloads import ALPACA_5K, REPO, WORKLOADS, prepare, sft_preprocessing_seconds  # noqa: E402
 from worker import run_in_fresh_process  # noqa: E402
 
-REFERENCE_BUDGET_SHARE = 0.05  # of the workload's budget, for the runs measured once (TRL defaults, bf16 emulated)
-LONG_ENOUGH = (60.0, 20)  # seconds, timed steps: a first-round run shorter raises the budget; a later one is flagged
+REFERENCE_BUDGET_SHARE = 0.05  # of the workload's budget, for the runs measured once (TRL defaults, llmtune in bf16)
+LONG_ENOUGH = (60.0, 20)  # seconds, timed steps: a first-round run shorter raises the budget; any shorter round is flagged
+MAX_RESTARTS = 3  # budget raises per workload; a machine whose speed swings more than that gets flagged runs
 ONCE = ("trl",)  # far too slow on a CPU to repeat; a reference, not a comparison target
 
 
@@ -53,10 +54,10 @@ def main() -> int:
                         help="Measure these; the others keep their last results in speed.json and RESULTS.md.")
     parser.add_argument("--size", choices=["cpu", "gpu"], default="gpu" if _cuda() else "cpu")
     parser.add_argument("--budget-scale", type=float, default=1.0,
-                        help="Multiply every token budget (one too short for this machine is raised anyway).")
+                        help="Multiply every token budget (one too short for this machine is raised, unless --min-seconds 0).")
     parser.add_argument("--min-seconds", type=float, default=LONG_ENOUGH[0],
-                        help="Raise the budget until every first-round run times this long (and 20 steps); 0: never "
-                        "(a quick look on a short lease; its runs are flagged short).")
+                        help="Raise the budget until every first-round run times this long (and 20 steps); 0: never, "
+                        "for a quick look on a short lease. Rounds under 60 s or 20 steps are flagged short either way.")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--with-compile", action="store_true", help="Also run llmtune with training.compile=true.")
     parser.add_argument("--repeats", type=int, default=3,
@@ -116,22 +117,24 @@ def main() -> int:
 def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> tuple[list[dict], int]:
     """Every system on one workload, each run in a fresh process, and the token budget they ran with. The compared
     systems run `repeats` interleaved rounds (so a slow spell of the shared machine hits all of them alike) and
-    report the median round with the spread; TRL's defaults and the emulated-bf16 run are references, run once on a
-    short budget. A first-round run shorter than LONG_ENOUGH raises the budget to fit it (`longer_budget`) and the
-    rounds start again, so every system still sees the same tokens; llmtune, usually the fastest, runs first."""
+    report the median round with the spread; TRL's defaults and the bf16 run are references, run once on a short
+    budget. A first-round run shorter than `--min-seconds` or LONG_ENOUGH's steps raises the budget
+    (`longer_budget`) and the rounds start again, so every system still sees the same tokens; llmtune, usually the
+    fastest, runs first."""
     workload = WORKLOADS[name]
     # Every compared system trains in the precision that is fastest on the machine (fp32 where bf16 is emulated,
     # bf16 on a GPU): a plain script's author would pick it too. TRL's defaults keep their own.
-    compared = sorted([(system, "auto" if system != "trl" else "default")
-                       for system in workload.systems if system not in ONCE], key=lambda run: run[0] != "llmtune")
+    compared = [(system, "auto" if system != "trl" else "default")
+                for system in workload.systems if system not in ONCE]
+    if args.with_compile:
+        compared.append(("llmtune", "compile"))
+    compared.sort(key=lambda run: run[0] != "llmtune")  # stable: llmtune, its compiled run, then the rest
     once = [(system, "default") for system in workload.systems if system in ONCE]
     if args.bf16_run == "on" or (args.bf16_run == "auto" and _native_bf16()):
         once.append(("llmtune", "bf16"))
-    if args.with_compile:
-        compared.append(("llmtune", "compile"))
     order = compared + once + compared * (args.repeats - 1)
     rounds: dict[str, list[dict]] = {}
-    done = 0
+    done = restarts = 0
     while done < len(order):
         system, precision = order[done]
         short = (system, precision) in once
@@ -143,10 +146,14 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> t
         done += 1
         if result is None:
             continue
-        if done <= len(compared) and args.min_seconds and (raised := longer_budget(budget, result, args.min_seconds)) > budget:
+        raised = longer_budget(budget, result, args.min_seconds) if done <= len(compared) else budget
+        if raised > budget and result["effective_tokens"] < budget:  # training ran out of data, not of budget
+            print(f"{name}: {system} used all its data in {result['timed_seconds']:.0f} s; a larger budget would "
+                  "not make it longer (raise --train-samples)", file=sys.stderr, flush=True)
+        elif raised > budget and restarts < MAX_RESTARTS:
             print(f"{name}: {system} timed {result['timed_seconds']:.0f} s, {result['steps'] - 1} steps: budget "
                   f"raised to {raised} tokens; the rounds start again", file=sys.stderr, flush=True)
-            budget, rounds, done = raised, {}, 0
+            budget, rounds, done, restarts = raised, {}, 0, restarts + 1
             continue
         label = {"bf16": "llmtune (bf16)", "compile": "llmtune (torch.compile)"}.get(precision, system)
         rounds.setdefault(label, []).append({**result, "reference_only": short})
@@ -155,21 +162,25 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> t
 
 
 def longer_budget(budget: int, result: dict, seconds: float) -> int:
-    """The budget unchanged if the run timed at least `seconds` and LONG_ENOUGH's steps, else one that makes it 15%
-    longer than that at the speed it ran (the first step, untimed, counts towards the budget but not the time)."""
-    steps = LONG_ENOUGH[1]
-    stretch = max(seconds / result["timed_seconds"], steps / max(result["steps"] - 1, 1))
-    return budget if stretch <= 1 else math.ceil(budget * stretch * 1.15)
+    """The budget unchanged if the run timed at least `seconds` (0: any time) and LONG_ENOUGH's steps, else one
+    that makes it 15% longer than that at the speed it ran. Scaled from the tokens the run took, which a run held
+    to MIN_TIMED_STEPS can take beyond its budget; the first step, untimed, counts towards them but not the time."""
+    if not seconds:
+        return budget
+    stretch = max(seconds / result["timed_seconds"], LONG_ENOUGH[1] / max(result["steps"] - 1, 1))
+    return budget if stretch <= 1 else math.ceil(max(budget, result["effective_tokens"]) * stretch * 1.15)
 
 
 def median_round(label: str, runs: list[dict]) -> dict:
-    """The round with the median tokens/s (the lower middle of an even count), with every round's speed and the
-    spread (max - min) / median."""
+    """The round with the median tokens/s (the lower middle of an even count), with every round's speed, the
+    spread (max - min) / median, and the shortest round's time and steps (what `render_workload` flags)."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
     middle = ordered[(len(ordered) - 1) // 2]
     speeds = [round(r["tokens_per_s"], 1) for r in runs]
     return {"system": label, **middle, "tokens_per_s_rounds": speeds,
-            "spread": (max(speeds) - min(speeds)) / middle["tokens_per_s"]}
+            "spread": (max(speeds) - min(speeds)) / middle["tokens_per_s"],
+            "shortest_round": {"timed_seconds": min(r["timed_seconds"] for r in runs),
+                               "steps": min(r["steps"] for r in runs)}}
 
 
 def preprocessing(work: Path) -> dict[str, dict[str, float | None]]:
@@ -220,7 +231,7 @@ def render_workload(name: str, block: dict) -> str:
         timed = f"{r['timed_seconds']:.0f} s, {r['steps'] - 1} steps"
         if r.get("reference_only"):
             timed += " (reference, once)"
-        elif r["timed_seconds"] < LONG_ENOUGH[0] or r["steps"] - 1 < LONG_ENOUGH[1]:
+        elif _short(r.get("shortest_round", r)):  # results written before rounds were checked: the median only
             timed += " (short)"
         ratios = (f"{r['speed_vs_baseline']:.2f}x |" if r["speed_vs_baseline"] else "- |") + (
             f" {r['speed_vs_trl_tuned']:.2f}x |" if tuned else "")
@@ -231,6 +242,10 @@ def render_workload(name: str, block: dict) -> str:
     return "\n".join(lines)
 
 
+def _short(run: dict) -> bool:
+    return run["timed_seconds"] < LONG_ENOUGH[0] or run["steps"] - 1 < LONG_ENOUGH[1]
+
+
 def render(report: dict) -> str:
     prep = report.get("preprocessing_alpaca5k_s", {})
     lines = ["# Speed benchmark results", "",
@@ -238,8 +253,9 @@ def render(report: dict) -> str:
              "keeps the rest; writes this file and `benchmarks/results/speed.json`).", "",
              f"Every compared system runs {report['repeats']} interleaved rounds, each in a fresh process, and the "
              "median round is reported with the spread of the rounds, (max - min) / median. A first-round run that timed "
-             f"under {LONG_ENOUGH[0]:.0f} s or {LONG_ENOUGH[1]} optimizer steps raises the workload's token budget and "
-             "the rounds start again; a later run that short (the machine sped up) is flagged short. TRL's defaults and "
+             f"under `--min-seconds` ({LONG_ENOUGH[0]:.0f} s by default; 0 turns this off) or {LONG_ENOUGH[1]} "
+             "optimizer steps raises the workload's token budget and the rounds start again; a system with any round "
+             f"under {LONG_ENOUGH[0]:.0f} s or {LONG_ENOUGH[1]} steps is flagged short. TRL's defaults and "
              "the bf16 run (by default only where bf16 is native) are references, run once on a short budget. "
              "Effective tokens are tokens the model attends to (padding excluded). Held-out loss is computed by one "
              "evaluator per workload, the same for every system, after the same number of effective tokens. "
