@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtune.patches import trl_labelled_logits as head_loss
+from llmtune.patches.onednn_packed_linear import FrozenLinear
 from llmtune.patches.trl_labelled_logits import IGNORE, head_cross_entropy
 
 
@@ -32,7 +33,7 @@ def test_blocks_give_the_loss_gradient_and_hits_of_the_whole_logits(dtype, monke
         likely = (hidden.to(dtype) @ weight.to(dtype).T).float().argmax(-1)
     targets[1::2] = torch.where(targets[1::2] == IGNORE, IGNORE, likely[1::2])
 
-    summed, hits = head_cross_entropy(hidden, weight.to(dtype), targets)
+    summed, hits = head_cross_entropy(hidden, FrozenLinear(weight.to(dtype)), targets)
     (summed / 7).backward()
     grad, hidden.grad = hidden.grad, None
     want, want_hits = reference(hidden, weight, targets, dtype)
@@ -47,7 +48,7 @@ def test_blocks_give_the_loss_gradient_and_hits_of_the_whole_logits(dtype, monke
 
 def test_nothing_vocabulary_wide_is_kept_for_the_backward_pass_and_no_gradient_is_made_without_one():
     torch.manual_seed(0)
-    weight, targets = torch.randn(4000, 16), torch.randint(0, 4000, (50,))
+    weight, targets = FrozenLinear(torch.randn(4000, 16)), torch.randint(0, 4000, (50,))
     hidden = torch.randn(50, 16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
@@ -65,7 +66,7 @@ def test_a_kept_workspace_gives_the_same_results_and_is_made_at_most_twice(monke
 
     torch.manual_seed(0)
     monkeypatch.setattr(head_loss, "BLOCK_BYTES", 4 * 300 * 40)  # blocks of 40 positions of a 300-token vocabulary
-    weight = torch.randn(300, 16).to(torch.bfloat16)
+    weight = FrozenLinear(torch.randn(300, 16).to(torch.bfloat16))
     workspace, made = HeadWorkspace(), []
     for positions in (25, 25, 90, 30, 90):
         hidden = torch.randn(positions, 16, requires_grad=True)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from llmtune import build_trainer, load_recipe
 from llmtune.models import lora_linear
 from llmtune.models.lora_linear import FusedLoraLinear
+from llmtune.patches import onednn_packed_linear
 from llmtune.patches.peft_custom_module import use_lora_layer
 
 
@@ -85,9 +86,9 @@ def test_frozen_weights_are_cast_for_autocast_once_and_again_after_they_change(f
     x = torch.randn(2, 5, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = model(x)
-        cast = layer._frozen_base_in(torch.bfloat16)[0]
+        cast = layer._frozen_base_in(torch.bfloat16)
         second = model(x)
-        assert layer._frozen_base_in(torch.bfloat16)[0] is cast, "cast again although the weight had not changed"
+        assert layer._frozen_base_in(torch.bfloat16) is cast, "cast again although the weight had not changed"
         torch.testing.assert_close(second, first, rtol=0, atol=0)
         with torch.no_grad():  # as loading a checkpoint into the model does
             layer.base_layer.weight.mul_(2)
@@ -201,6 +202,32 @@ def test_disabled_adapters_under_autocast_give_the_base_output_autocast_gives():
         want = base(x)
     assert got.dtype == torch.bfloat16 and "_cast_base" in vars(model.base_model.model.up)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not onednn_packed_linear.packs(torch.bfloat16), reason="no packed bf16 weights here (this "
+                    "CPU's oneDNN has no bf16, or torch lacks the ops): the plain matmuls are tested above")
+def test_training_under_bf16_autocast_uses_packed_weights_and_keeps_the_plain_paths_results(fused_calls):
+    base, x = TwoLinears(bias=True), torch.randn(2, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = outputs_and_grads(model := adapted(base, fused=True), x)
+        assert model.base_model.model.up._frozen_base_in(torch.bfloat16).packed
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(onednn_packed_linear, "packs", lambda dtype: False)
+            plain = outputs_and_grads(adapted(base, fused=True), x)
+    for got, want in zip(packed, plain, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_disabled_adapters_with_an_input_that_needs_gradients_still_pass_them_back():
+    """Packed matmuls have no autograd: a base-alone pass whose input needs gradients goes through peft."""
+    base = TwoLinears(bias=True)
+    model = adapted(base, fused=True)
+    x = torch.randn(3, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16), model.disable_adapter():
+        got, want = x.clone().requires_grad_(), x.clone().requires_grad_()
+        model(got).float().sum().backward()
+        base(want).float().sum().backward()
+    torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
 
 
 def test_weights_not_whole_on_this_process_take_peft_path(fused_calls):

@@ -263,3 +263,22 @@ def test_fsdp2_gate_matches_whether_torch_gathers_a_tied_head_group_the_fused_he
         assert trains == (not fused_head_breaks_fsdp2()), done.stderr[-2000:]
     else:
         assert trains, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="oneDNN has no bf16 on this CPU (no AVX-512 and no AMX): llmtune never packs weights here")
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_still_has_onednn_packed_linear_giving_the_plain_matmuls_results(bias):
+    """patches/onednn_packed_linear.py. Where oneDNN runs bf16, torch's packed-weight ops must exist and give the
+    plain matmuls' results bit for bit, forward and input gradient, for a contiguous or a strided input."""
+    from llmtune.patches.onednn_packed_linear import FrozenLinear, packs
+
+    assert packs(torch.bfloat16) and not packs(torch.float32)
+    torch.manual_seed(0)
+    weight, x, grad = torch.randn(40, 24).bfloat16(), torch.randn(7, 24).bfloat16(), torch.randn(7, 40).bfloat16()
+    bias_ = torch.randn(40).bfloat16() if bias else None
+    packed, plain = FrozenLinear(weight, bias_), FrozenLinear(weight, bias_, packed=False)
+    assert packed.packed and packed.weight.is_mkldnn
+    assert torch.equal(packed.forward(x), plain.forward(x))
+    assert torch.equal(packed.forward(x.T.contiguous().T), plain.forward(x))
+    assert torch.equal(packed.input_grad(grad), plain.input_grad(grad))

@@ -19,33 +19,34 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch.distributed.tensor import DTensor
 
+from llmtune.patches.onednn_packed_linear import FrozenLinear
+
 
 class _LoraMatmul(torch.autograd.Function):
-    """out = x W^T + bias + s (x A^T) B^T with frozen W/bias; gradients for x, A and B."""
+    """out = x W^T + bias + s (x A^T) B^T with frozen W/bias (`base`); gradients for x, A and B."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        ctx.input_dtype = x.dtype
-        rows = _cast_once(x, weight.dtype).reshape(-1, x.shape[-1])
+    def forward(ctx, x, base, lora_a, lora_b, scaling):
+        ctx.input_dtype, ctx.base, ctx.scaling = x.dtype, base, scaling
+        rows = _cast_once(x, base.dtype).reshape(-1, x.shape[-1])
         hidden = rows @ lora_a.T
-        out = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
+        out = base.forward(rows)
         out.addmm_(hidden, lora_b.T, alpha=scaling)
-        ctx.save_for_backward(rows, weight, lora_a, lora_b, hidden)
-        ctx.scaling = scaling
-        return out.view(*x.shape[:-1], weight.shape[0])
+        ctx.save_for_backward(rows, lora_a, lora_b, hidden)
+        return out.view(*x.shape[:-1], base.out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, weight, lora_a, lora_b, hidden = ctx.saved_tensors
+        rows, lora_a, lora_b, hidden = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_hidden = (grad @ lora_b).mul_(ctx.scaling)
         grad_b = (grad.T @ hidden).mul_(ctx.scaling)
         grad_a = grad_hidden.T @ rows
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(grad @ weight, grad_hidden, lora_a).view(*grad_out.shape[:-1], -1)
+            grad_x = ctx.base.input_grad(grad).addmm_(grad_hidden, lora_a).view(*grad_out.shape[:-1], -1)
             grad_x = grad_x.to(ctx.input_dtype)  # what the backward of a cast outside would do
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, grad_a, grad_b, None
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -55,11 +56,10 @@ class FusedLoraLinear(PeftLoraLinear):
         if self._base_alone_under_autocast(x, args, kwargs):  # e.g. DPO's reference: the policy, adapters off
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):
-                return torch.nn.functional.linear(_cast_once(x, dtype), *self._frozen_base_in(dtype))
+                return self._frozen_base_in(dtype).forward(_cast_once(x, dtype))
         adapter = self._fusable_adapter(x, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
         lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         device = x.device.type
         if torch.is_autocast_enabled(device):
@@ -67,30 +67,34 @@ class FusedLoraLinear(PeftLoraLinear):
             # the float32 adapter weights still receive their gradients. The input is cast inside (shared).
             dtype = torch.get_autocast_dtype(device)
             lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
-            weight, bias = self._frozen_base_in(dtype)
+            base = self._frozen_base_in(dtype)
             with torch.autocast(device, enabled=False):
-                return _LoraMatmul.apply(x, weight, bias, lora_a, lora_b, self.scaling[adapter])
-        return _LoraMatmul.apply(x, weight, bias, lora_a, lora_b, self.scaling[adapter])
+                return _LoraMatmul.apply(x, base, lora_a, lora_b, self.scaling[adapter])
+        base = FrozenLinear(self.base_layer.weight, self.base_layer.bias, packed=False)
+        return _LoraMatmul.apply(x, base, lora_a, lora_b, self.scaling[adapter])
 
-    def _frozen_base_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The frozen base weight and bias cast to the autocast dtype; on a CPU cast once and kept until they change.
+    def _frozen_base_in(self, dtype: torch.dtype) -> FrozenLinear:
+        """The frozen base weight and bias in the autocast dtype; on a CPU cast once, packed for oneDNN where it
+        can be (patches/onednn_packed_linear.py), and kept until they change.
 
         Autocast would cast them again in every forward pass, a read and write of every frozen weight per step.
-        Without activation checkpointing the copy is the very tensor autocast would have made and saved for the
+        Without activation checkpointing a plain copy is the very tensor autocast would have made and saved for the
         backward pass, so it adds nothing at the step's peak: on a CPU with native bf16 (an interleaved A/B of
         llmtune's SFT LoRA worker) peak RSS was 2.57 vs 2.84 GB with it, and a short DPO run's 2.75-2.93 vs
-        3.10-3.17 GB. With checkpointing it is extra, half the size of the frozen float32 weights. Only on a CPU,
-        where it was measured, and never while compiling or under inference mode (its tensors could not be saved
-        for a later backward pass). A weight changed in place (loading a checkpoint) or replaced has a new version
-        or address and is cast again; moving the module, merging or unmerging drops the copy."""
+        3.10-3.17 GB. The packed pair is one bf16 copy more, and bought 5-7% of an SFT LoRA step for 0.11-0.28 GB
+        of peak RSS (SmolLM2-135M, 3 interleaved pairs of `speed.py`'s worker). With checkpointing the copies are
+        extra. Only on a CPU, where it was measured, and never while compiling or under inference mode (its tensors
+        could not be saved for a later backward pass). A weight changed in place (loading a checkpoint) or replaced
+        has a new version or address and is cast again; moving the module, merging or unmerging drops the copy."""
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if weight.device.type != "cpu" or not _copies_may_be_kept():
-            return weight.to(dtype), None if bias is None else bias.to(dtype)
+            return FrozenLinear(weight.to(dtype), None if bias is None else bias.to(dtype), packed=False)
         key = (dtype, weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
         cached = self.__dict__.get("_cast_base")  # a plain attribute: not a parameter or buffer, never in a state dict
         if cached is None or cached[0] != key:
+            self.__dict__.pop("_cast_base", None)  # the old copies go before the new ones are made
             cast = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-            cached = self.__dict__["_cast_base"] = (key, cast)
+            cached = self.__dict__["_cast_base"] = (key, FrozenLinear(*cast))
         return cached[1]
 
     def _drop_cast(self) -> None:
@@ -114,9 +118,11 @@ class FusedLoraLinear(PeftLoraLinear):
         return state
 
     def _base_alone_under_autocast(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-        """Whether peft would run the frozen base layer alone (adapters disabled), under autocast."""
+        """Whether peft would run the frozen base layer alone (adapters disabled), under autocast, for an input that
+        needs no gradient (the packed matmuls have no autograd; such a rare pass goes through peft)."""
         return (self.disable_adapters and not self.merged and not args and not kwargs
-                and torch.is_autocast_enabled(x.device.type) and self._frozen_whole_linear_base())
+                and torch.is_autocast_enabled(x.device.type) and self._frozen_whole_linear_base()
+                and not (torch.is_grad_enabled() and x.requires_grad))
 
     def _frozen_whole_linear_base(self) -> bool:
         """Whether the base layer is a plain nn.Linear, frozen, and whole on this process."""

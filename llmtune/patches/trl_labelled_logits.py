@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
+from llmtune.patches.onednn_packed_linear import FrozenLinear
 from llmtune.patches.trl_compact_lm_head import fused_head_breaks_fsdp2
 
 IGNORE = -100
@@ -56,18 +57,18 @@ class HeadWorkspace:
     def __init__(self) -> None:
         self._buffers: tuple | None = None
 
-    def buffers(self, needed: int, block_rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Buffers of at least `needed` rows (at most `block_rows`) for blocks of `weight`'s logits. The first are
+    def buffers(self, needed: int, block_rows: int, head: FrozenLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Buffers of at least `needed` rows (at most `block_rows`) for blocks of `head`'s logits. The first are
         sized to the first call; once a call needs more, they grow to a whole block: made twice at most for one head
         weight's vocabulary, dtype and device (another makes them again)."""
-        key = (weight.shape[0], weight.dtype, weight.device)
+        key = (head.out_features, head.dtype, head.device)
         kept = self._buffers
         if kept is not None and kept[0] == key and len(kept[1]) >= needed:
             return kept[1], kept[2]
         rows = needed if kept is None or kept[0] != key else block_rows
         self._buffers = None  # the old buffers go before the new ones are made
-        logits = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=weight.device)
-        compute = None if weight.dtype == torch.float32 else torch.empty_like(logits, dtype=weight.dtype)
+        logits = torch.empty(rows, head.out_features, dtype=torch.float32, device=head.device)
+        compute = None if head.dtype == torch.float32 else torch.empty_like(logits, dtype=head.dtype)
         self._buffers = (key, logits, compute)
         return logits, compute
 
@@ -76,9 +77,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """(summed cross entropy, hits) of `hidden @ weight^T` against `targets`; gradient for `hidden` only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, want_grad, workspace):
-        rows = max(1, BLOCK_BYTES // (4 * weight.shape[0]))
-        logits_buffer, compute_buffer = workspace.buffers(min(rows, hidden.shape[0]), rows, weight)
+    def forward(ctx, hidden, head, targets, want_grad, workspace):
+        rows = max(1, BLOCK_BYTES // (4 * head.out_features))
+        logits_buffer, compute_buffer = workspace.buffers(min(rows, hidden.shape[0]), rows, head)
         grad = torch.empty_like(hidden) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         hits = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -88,9 +89,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
             picked = target.clamp(min=0).unsqueeze(1)
             logits = logits_buffer[:len(block)]
             if compute_buffer is None:
-                torch.mm(block.to(weight.dtype), weight.T, out=logits)
+                head.forward(block.to(head.dtype), out=logits)
             else:  # the compute dtype's product, then float32 (what autocast's `.float()` would give)
-                logits.copy_(torch.mm(block.to(weight.dtype), weight.T, out=compute_buffer[:len(block)]))
+                logits.copy_(head.forward(block.to(head.dtype), out=compute_buffer[:len(block)]))
             picked_logit = logits.gather(1, picked).squeeze(1)
             best, guess = logits.max(dim=1)
             hits += ((guess == target) & scored).sum()
@@ -104,7 +105,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     probs.masked_fill_(~scored.unsqueeze(1), 0)
                 if compute_buffer is not None:
                     probs = compute_buffer[:len(block)].copy_(probs)
-                grad[start:start + rows] = probs @ weight
+                grad[start:start + rows] = head.input_grad(probs)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(hits)
         return total, hits
@@ -116,13 +117,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad * grad_total, None, None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def head_cross_entropy(hidden: torch.Tensor, head: FrozenLinear, targets: torch.Tensor,
                        workspace: HeadWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summed cross entropy of the head `weight` (vocabulary x hidden, frozen, already in the compute dtype)
-    over `hidden` (positions x hidden) against `targets` (positions; -100 = not scored), and the number of scored
+    """The summed cross entropy of the frozen `head` (vocabulary x hidden, in the compute dtype, no bias) over
+    `hidden` (positions x hidden) against `targets` (positions; -100 = not scored), and the number of scored
     positions whose most likely token is the target. Pass the same `workspace` in every step to reuse its buffers."""
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _HeadCrossEntropy.apply(hidden, weight.detach(), targets, want_grad, workspace or HeadWorkspace())
+    return _HeadCrossEntropy.apply(hidden, head, targets, want_grad, workspace or HeadWorkspace())
 
 
 # Causal LMs whose forward returns the head's output unchanged (Gemma 2 soft-caps it, Granite scales it).
@@ -162,7 +163,7 @@ class LMTrainer(SFTTrainer):
         labelled = targets != IGNORE
         if self.head_in_blocks:
             hidden, dtype = self._head_inputs(model, forward, keep)
-            summed, hit_count = head_cross_entropy(hidden.flatten(0, 1), self._head_weight(dtype), targets.flatten(),
+            summed, hit_count = head_cross_entropy(hidden.flatten(0, 1), self._frozen_head(dtype), targets.flatten(),
                                                    self._head_workspace)
         else:
             logits = model(**forward, use_cache=False, logits_to_keep=keep).logits
@@ -210,14 +211,14 @@ class LMTrainer(SFTTrainer):
                                "model or its head replaced?); build the trainer again for the new model.")
         return captured[0]
 
-    def _head_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The frozen head weight in `dtype`, cast once and again only if it changes (autocast would cast it in
-        every step: a read and a write of 28M values on SmolLM2)."""
+    def _frozen_head(self, dtype: torch.dtype) -> FrozenLinear:
+        """The frozen head weight in `dtype`, cast once (and packed for oneDNN where it can be) and again only if it
+        changes (autocast would cast it in every step: a read and a write of 28M values on SmolLM2)."""
         weight = self._head.weight
         key = (dtype, weight.device, weight.data_ptr(), weight._version)
         if self._head_cast is None or self._head_cast[0] != key:
             self._head_cast = None  # the old copy goes before the new one is made
-            self._head_cast = (key, weight.detach().to(dtype))
+            self._head_cast = (key, FrozenLinear(weight.detach().to(dtype)))
         return self._head_cast[1]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
