@@ -33,7 +33,7 @@ def test_blocks_give_the_loss_gradient_and_hits_of_the_whole_logits(dtype, monke
         likely = (hidden.to(dtype) @ weight.to(dtype).T).float().argmax(-1)
     targets[1::2] = torch.where(targets[1::2] == IGNORE, IGNORE, likely[1::2])
 
-    summed, hits = head_cross_entropy(hidden, FrozenLinear(weight.to(dtype)), targets)
+    summed, hits = head_cross_entropy(hidden, FrozenLinear.cast(weight, None, dtype), targets)  # packed where it can be
     (summed / 7).backward()
     grad, hidden.grad = hidden.grad, None
     want, want_hits = reference(hidden, weight, targets, dtype)
@@ -66,7 +66,7 @@ def test_a_kept_workspace_gives_the_same_results_and_is_made_at_most_twice(monke
 
     torch.manual_seed(0)
     monkeypatch.setattr(head_loss, "BLOCK_BYTES", 4 * 300 * 40)  # blocks of 40 positions of a 300-token vocabulary
-    weight = FrozenLinear(torch.randn(300, 16).to(torch.bfloat16))
+    weight = FrozenLinear.cast(torch.randn(300, 16), None, torch.bfloat16)
     workspace, made = HeadWorkspace(), []
     for positions in (25, 25, 90, 30, 90):
         hidden = torch.randn(positions, 16, requires_grad=True)

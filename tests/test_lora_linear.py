@@ -210,12 +210,28 @@ def test_training_under_bf16_autocast_uses_packed_weights_and_keeps_the_plain_pa
     base, x = TwoLinears(bias=True), torch.randn(2, 5, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         packed = outputs_and_grads(model := adapted(base, fused=True), x)
-        assert model.base_model.model.up._frozen_base_in(torch.bfloat16).packed
+        assert fused_calls and vars(model.base_model.model.up)["_cast_base"][1].packed
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(onednn_packed_linear, "packs", lambda dtype: False)
-            plain = outputs_and_grads(adapted(base, fused=True), x)
+            plain = outputs_and_grads(model := adapted(base, fused=True), x)
+            assert not vars(model.base_model.model.up)["_cast_base"][1].packed
     for got, want in zip(packed, plain, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("packs", [True, False], ids=["packed", "plain"])
+def test_disabled_adapters_under_autocast_take_batches_of_any_shape(packs, monkeypatch):
+    """DPO's reference pass hands the layer (batch x positions x features), packed or not (a GPU, a CPU without
+    bf16 in oneDNN)."""
+    if not packs:
+        monkeypatch.setattr(onednn_packed_linear, "packs", lambda dtype: False)
+    base, x = TwoLinears(bias=True), torch.randn(2, 5, 24)
+    model = adapted(base, fused=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with model.disable_adapter():
+            got = model(x)
+        want = base(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_disabled_adapters_with_an_input_that_needs_gradients_still_pass_them_back():

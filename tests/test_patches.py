@@ -275,10 +275,15 @@ def test_torch_still_has_onednn_packed_linear_giving_the_plain_matmuls_results(b
 
     assert packs(torch.bfloat16) and not packs(torch.float32)
     torch.manual_seed(0)
-    weight, x, grad = torch.randn(40, 24).bfloat16(), torch.randn(7, 24).bfloat16(), torch.randn(7, 40).bfloat16()
-    bias_ = torch.randn(40).bfloat16() if bias else None
-    packed, plain = FrozenLinear(weight, bias_), FrozenLinear(weight, bias_, packed=False)
-    assert packed.packed and packed.weight.is_mkldnn
-    assert torch.equal(packed.forward(x), plain.forward(x))
-    assert torch.equal(packed.forward(x.T.contiguous().T), plain.forward(x))
-    assert torch.equal(packed.input_grad(grad), plain.input_grad(grad))
+    for rows, width, features in ((7, 24, 40), (500, 1536, 576)):  # a toy and a SmolLM2 down projection
+        weight = torch.randn(features, width).bfloat16()
+        x, grad = torch.randn(rows, width).bfloat16(), torch.randn(rows, features).bfloat16()
+        bias_ = torch.randn(features).bfloat16() if bias else None
+        packed, plain = FrozenLinear.cast(weight.float(), bias_, torch.bfloat16), FrozenLinear(weight, bias_)
+        assert packed.packed and packed.weight.is_mkldnn and not plain.packed
+        assert torch.equal(packed.forward(x), plain.forward(x))
+        assert torch.equal(packed.forward(x.T.contiguous().T), plain.forward(x))
+        assert torch.equal(packed.input_grad(grad), plain.input_grad(grad))
+    assert not FrozenLinear.cast(weight, bias_, torch.bfloat16).packed  # already bf16: the cast is free, no pair
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not packs(torch.bfloat16)

@@ -23,30 +23,35 @@ from llmtune.patches.onednn_packed_linear import FrozenLinear
 
 
 class _LoraMatmul(torch.autograd.Function):
-    """out = x W^T + bias + s (x A^T) B^T with frozen W/bias (`base`); gradients for x, A and B."""
+    """out = x W^T + bias + s (x A^T) B^T with frozen W/bias; gradients for x, A and B. `packed`: W and bias packed
+    for oneDNN (kept by the module), or None to use `weight` and `bias` as they are."""
 
     @staticmethod
-    def forward(ctx, x, base, lora_a, lora_b, scaling):
-        ctx.input_dtype, ctx.base, ctx.scaling = x.dtype, base, scaling
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, packed):
+        base = packed if packed is not None else FrozenLinear(weight, bias, packed=False)
+        ctx.input_dtype, ctx.scaling, ctx.packed = x.dtype, scaling, packed
         rows = _cast_once(x, base.dtype).reshape(-1, x.shape[-1])
         hidden = rows @ lora_a.T
         out = base.forward(rows)
         out.addmm_(hidden, lora_b.T, alpha=scaling)
-        ctx.save_for_backward(rows, lora_a, lora_b, hidden)
+        # a plain weight is saved like any tensor (checkpointing drops it, autograd checks its version)
+        ctx.save_for_backward(rows, lora_a, lora_b, hidden, None if packed is not None else weight)
         return out.view(*x.shape[:-1], base.out_features)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the packed matmuls have no autograd of their own
     def backward(ctx, grad_out):
-        rows, lora_a, lora_b, hidden = ctx.saved_tensors
+        rows, lora_a, lora_b, hidden, weight = ctx.saved_tensors
+        base = ctx.packed if ctx.packed is not None else FrozenLinear(weight, packed=False)
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_hidden = (grad @ lora_b).mul_(ctx.scaling)
         grad_b = (grad.T @ hidden).mul_(ctx.scaling)
         grad_a = grad_hidden.T @ rows
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.base.input_grad(grad).addmm_(grad_hidden, lora_a).view(*grad_out.shape[:-1], -1)
+            grad_x = base.input_grad(grad).addmm_(grad_hidden, lora_a).view(*grad_out.shape[:-1], -1)
             grad_x = grad_x.to(ctx.input_dtype)  # what the backward of a cast outside would do
-        return grad_x, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -69,9 +74,10 @@ class FusedLoraLinear(PeftLoraLinear):
             lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
             base = self._frozen_base_in(dtype)
             with torch.autocast(device, enabled=False):
-                return _LoraMatmul.apply(x, base, lora_a, lora_b, self.scaling[adapter])
-        base = FrozenLinear(self.base_layer.weight, self.base_layer.bias, packed=False)
-        return _LoraMatmul.apply(x, base, lora_a, lora_b, self.scaling[adapter])
+                return _LoraMatmul.apply(x, base.weight, base.bias, lora_a, lora_b, self.scaling[adapter],
+                                         base if base.packed else None)
+        return _LoraMatmul.apply(x, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, self.scaling[adapter],
+                                 None)
 
     def _frozen_base_in(self, dtype: torch.dtype) -> FrozenLinear:
         """The frozen base weight and bias in the autocast dtype; on a CPU cast once, packed for oneDNN where it
@@ -81,10 +87,11 @@ class FusedLoraLinear(PeftLoraLinear):
         Without activation checkpointing a plain copy is the very tensor autocast would have made and saved for the
         backward pass, so it adds nothing at the step's peak: on a CPU with native bf16 (an interleaved A/B of
         llmtune's SFT LoRA worker) peak RSS was 2.57 vs 2.84 GB with it, and a short DPO run's 2.75-2.93 vs
-        3.10-3.17 GB. The packed pair is one bf16 copy more, and bought 5-7% of an SFT LoRA step for 0.11-0.28 GB
-        of peak RSS (SmolLM2-135M, 3 interleaved pairs of `speed.py`'s worker). With checkpointing the copies are
-        extra. Only on a CPU, where it was measured, and never while compiling or under inference mode (its tensors
-        could not be saved for a later backward pass). A weight changed in place (loading a checkpoint) or replaced
+        3.10-3.17 GB. The packed pair is one bf16 copy more (of float32 weights), and bought 5-7% of an SFT LoRA
+        step for 0.11-0.28 GB of peak RSS (SmolLM2-135M, 3 interleaved pairs of `speed.py`'s worker). With
+        checkpointing the copies are extra. Only on a CPU, where it was measured, and never while compiling or under
+        inference mode (its tensors could not be saved for a later backward pass). A weight changed in place (loading
+        a checkpoint) or replaced
         has a new version or address and is cast again; moving the module, merging or unmerging drops the copy."""
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if weight.device.type != "cpu" or not _copies_may_be_kept():
@@ -93,8 +100,7 @@ class FusedLoraLinear(PeftLoraLinear):
         cached = self.__dict__.get("_cast_base")  # a plain attribute: not a parameter or buffer, never in a state dict
         if cached is None or cached[0] != key:
             self.__dict__.pop("_cast_base", None)  # the old copies go before the new ones are made
-            cast = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-            cached = self.__dict__["_cast_base"] = (key, FrozenLinear(*cast))
+            cached = self.__dict__["_cast_base"] = (key, FrozenLinear.cast(weight, bias, dtype))
         return cached[1]
 
     def _drop_cast(self) -> None:

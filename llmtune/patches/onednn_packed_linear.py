@@ -7,8 +7,9 @@ for `x W^T` and as W^T for the input gradient `g W`, with the ops torch's own co
 Results are bit-identical to the plain matmuls. On the native-bf16 EPYC, SmolLM2's frozen matmuls at a step's
 ~500 rows ran at 390-400 GFLOP/s packed against 300-370 plain (its 49k-row output head at 170 rows: 404 / 396
 forward / backward against 348 / 315). The two packed copies together are the size of the float32 weight: one
-bf16 copy more than a plain cast. bf16 only (where it was measured), and only where oneDNN supports bf16 on this
-CPU and this torch has the ops; otherwise the plain matmuls run. Canary:
+bf16 copy more than a plain cast of it; a weight already in bf16 is not packed (its cast is free, the pair would
+be two copies more). bf16 only (measured on a CPU with avx512_bf16), only where oneDNN is enabled and supports
+bf16 on this CPU and this torch has the ops; otherwise the plain matmuls run. Canary:
 tests/test_patches.py::test_torch_still_has_onednn_packed_linear_giving_the_plain_matmuls_results.
 """
 
@@ -23,19 +24,29 @@ class FrozenLinear:
     """A frozen weight (out x in) and bias in one dtype, with the two matmuls training needs from it: `x W^T + b`
     and the input gradient `g W`. Packed for oneDNN where `packs(weight.dtype)`, else plain."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: bool | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: bool = False):
         self.dtype, self.device, self.out_features, self.bias = weight.dtype, weight.device, weight.shape[0], bias
-        self.packed = packs(weight.dtype) and weight.device.type == "cpu" if packed is None else packed
+        self.packed = packed
         if self.packed:
             reorder = torch.ops.mkldnn._reorder_linear_weight
             self.weight, self.transposed = reorder(weight), reorder(weight.t().contiguous())
         else:
             self.weight = weight
 
+    @classmethod
+    def cast(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> FrozenLinear:
+        """`weight` and `bias` cast to `dtype`, packed where `packs(dtype)` on a CPU unless already in `dtype`."""
+        cast = weight.detach().to(dtype)
+        packed = weight.dtype != dtype and cast.device.type == "cpu" and packs(dtype)
+        return cls(cast, None if bias is None else bias.detach().to(dtype), packed)
+
     def forward(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """rows (n x in) W^T + bias. `out`: a buffer a plain matmul writes into (a packed one makes its own)."""
+        """rows (... x in) W^T + bias. `out`: a 2-D buffer a plain matmul writes into (a packed one makes its own);
+        use the result either way."""
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        if out is None:
+            return torch.nn.functional.linear(rows, self.weight, self.bias)
         if self.bias is None:
             return torch.mm(rows, self.weight.T, out=out)
         return torch.addmm(self.bias, rows, self.weight.T, out=out)
@@ -47,9 +58,14 @@ class FrozenLinear:
         return grad @ self.weight
 
 
-@functools.cache
 def packs(dtype: torch.dtype) -> bool:
-    """Whether frozen weights in `dtype` are packed: bf16, where oneDNN supports it here and torch has the ops."""
+    """Whether frozen weights in `dtype` are packed: bf16, where oneDNN is enabled, supports bf16 on this CPU and
+    torch has the ops."""
+    return torch.backends.mkldnn.enabled and _packs_here(dtype)
+
+
+@functools.cache
+def _packs_here(dtype: torch.dtype) -> bool:
     ops = torch.ops.mkldnn
     return (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")

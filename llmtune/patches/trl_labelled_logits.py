@@ -88,10 +88,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
             scored = target != IGNORE
             picked = target.clamp(min=0).unsqueeze(1)
             logits = logits_buffer[:len(block)]
-            if compute_buffer is None:
-                head.forward(block.to(head.dtype), out=logits)
-            else:  # the compute dtype's product, then float32 (what autocast's `.float()` would give)
-                logits.copy_(head.forward(block.to(head.dtype), out=compute_buffer[:len(block)]))
+            # the compute dtype's product, then float32 (what autocast's `.float()` would give)
+            product = head.forward(block.to(head.dtype), out=logits if compute_buffer is None
+                                   else compute_buffer[:len(block)])
+            if product.data_ptr() != logits.data_ptr():
+                logits.copy_(product)
             picked_logit = logits.gather(1, picked).squeeze(1)
             best, guess = logits.max(dim=1)
             hits += ((guess == target) & scored).sum()
@@ -218,7 +219,7 @@ class LMTrainer(SFTTrainer):
         key = (dtype, weight.device, weight.data_ptr(), weight._version)
         if self._head_cast is None or self._head_cast[0] != key:
             self._head_cast = None  # the old copy goes before the new one is made
-            self._head_cast = (key, FrozenLinear(weight.detach().to(dtype)))
+            self._head_cast = (key, FrozenLinear.cast(weight, None, dtype))
         return self._head_cast[1]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
