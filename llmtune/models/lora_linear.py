@@ -91,8 +91,8 @@ class FusedLoraLinear(PeftLoraLinear):
         step for 0.11-0.28 GB of peak RSS (SmolLM2-135M, 3 interleaved pairs of `speed.py`'s worker). With
         checkpointing the copies are extra. Only on a CPU, where it was measured, and never while compiling or under
         inference mode (its tensors could not be saved for a later backward pass). A weight changed in place (loading
-        a checkpoint) or replaced
-        has a new version or address and is cast again; moving the module, merging or unmerging drops the copy."""
+        a checkpoint) or replaced has a new version or address and is cast again; moving the module, merging or
+        unmerging drops the copy."""
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if weight.device.type != "cpu" or not _copies_may_be_kept():
             return FrozenLinear(weight.to(dtype), None if bias is None else bias.to(dtype), packed=False)

@@ -22,7 +22,7 @@ import torch
 
 class FrozenLinear:
     """A frozen weight (out x in) and bias in one dtype, with the two matmuls training needs from it: `x W^T + b`
-    and the input gradient `g W`. Packed for oneDNN where `packs(weight.dtype)`, else plain."""
+    and the input gradient `g W`, packed for oneDNN or plain (`cast` decides where it packs)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: bool = False):
         self.dtype, self.device, self.out_features, self.bias = weight.dtype, weight.device, weight.shape[0], bias
