@@ -146,6 +146,11 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> t
         done += 1
         if result is None:
             continue
+        # Each run's numbers go to the log as they come: a GPU lease can end before the report is written.
+        gpu = f", GPU {result['peak_gpu_mb']:.0f} MB" if result.get("peak_gpu_mb") else ""
+        print(f"{name}: {system} ({precision}): {result['tokens_per_s']:.1f} tok/s, {result['steps'] - 1} timed steps "
+              f"in {result['timed_seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB{gpu}",
+              file=sys.stderr, flush=True)
         raised = longer_budget(budget, result, args.min_seconds) if done <= len(compared) else budget
         if raised > budget and result["effective_tokens"] < budget:  # training ran out of data, not of budget
             print(f"{name}: {system} used all its data in {result['timed_seconds']:.0f} s; a larger budget would "

@@ -25,6 +25,7 @@ from llmtune.config.schema import Recipe
 from llmtune.distributed import launched_with
 from llmtune.errors import LlmtuneError
 from llmtune.models.adapters import is_adapter
+from llmtune.models.lora_linear import keep_frozen_weights_unpacked
 from llmtune.patches.trl_compact_lm_head import fused_head_breaks_fsdp2, project_labelled_positions_only_on_cpu
 from llmtune.training import training_arguments
 
@@ -102,6 +103,8 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, train:
         metric_keys=METRIC_KEYS[task], **task_arguments(recipe, precompute),
     )
     project_labelled_positions_only_on_cpu()
+    if with_reference:
+        keep_frozen_weights_unpacked(model)
     kwargs: dict[str, Any] = {}
     if with_reference:
         if reference is None and not is_adapter(model) and not precompute:

@@ -219,6 +219,24 @@ def test_training_under_bf16_autocast_uses_packed_weights_and_keeps_the_plain_pa
         assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(not onednn_packed_linear.packs(torch.bfloat16), reason="no packed bf16 weights here (this "
+                    "CPU's oneDNN has no bf16, or torch lacks the ops): nothing to turn off")
+def test_weights_kept_unpacked_drop_a_packed_copy_and_give_the_same_step(fused_calls):
+    """Preference training keeps the frozen weights unpacked (packing cost DPO time and memory)."""
+    base, x = TwoLinears(bias=True), torch.randn(2, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = outputs_and_grads(model := adapted(base, fused=True), x)
+        layers = [model.base_model.model.up, model.base_model.model.down]
+        assert all(vars(layer)["_cast_base"][1].packed for layer in layers)
+        lora_linear.keep_frozen_weights_unpacked(model)
+        assert not any("_cast_base" in vars(layer) for layer in layers)  # the packed pair is freed at once
+        model.zero_grad()
+        plain = outputs_and_grads(model, x)
+        assert not any(vars(layer)["_cast_base"][1].packed for layer in layers)
+    for got, want in zip(packed, plain, strict=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("packs", [True, False], ids=["packed", "plain"])
 def test_disabled_adapters_under_autocast_take_batches_of_any_shape(packs, monkeypatch):
     """DPO's reference pass hands the layer (batch x positions x features), packed or not (a GPU, a CPU without

@@ -74,6 +74,10 @@ def test_dpo_reference_is_the_policy_with_adapters_off_and_padding_changes_no_lo
     trainer = api.build_trainer(recipe_for("dpo", tiny_llama, hh_file, tmp_path / "run"))
     model = trainer.model
     assert list(model.peft_config) == ["default"] and trainer.ref_model is None  # no copy: adapters are turned off
+    from llmtune.models.lora_linear import FusedLoraLinear
+
+    fused = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+    assert fused and not any(m.pack_frozen_weights for m in fused)  # packing cost DPO time and memory
     with torch.no_grad():  # make the adapter matter, so that "adapters off" is a visible difference
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -57,6 +57,9 @@ class _LoraMatmul(torch.autograd.Function):
 class FusedLoraLinear(PeftLoraLinear):
     """peft's LoRA linear with a fused single-adapter training path (see the module docstring)."""
 
+    # Whether the frozen bf16 copy is also packed for oneDNN on a CPU; `keep_frozen_weights_unpacked` turns it off.
+    pack_frozen_weights = True
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._base_alone_under_autocast(x, args, kwargs):  # e.g. DPO's reference: the policy, adapters off
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -100,7 +103,7 @@ class FusedLoraLinear(PeftLoraLinear):
         cached = self.__dict__.get("_cast_base")  # a plain attribute: not a parameter or buffer, never in a state dict
         if cached is None or cached[0] != key:
             self.__dict__.pop("_cast_base", None)  # the old copies go before the new ones are made
-            cached = self.__dict__["_cast_base"] = (key, FrozenLinear.cast(weight, bias, dtype))
+            cached = self.__dict__["_cast_base"] = (key, FrozenLinear.cast(weight, bias, dtype, self.pack_frozen_weights))
         return cached[1]
 
     def _drop_cast(self) -> None:
@@ -202,3 +205,15 @@ def _local(param: torch.Tensor) -> bool:
     """Whether the weight is whole on this process. DeepSpeed ZeRO-3 gathers a partitioned weight only when its
     own module is called, which the fused path skips; FSDP2 outside its unit's forward holds a DTensor shard."""
     return not hasattr(param, "ds_id") and not isinstance(param, DTensor)
+
+
+def keep_frozen_weights_unpacked(model: torch.nn.Module) -> None:
+    """Keep the model's fused LoRA layers' frozen weights as plain bf16 copies, not packed for oneDNN. For preference
+    training: there packing cost both time and memory (a DPO worker of `speed.py`, SmolLM2-135M, 14,000 tokens,
+    batch 2, on a CPU with avx512_bf16: 75.5 and 76.9 s and 3.54 and 3.78 GB peak RSS packed, 71.6 and 72.1 s and
+    3.43 and 3.33 GB plain). Why was not profiled; SFT, whose steps differ by the reference pass (adapters off) and
+    longer padded batches, gained 5-7%."""
+    for module in model.modules():
+        if isinstance(module, FusedLoraLinear):
+            module.pack_frozen_weights = False
+            module._drop_cast()

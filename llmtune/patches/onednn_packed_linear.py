@@ -34,10 +34,11 @@ class FrozenLinear:
             self.weight = weight
 
     @classmethod
-    def cast(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> FrozenLinear:
-        """`weight` and `bias` cast to `dtype`, packed where `packs(dtype)` on a CPU unless already in `dtype`."""
+    def cast(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, pack: bool = True) -> FrozenLinear:
+        """`weight` and `bias` cast to `dtype`; with `pack`, packed where `packs(dtype)` on a CPU unless already in
+        `dtype`."""
         cast = weight.detach().to(dtype)
-        packed = weight.dtype != dtype and cast.device.type == "cpu" and packs(dtype)
+        packed = pack and weight.dtype != dtype and cast.device.type == "cpu" and packs(dtype)
         return cls(cast, None if bias is None else bias.detach().to(dtype), packed)
 
     def forward(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
