@@ -8,10 +8,10 @@
 #   call 2 at once (the machine stays warm ~30 s), carry .gpu2:
 #                         rm -rf .gpu && mv .gpu2 .gpu && bash .gpu/setup.sh && bash .gpu/run.sh
 #
-# Measured on H200 leases (2026-11-26): call 1 holds the machine ~50 s (start included); a gpu_check check takes
-# 70-100 s (accelerate start, model load, 20 steps, two evaluations, saves, reload); a speed.py worker for SmolLM2
-# did not finish 100k tokens in 110 s. A 15-minute lease fits the two calls and about six checks, so run.sh runs
-# the checks only; run speed.py (--repeats 1 --budget-scale 0.25 --min-seconds 0 --skip-preprocessing) on another lease.
+# Measured on H200 leases (2026-11-26/27): call 1 holds the machine ~50 s (start included); a gpu_check check took
+# 70-150 s (accelerate start, model load, 20 steps at 1.9 s each with the per-sample attention of then, two
+# evaluations, saves, reload); a speed.py run ~45 s. run.sh fits one 15-minute lease: a short speed.py look first
+# (each run's numbers are logged as it ends, so a cut leaves them), then the checks still open, each time-capped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -47,6 +47,10 @@ mkdir -p ../shared && rm -rf ../shared/data && cp -r .gpu/data ../shared/data
 EOF
 cat >.gpu2/run.sh <<'EOF'
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 benchmarks/gpu_check.py --only fsdp_lora_sft single_qlora fsdp_qlora single_sft fsdp_full_sft --timeout 150 --out $OUT/gpu_check.json
+timeout 240 python3 benchmarks/speed.py --workloads sft_lora --size gpu --repeats 1 --budget-scale 0.25 \
+  --min-seconds 0 --skip-preprocessing --bf16-run off --out $OUT/speed_gpu.json --results-md $OUT/speed_gpu.md \
+  >$OUT/speed.log 2>&1; grep -E 'tok/s|tokens \.\.\.|Error' $OUT/speed.log
+timeout 290 python3 benchmarks/gpu_check.py --only fsdp_lora_sft fsdp_qlora fsdp_full_sft --timeout 140 \
+  --out $OUT/gpu_check.json 2>&1 | grep -E '^(==|\|)'
 EOF
 du -sh .gpu1 .gpu2

@@ -75,14 +75,15 @@ def test_fsdp_launch_without_gpu_is_refused_not_silently_ignored(monkeypatch):
         check_launch_environment()
 
 
-def test_a_rank_that_finished_its_run_leaves_the_process_group(monkeypatch):
+@pytest.mark.parametrize("processes", ["2", "1"])  # 1: a one-process FSDP launch has a group too
+def test_a_rank_that_finished_its_run_leaves_the_process_group(monkeypatch, processes):
     """Left to interpreter exit, gloo's threads can abort a rank whose run succeeded or stopped on a signal after
     saving (exit code 134 instead of 0 or 143)."""
     import torch.distributed as dist
 
     from llmtune.errors import TrainingStopped
 
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what each rank of a launched run sees
+    monkeypatch.setenv("WORLD_SIZE", processes)  # what each rank of a launched run sees
     recipe = str(REPO / "recipes" / "quickstart.yaml")
 
     def ends(raising: BaseException | None):

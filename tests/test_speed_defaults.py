@@ -61,11 +61,37 @@ def test_liger_kernels_only_where_they_run(monkeypatch):
         training.liger_kernels_on("on")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="off CUDA, auto never picks flash attention")
-def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_only():
+def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_off_cuda_and_one_call_on_cuda(monkeypatch):
+    from llmtune.models import attention
+
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: False)
     assert attention_for("auto", padding_free=True, precision="fp32") == SDPA_VARLEN
     assert attention_for("auto", padding_free=False, precision="fp32") == "sdpa"
     assert attention_for("eager", padding_free=True, precision="fp32") == "eager"
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
+    flash_attn = {"installed": False}
+    monkeypatch.setattr(attention.importlib.util, "find_spec",
+                        lambda name: object() if name == "flash_attn" and flash_attn["installed"] else None)
+    assert attention_for("auto", padding_free=True, precision="bf16") == "sdpa"  # a GPU: no per-sample loop
+    flash_attn["installed"] = True
+    assert attention_for("auto", padding_free=True, precision="bf16") == "flash_attention_2"
+    assert attention_for("auto", padding_free=True, precision="fp32") == "sdpa"  # flash-attn has no float32
+
+
+def test_plain_sdpa_masks_a_padding_free_row_as_per_sample_sdpa_does(tiny_llama):
+    """What auto picks on a GPU (sdpa) gives the per-sample numbers on a row of several samples in training."""
+    from transformers import AutoModelForCausalLM
+
+    lengths = [5, 9, 4]
+    ids = torch.randint(3, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    logits = {}
+    for implementation in ("sdpa", SDPA_VARLEN):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=implementation)
+        logits[implementation] = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    alone = torch.cat([model(input_ids=piece, use_cache=False).logits for piece in ids.split(lengths, 1)], 1)
+    torch.testing.assert_close(logits["sdpa"], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[SDPA_VARLEN], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_per_sample_attention_on_a_cpu_under_bf16_autocast_attends_in_float32():
