@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,14 +92,19 @@ def run_check(config: str, recipe: list[str], timeout: int) -> dict:
                    str(REPO / "accelerate_configs" / f"{config}.yaml"), "--num_processes", "1",
                    "-m", "llmtune", "train", *recipe, f"output.dir={run_dir}"]
         start = time.perf_counter()
+        # Its own session, so a timeout kills the launcher's training process too, which would hold the GPU.
+        launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                  start_new_session=True)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            tail = _last_error(exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or "")
-            return {"outcome": "failed", "seconds": timeout, "detail": f"timed out after {timeout} s; last: {tail}"}
+            _, stderr = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)
+            _, stderr = launch.communicate()
+            return {"outcome": "failed", "seconds": timeout,
+                    "detail": f"timed out after {timeout} s (training process); last: {_last_error(stderr)}"}
         seconds = round(time.perf_counter() - start, 1)
-        if done.returncode != 0:
-            return {"outcome": "failed", "seconds": seconds, "detail": _last_error(done.stderr)}
+        if launch.returncode != 0:
+            return {"outcome": "failed", "seconds": seconds, "detail": _last_error(stderr)}
         saved = sorted(p.name for p in run_dir.glob("*.safetensors"))
         metrics = json.loads((run_dir / "metrics.json").read_text())
         loads = subprocess.run([sys.executable, "-c", LOAD_CHECK, str(run_dir)], capture_output=True, text=True)

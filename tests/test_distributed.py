@@ -99,7 +99,8 @@ def test_a_rank_that_finished_its_run_leaves_the_process_group(monkeypatch, proc
                 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             monkeypatch.setattr("llmtune.api.train", ends(raising))
             assert main(["train", recipe]) == code
-            assert dist.is_initialized() is not left  # a failed rank stays: the others may be in a collective
+            # a failed rank stays in a group of several: the others may be in a collective
+            assert dist.is_initialized() is not (left or processes == "1")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

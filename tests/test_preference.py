@@ -68,16 +68,22 @@ def test_each_preference_task_trains_evaluates_and_saves_an_adapter(tiny_llama, 
         assert_plain_peft_loads_the_dpo_adapter(tiny_llama, out)
 
 
+@pytest.mark.parametrize("task, packs", [("dpo", False), ("kto", False), ("orpo", True)])
+def test_tasks_with_a_reference_pass_keep_frozen_weights_unpacked(tiny_llama, hh_file, tmp_path, task, packs):
+    """Packing the frozen weights for oneDNN cost DPO time and memory (README, native-bf16 benchmark)."""
+    from llmtune.models.lora_linear import FusedLoraLinear
+
+    trainer = api.build_trainer(recipe_for(task, tiny_llama, hh_file, tmp_path / "run"))
+    fused = [m for m in trainer.model.modules() if isinstance(m, FusedLoraLinear)]
+    assert fused and all(m.pack_frozen_weights is packs for m in fused)
+
+
 def test_dpo_reference_is_the_policy_with_adapters_off_and_padding_changes_no_log_probability(
     tiny_llama, hh_file, tmp_path
 ):
     trainer = api.build_trainer(recipe_for("dpo", tiny_llama, hh_file, tmp_path / "run"))
     model = trainer.model
     assert list(model.peft_config) == ["default"] and trainer.ref_model is None  # no copy: adapters are turned off
-    from llmtune.models.lora_linear import FusedLoraLinear
-
-    fused = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
-    assert fused and not any(m.pack_frozen_weights for m in fused)  # packing cost DPO time and memory
     with torch.no_grad():  # make the adapter matter, so that "adapters off" is a visible difference
         for name, param in model.named_parameters():
             if "lora_B" in name:

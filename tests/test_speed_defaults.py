@@ -61,37 +61,50 @@ def test_liger_kernels_only_where_they_run(monkeypatch):
         training.liger_kernels_on("on")
 
 
-def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_off_cuda_and_one_call_on_cuda(monkeypatch):
+def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_unless_flash_attention_fits(monkeypatch):
     from llmtune.models import attention
 
-    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: False)
-    assert attention_for("auto", padding_free=True, precision="fp32") == SDPA_VARLEN
-    assert attention_for("auto", padding_free=False, precision="fp32") == "sdpa"
-    assert attention_for("eager", padding_free=True, precision="fp32") == "eager"
-    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
-    flash_attn = {"installed": False}
-    monkeypatch.setattr(attention.importlib.util, "find_spec",
-                        lambda name: object() if name == "flash_attn" and flash_attn["installed"] else None)
-    assert attention_for("auto", padding_free=True, precision="bf16") == "sdpa"  # a GPU: no per-sample loop
-    flash_attn["installed"] = True
+    for cuda in (False, True):
+        monkeypatch.setattr(attention.torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert attention_for("auto", padding_free=True, precision="bf16") == SDPA_VARLEN  # no flash-attn installed
+        assert attention_for("auto", padding_free=False, precision="fp32") == "sdpa"
+        assert attention_for("eager", padding_free=True, precision="fp32") == "eager"
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
     assert attention_for("auto", padding_free=True, precision="bf16") == "flash_attention_2"
-    assert attention_for("auto", padding_free=True, precision="fp32") == "sdpa"  # flash-attn has no float32
+    assert attention_for("auto", padding_free=True, precision="fp32") == SDPA_VARLEN  # flash-attn has no float32
 
 
-def test_plain_sdpa_masks_a_padding_free_row_as_per_sample_sdpa_does(tiny_llama):
-    """What auto picks on a GPU (sdpa) gives the per-sample numbers on a row of several samples in training."""
+def test_on_a_gpu_a_padding_free_row_takes_one_masked_call_per_layer_with_the_per_sample_numbers(tiny_llama,
+                                                                                               monkeypatch):
+    """On CUDA, rows up to ONE_CALL_MAX_TOKENS go through one SDPA call with transformers' block-diagonal mask
+    (kernel launches, not FLOPs, bound a GPU step); here the CUDA choice is forced on the CPU."""
+    import types
+
     from transformers import AutoModelForCausalLM
+
+    from llmtune.models import attention
 
     lengths = [5, 9, 4]
     ids = torch.randint(3, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=SDPA_VARLEN)
+    on_a_gpu, on_a_cpu = (types.SimpleNamespace(device=torch.device(device), shape=(1, 9, 2000, 64))
+                          for device in ("cuda", "cpu"))
+    assert attention.attends_in_one_call(on_a_gpu) and not attention.attends_in_one_call(on_a_cpu)
+    on_a_gpu.shape = (1, 9, attention.ONE_CALL_MAX_TOKENS + 1, 64)
+    assert not attention.attends_in_one_call(on_a_gpu)  # a long row: the loop's sum(L^2) wins
+    calls = []
+    forward = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     logits = {}
-    for implementation in ("sdpa", SDPA_VARLEN):
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=implementation)
-        logits[implementation] = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    for one_call in (False, True):
+        monkeypatch.setattr(attention, "attends_in_one_call", lambda query, one_call=one_call: one_call)
+        calls.clear()
+        logits[one_call] = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        assert len(calls) == model.config.num_hidden_layers * (1 if one_call else len(lengths))
     alone = torch.cat([model(input_ids=piece, use_cache=False).logits for piece in ids.split(lengths, 1)], 1)
-    torch.testing.assert_close(logits["sdpa"], alone, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits[SDPA_VARLEN], alone, rtol=1e-5, atol=1e-5)
+    for got in logits.values():
+        torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_per_sample_attention_on_a_cpu_under_bf16_autocast_attends_in_float32():

@@ -248,13 +248,17 @@ def _train(args: argparse.Namespace) -> int:
         return relaunch(args.accelerate, [args.recipe, *args.overrides, *flags], args.num_processes,
                         recipe.training.stop_grace_seconds)
     from llmtune.api import train
-    from llmtune.distributed import shut_down
+    from llmtune.distributed import shut_down, world_size
 
     # Leave the group only when every rank is done: after a failure the others may still be in a collective.
     try:
         train(recipe, resume=args.resume, overrides=args.overrides, force=args.force)
     except TrainingStopped:  # all ranks agreed to stop and saved the checkpoint
         shut_down()
+        raise
+    except BaseException:
+        if world_size() == 1:  # no other rank to wait for
+            shut_down()
         raise
     shut_down()
     return 0

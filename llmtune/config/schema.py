@@ -41,9 +41,9 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = _field(
         "auto",
         "Attention kernel: auto, sdpa, eager, flash_attention_2 or sdpa_varlen (llmtune's per-sample SDPA for "
-        "padding-free batches). auto: on CUDA, flash_attention_2 when flash-attn is installed and training runs "
-        "in bf16/fp16, else sdpa (one call per layer; transformers masks padding-free rows itself); off CUDA, "
-        "sdpa_varlen for padding-free causal-LM batches, else sdpa.",
+        "padding-free batches; on a GPU, one masked SDPA call for rows up to 8192 tokens). auto: flash_attention_2 "
+        "on CUDA when flash-attn is installed and training runs in bf16/fp16, else sdpa_varlen for padding-free "
+        "causal-LM batches, else sdpa.",
     )
     init: Literal["pretrained", "scratch"] = _field(
         "pretrained",

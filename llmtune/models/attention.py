@@ -6,6 +6,13 @@ mask over the whole row, so attention costs (sum of lengths)^2 instead of the su
 must be materialized. `sdpa_varlen` runs SDPA once per sample instead - the same numbers (the tests compare
 them) at a fraction of the cost. It is registered through transformers' public AttentionInterface.
 
+On a GPU a row of up to ONE_CALL_MAX_TOKENS tokens goes through one SDPA call with that mask instead: there a
+step is bound by kernel launches and host syncs, and the loop makes one call per sample per layer and syncs to
+find the boundaries. SmolLM2-135M LoRA on an H200 (batch 16, ~115 tokens a sample) trained at 902 tokens/s with
+the loop against a plain padded Trainer's 3,366. Longer rows keep the loop, whose sum(L^2) work then outweighs
+the launches. This is reasoned, not yet measured on a GPU; flash-attn's varlen kernel is the better choice where
+installed (auto picks it).
+
 When training on a CPU under bf16 autocast it attends in float32: PyTorch's CPU flash-attention kernel is slower in
 bf16 than in float32 at fine-tuning lengths, even with native bf16 matmuls (torch 2.13 on an AVX-512 EPYC with
 avx512_bf16: forward + backward 2.3x slower at 100 tokens, 1.3x at 200, about level from 450), and float32 is the
@@ -25,6 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 logger = logging.getLogger(__name__)
 
 SDPA_VARLEN = "sdpa_varlen"
+ONE_CALL_MAX_TOKENS = 8192  # its block-diagonal mask: 64 MB of bools, and at most (8192 / L) times the loop's work
 
 
 def sdpa_varlen_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
@@ -42,6 +50,8 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, position_id
                                          position_ids, **kwargs)
     if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attends_in_one_call(query):  # the mask transformers built for the row
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     positions = position_ids.reshape(-1)
     starts = (torch.diff(positions) != 1).nonzero().flatten() + 1
     if len(starts) == 0:  # one sample: causal attention needs no mask
@@ -55,26 +65,25 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, position_id
     return torch.cat(pieces, dim=1), None  # (batch, length, heads, head_dim), like sdpa_attention_forward
 
 
+def attends_in_one_call(query: torch.Tensor) -> bool:
+    """Whether a padding-free row goes through one masked SDPA call rather than the per-sample loop: on a GPU, up
+    to ONE_CALL_MAX_TOKENS tokens (see the module docstring)."""
+    return query.device.type == "cuda" and query.shape[2] <= ONE_CALL_MAX_TOKENS
+
+
 # The mask builder is SDPA's own, so batches that do take the plain SDPA path (padded evaluation, generation)
-# get exactly the mask they would have had.
+# get exactly the mask they would have had, and a padding-free row on a GPU gets its block-diagonal mask.
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
 AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)
 
 
 def attention_for(requested: str, padding_free: bool, precision: str) -> str:
-    """The attention implementation to load the model with. auto: on CUDA, flash attention 2 when the flash-attn
-    package is installed and training runs in bf16/fp16 (its only dtypes), else SDPA; off CUDA, per-sample SDPA
-    for padding-free batches, else SDPA.
-
-    On a GPU the per-sample loop is the wrong trade: SmolLM2-135M LoRA on an H200 (batch 16, ~115 tokens a
-    sample) trained at 902 tokens/s with it against a plain padded Trainer's 3,366. There a step is bound by
-    kernel launches and host syncs, and the loop makes 16 attention calls per layer where SDPA over the whole row
-    makes one; transformers then masks a padding-free row block-diagonally itself (its position ids restart),
-    doing (sum L)^2 work that a GPU absorbs at fine-tuning lengths. SDPA there is chosen on that reasoning and
-    not yet measured on a GPU; flash-attn's varlen kernel is the better pick where installed."""
+    """The attention implementation to load the model with. auto: flash attention 2 on CUDA when the
+    flash-attn package is installed and training runs in bf16/fp16 (its only dtypes), else per-sample SDPA for
+    padding-free batches, else SDPA."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        flash = importlib.util.find_spec("flash_attn") is not None and precision in ("bf16", "fp16")
-        return "flash_attention_2" if flash else "sdpa"
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if flash and precision in ("bf16", "fp16"):
+        return "flash_attention_2"
     return SDPA_VARLEN if padding_free else "sdpa"
