@@ -78,7 +78,7 @@ class Profile(TrainerCallback):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", default="sft_lora", choices=list(WORKLOADS))
+    parser.add_argument("--workload", default="sft_lora", choices=[w for w in WORKLOADS if "cpu" in WORKLOADS[w].batch_size])
     parser.add_argument("--system", default="llmtune")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)

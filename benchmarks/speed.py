@@ -4,7 +4,8 @@ settings, learning rate, batch size and machine, in one run.
 Workloads (benchmarks/speed_workloads.py): SmolLM2-135M-Instruct LoRA SFT on Alpaca (plain Trainer script, TRL
 with its defaults, TRL tuned for speed, llmtune), QLoRA on SmolLM2 (plain Trainer, llmtune), all-MiniLM-L6-v2
 LoRA on SST-2 (plain Trainer, llmtune), a tiny GPT pretrained from scratch on Tiny Shakespeare (plain
-Trainer, llmtune) and SmolLM2 LoRA DPO on Anthropic HH pairs (trl's documented DPO script, llmtune). Every
+Trainer, llmtune), SmolLM2 LoRA DPO on Anthropic HH pairs (trl's documented DPO script, llmtune) and, on a GPU
+only (`--size gpu`), a 1.2B Llama built from a config with random weights, LoRA SFT on Alpaca. Every
 system trains in a fresh process until it has processed the same number of effective tokens (tokens attended
 to; padding excluded). The budget is the workload's, raised where a first-round run times under 60 s or 20
 optimizer steps (the rounds then start again); a system with any round still that short is flagged. The compared systems
@@ -50,8 +51,9 @@ ONCE = ("trl",)  # far too slow on a CPU to repeat; a reference, not a compariso
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS),
-                        help="Measure these; the others keep their last results in speed.json and RESULTS.md.")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
+                        help="Measure these (default: every workload with a budget for --size); the others keep their "
+                        "last results in speed.json and RESULTS.md.")
     parser.add_argument("--size", choices=["cpu", "gpu"], default="gpu" if _cuda() else "cpu")
     parser.add_argument("--budget-scale", type=float, default=1.0,
                         help="Multiply every token budget (one too short for this machine is raised, unless --min-seconds 0).")
@@ -79,6 +81,12 @@ def main() -> int:
     if args.worker:
         print(json.dumps(run_system(args)))
         return 0
+    sized = [name for name, workload in WORKLOADS.items() if args.size in workload.token_budget]
+    unsized = sorted(set(args.workloads or ()) - set(sized))
+    if unsized:
+        parser.error(f"--workloads {' '.join(unsized)}: no {args.size} budget; with --size {args.size} pick from "
+                     f"{', '.join(sized)}")
+    args.workloads = args.workloads or sized
 
     from llmtune.files import write_json, write_text
     from llmtune.runs import library_versions

@@ -48,8 +48,11 @@ WORKLOADS = {
     "dpo": Workload(
         "SmolLM2-135M-Instruct LoRA DPO on HH-RLHF harmless-base pairs (max length 384)", "smollm2_hh_dpo_lora.yaml",
         ("trl_script", "llmtune"), {"cpu": 14_000, "gpu": 1_000_000}, {"cpu": 2, "gpu": 16}),
+    "sft_lora_1b": Workload(  # no CPU budget: a GPU workload only
+        "a 1.2B Llama (TinyLlama-1.1B's shape, SmolLM2's tokenizer, random weights) LoRA SFT on Alpaca (max length 512)",
+        "smollm2_alpaca_lora.yaml", ("plain_trainer", "trl_tuned", "llmtune"), {"gpu": 200_000}, {"gpu": 8}),
 }
-SFT_WORKLOADS = ("sft_lora", "qlora")
+SFT_WORKLOADS = ("sft_lora", "qlora", "sft_lora_1b")
 HH_PAIRS = DATA / "preference" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
@@ -60,6 +63,8 @@ def prepare(workload: str, work: Path, samples: int) -> None:
         rows = [r for r in rows if r["output"].strip()]
         (work / "train.json").write_text(json.dumps(rows[:samples]))
         (work / "eval.json").write_text(json.dumps(rows[-40:]))
+        if workload == "sft_lora_1b":
+            random_llama(work / "model")
     elif workload == "dpo":
         _write_preference_pairs(work)
     elif workload == "sst2":
@@ -71,6 +76,28 @@ def prepare(workload: str, work: Path, samples: int) -> None:
         cut = int(len(text) * 0.9)
         (work / "train.txt").write_text(text[:cut])
         (work / "eval.txt").write_text(text[cut:cut + 40_000])
+
+
+def random_llama(folder: Path, **shape) -> None:
+    """A Llama of TinyLlama-1.1B's shape (22 layers, 2048 wide, 32 query and 4 key/value heads; 1.2B parameters with
+    SmolLM2's 49k vocabulary) with seeded random weights, saved with SmolLM2's tokenizer: the speed of a 1B-class
+    model without downloading one. `shape` overrides the config (the tests build a small one)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llmtune.models.sources import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+    config = LlamaConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+        "tie_word_embeddings": False, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, **shape})
+    torch.manual_seed(0)
+    with torch.device("cuda" if _cuda() else "cpu"):  # initialising 1.2B weights takes a CPU tens of seconds
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _write_preference_pairs(work: Path) -> None:
@@ -99,8 +126,9 @@ def llmtune_overrides(workload: str, work: Path, args) -> list[str]:
               f"training.precision={args.precision}", f"training.compile={getattr(args, 'compile', False)}",
               "data.validation_fraction=0", f"output.dir={work / 'run'}"]
     if workload in SFT_WORKLOADS:
-        return common + ["data.dataset=null", f"data.train_file={work / 'train.json'}", "data.eval_split=null",
-                         "lm.generation_prompts=[]"]
+        model = [f"model.name={work / 'model'}"] if workload == "sft_lora_1b" else []  # every system loads it
+        return common + model + ["data.dataset=null", f"data.train_file={work / 'train.json'}",
+                                 "data.eval_split=null", "lm.generation_prompts=[]"]
     if workload == "sst2":
         return common + ["data.dataset=null", f"data.train_file={work / 'train.tsv'}", "data.eval_split=null"]
     if workload == "dpo":
@@ -120,8 +148,8 @@ def build(workload: str, system: str, args, work: Path):
         return build_trainer(recipe)
     if workload == "dpo":
         return trl_dpo_script(recipe, args, work)
-    return {"sft_lora": _plain_sft, "qlora": _plain_sft, "sst2": _plain_sst2, "pretrain": _plain_pretrain}[workload](
-        recipe, args, work, trl=system if system.startswith("trl") else None)
+    plain = _plain_sft if workload in SFT_WORKLOADS else {"sst2": _plain_sst2, "pretrain": _plain_pretrain}[workload]
+    return plain(recipe, args, work, trl=system if system.startswith("trl") else None)
 
 
 def _training_args(args, work: Path, **extra) -> dict:

@@ -110,3 +110,23 @@ def test_min_seconds_zero_keeps_even_a_short_budget(monkeypatch, tmp_path, min_s
         assert budget > 4_000 and calls[0] == ("llmtune", 4_000) and len(calls) == 3
     else:
         assert budget == 4_000 and calls == [("llmtune", 4_000), ("plain_trainer", 4_000)]
+
+
+def test_the_1b_workload_is_for_a_gpu_and_every_system_trains_the_one_saved_model(tmp_path, monkeypatch, capsys):
+    """sft_lora_1b: a 1B-class Llama built from a config (random weights), saved once, loaded by every system."""
+    import functools
+
+    import speed_workloads
+
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--workloads", "sft_lora_1b", "--size", "cpu"])
+    with pytest.raises(SystemExit):
+        speed.main()
+    assert "--workloads sft_lora_1b: no cpu budget" in capsys.readouterr().err
+    assert speed_workloads.WORKLOADS["sft_lora_1b"].token_budget["gpu"] > 0
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    monkeypatch.setattr(speed_workloads, "random_llama", functools.partial(speed_workloads.random_llama, **tiny))
+    speed_workloads.prepare("sft_lora_1b", tmp_path, samples=8)
+    run = Namespace(batch_size=2, learning_rate=1e-4, precision="fp32", compile=False)
+    for system in ("plain_trainer", "trl_tuned", "llmtune"):
+        model = speed_workloads.build("sft_lora_1b", system, run, tmp_path).model
+        assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2, system
