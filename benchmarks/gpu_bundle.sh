@@ -48,7 +48,7 @@ EOF
 cat >.gpu2/run.sh <<'EOF'
 # About 500 s in all, under one call's 600 s; everything lands in $OUT, and each part is time-capped.
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-timeout 200 python3 benchmarks/speed.py --workloads sft_lora --size gpu --repeats 1 --budget-scale 0.25 \
+timeout 200 python3 benchmarks/speed.py --workloads sft_lora --size gpu --repeats 1 --budget-scale 0.1 \
   --min-seconds 0 --skip-preprocessing --bf16-run off --out $OUT/speed_gpu.json --results-md $OUT/speed_gpu.md \
   >$OUT/speed.log 2>&1; echo "speed.py exit $?"; grep -v '%|' $OUT/speed.log | tail -25
 timeout 290 python3 benchmarks/gpu_check.py --only fsdp_lora_sft fsdp_qlora --timeout 140 \

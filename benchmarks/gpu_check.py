@@ -92,19 +92,23 @@ def run_check(config: str, recipe: list[str], timeout: int) -> dict:
                    str(REPO / "accelerate_configs" / f"{config}.yaml"), "--num_processes", "1",
                    "-m", "llmtune", "train", *recipe, f"output.dir={run_dir}"]
         start = time.perf_counter()
-        # Its own session, so a timeout kills the launcher's training process too, which would hold the GPU.
-        launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                  start_new_session=True)
-        try:
-            _, stderr = launch.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(launch.pid, signal.SIGKILL)
-            _, stderr = launch.communicate()
-            return {"outcome": "failed", "seconds": timeout,
-                    "detail": f"timed out after {timeout} s (training process); last: {_last_error(stderr)}"}
+        # Output to a file, not a pipe: a training process left behind would keep a pipe open and the read waiting.
+        with open(Path(work) / "launch.log", "w+") as log:
+            launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            timed_out = False
+            try:
+                launch.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                stop(launch)
+            log.seek(0)
+            output = log.read()
         seconds = round(time.perf_counter() - start, 1)
+        if timed_out:
+            return {"outcome": "failed", "seconds": timeout,
+                    "detail": f"timed out after {timeout} s (training process); last: {_last_error(output)}"}
         if launch.returncode != 0:
-            return {"outcome": "failed", "seconds": seconds, "detail": _last_error(stderr)}
+            return {"outcome": "failed", "seconds": seconds, "detail": _last_error(output)}
         saved = sorted(p.name for p in run_dir.glob("*.safetensors"))
         metrics = json.loads((run_dir / "metrics.json").read_text())
         loads = subprocess.run([sys.executable, "-c", LOAD_CHECK, str(run_dir)], capture_output=True, text=True)
@@ -114,6 +118,18 @@ def run_check(config: str, recipe: list[str], timeout: int) -> dict:
         if loads.returncode != 0:
             detail += f"; reload failed: {_last_error(loads.stderr)}"
         return {"outcome": outcome, "seconds": seconds, "detail": detail}
+
+
+def stop(launch: subprocess.Popen) -> None:
+    """End a launch that ran past its time, and its training processes, which would hold the GPU. torchrun starts
+    its workers in sessions of their own and stops them on SIGTERM, so that goes first, to the launch's session;
+    SIGKILL only if it is still there after 40 s."""
+    os.killpg(launch.pid, signal.SIGTERM)
+    try:
+        launch.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        launch.wait()
 
 
 LOAD_CHECK = """

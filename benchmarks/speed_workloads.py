@@ -98,6 +98,9 @@ def random_llama(folder: Path, **shape) -> None:
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    del model  # the systems' runs load it in processes of their own; this one keeps going for the whole benchmark
+    if _cuda():
+        torch.cuda.empty_cache()
 
 
 def _write_preference_pairs(work: Path) -> None:

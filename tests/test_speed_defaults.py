@@ -64,20 +64,23 @@ def test_liger_kernels_only_where_they_run(monkeypatch):
 def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_unless_flash_attention_fits(monkeypatch):
     from llmtune.models import attention
 
+    flash_attn = {"installed": False}
+    monkeypatch.setattr(attention.importlib.util, "find_spec",
+                        lambda name: object() if name == "flash_attn" and flash_attn["installed"] else None)
     for cuda in (False, True):
         monkeypatch.setattr(attention.torch.cuda, "is_available", lambda cuda=cuda: cuda)
         assert attention_for("auto", padding_free=True, precision="bf16") == SDPA_VARLEN  # no flash-attn installed
         assert attention_for("auto", padding_free=False, precision="fp32") == "sdpa"
         assert attention_for("eager", padding_free=True, precision="fp32") == "eager"
-    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    flash_attn["installed"] = True
     assert attention_for("auto", padding_free=True, precision="bf16") == "flash_attention_2"
     assert attention_for("auto", padding_free=True, precision="fp32") == SDPA_VARLEN  # flash-attn has no float32
 
 
 def test_on_a_gpu_a_padding_free_row_takes_one_masked_call_per_layer_with_the_per_sample_numbers(tiny_llama,
                                                                                                monkeypatch):
-    """On CUDA, rows up to ONE_CALL_MAX_TOKENS go through one SDPA call with transformers' block-diagonal mask
-    (kernel launches, not FLOPs, bound a GPU step); here the CUDA choice is forced on the CPU."""
+    """On CUDA, rows up to ONE_CALL_MAX_TOKENS go through one SDPA call with a block-diagonal causal mask (kernel
+    launches, not FLOPs, bound a GPU step); here the CUDA choice is forced on the CPU."""
     import types
 
     from transformers import AutoModelForCausalLM

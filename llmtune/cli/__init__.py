@@ -7,6 +7,7 @@ Ctrl-C or SIGTERM saves a resumable checkpoint and exits with 130 or 143.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -258,7 +259,8 @@ def _train(args: argparse.Namespace) -> int:
         raise
     except BaseException:
         if world_size() == 1:  # no other rank to wait for
-            shut_down()
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                shut_down()
         raise
     shut_down()
     return 0

@@ -41,7 +41,7 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = _field(
         "auto",
         "Attention kernel: auto, sdpa, eager, flash_attention_2 or sdpa_varlen (llmtune's per-sample SDPA for "
-        "padding-free batches; on a GPU, one masked SDPA call for rows up to 8192 tokens). auto: flash_attention_2 "
+        "padding-free batches; on a GPU, one masked SDPA call for rows up to 4096 tokens). auto: flash_attention_2 "
         "on CUDA when flash-attn is installed and training runs in bf16/fp16, else sdpa_varlen for padding-free "
         "causal-LM batches, else sdpa.",
     )
