@@ -103,10 +103,9 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, train:
         metric_keys=METRIC_KEYS[task], **task_arguments(recipe, precompute),
     )
     project_labelled_positions_only_on_cpu()
-    if with_reference:
-        keep_frozen_weights_unpacked(model)
     kwargs: dict[str, Any] = {}
     if with_reference:
+        keep_frozen_weights_unpacked(model)
         if reference is None and not is_adapter(model) and not precompute:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         kwargs["ref_model"] = reference

@@ -211,8 +211,8 @@ def keep_frozen_weights_unpacked(model: torch.nn.Module) -> None:
     """Keep the model's fused LoRA layers' frozen weights as plain bf16 copies, not packed for oneDNN. For preference
     training: there packing cost both time and memory (a DPO worker of `speed.py`, SmolLM2-135M, 14,000 tokens,
     batch 2, on a CPU with avx512_bf16: 75.5 and 76.9 s and 3.54 and 3.78 GB peak RSS packed, 71.6 and 72.1 s and
-    3.43 and 3.33 GB plain). Why was not profiled; SFT, whose steps differ by the reference pass (adapters off) and
-    longer padded batches, gained 5-7%."""
+    3.43 and 3.33 GB plain), where SFT gained 5-7%. Why was not profiled: a DPO step differs from an SFT one by its
+    reference pass (adapters off) and by padded batches."""
     for module in model.modules():
         if isinstance(module, FusedLoraLinear):
             module.pack_frozen_weights = False
