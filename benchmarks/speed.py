@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from speed_run import run_system, sync  # noqa: E402
-from speed_workloads import ALPACA_5K, REPO, WORKLOADS, prepare, sft_preprocessing_seconds  # noqa: E402
+from speed_workloads import ALPACA_5K, REPO, WORKLOADS, _cuda, prepare, sft_preprocessing_seconds  # noqa: E402
 from worker import run_in_fresh_process  # noqa: E402
 
 REFERENCE_BUDGET_SHARE = 0.05  # of the workload's budget, for the runs measured once (TRL defaults, llmtune in bf16)
@@ -331,12 +331,6 @@ def matmul_peak(size: int = 2048, repeats: int = 3) -> dict[str, float]:
                 best = min(best, time.perf_counter() - start)
         peak[name] = round(2 * size**3 / best / 1e9, 1)
     return peak
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _native_bf16() -> bool:

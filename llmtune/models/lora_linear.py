@@ -98,7 +98,7 @@ class FusedLoraLinear(PeftLoraLinear):
         unmerging drops the copy."""
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if weight.device.type != "cpu" or not _copies_may_be_kept():
-            return FrozenLinear(weight.to(dtype), None if bias is None else bias.to(dtype), packed=False)
+            return FrozenLinear.cast(weight, bias, dtype, pack=False)
         key = (dtype, weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
         cached = self.__dict__.get("_cast_base")  # a plain attribute: not a parameter or buffer, never in a state dict
         if cached is None or cached[0] != key:
