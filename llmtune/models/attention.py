@@ -8,10 +8,12 @@ them) at a fraction of the cost. It is registered through transformers' public A
 
 On a GPU a row of up to ONE_CALL_MAX_TOKENS tokens goes through one SDPA call with such a mask instead: there a
 step is bound by kernel launches and host syncs, and the loop makes one call per sample per layer and syncs to
-find the boundaries. SmolLM2-135M LoRA on an H200 (batch 16, ~115 tokens a sample) trained at 902 tokens/s with
-the loop against a plain padded Trainer's 3,366. Longer rows keep the loop, whose sum(L^2) work then outweighs
-the launches. This is reasoned, not yet measured on a GPU; flash-attn's varlen kernel is the better choice where
-installed (auto picks it).
+find the boundaries. That call is kept off cuDNN's attention kernel, which PyTorch prefers for masked SDPA but
+which builds a new plan for every new row length. SmolLM2-135M LoRA on an H200 (batch 16, ~1,700-token rows,
+bf16): 902 tokens/s with the loop, 2,706 with one call on cuDNN, 6,419 with one call on the memory-efficient
+kernel, against a plain padded Trainer's 4,065-4,233 (benchmarks/results/speed_gpu_h200.md). Longer rows keep
+the loop, whose sum(L^2) work then outweighs the launches. flash-attn's varlen kernel needs no mask at all and
+is picked by auto where installed.
 
 When training on a CPU under bf16 autocast it attends in float32: PyTorch's CPU flash-attention kernel is slower in
 bf16 than in float32 at fine-tuning lengths, even with native bf16 matmuls (torch 2.13 on an AVX-512 EPYC with
@@ -25,6 +27,7 @@ import importlib.util
 import logging
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -35,6 +38,9 @@ SDPA_VARLEN = "sdpa_varlen"
 # SDPA turns a row's (N x N) mask into a bias in the query's dtype and keeps it for the backward pass: 32 MiB per
 # layer at 4096 tokens in bf16; and the one call does up to N / L times the loop's attention work.
 ONE_CALL_MAX_TOKENS = 4096
+# With a mask, PyTorch 2.11 on an H200 picks cuDNN's kernel, which builds a plan for each new row length: 96 ms
+# per new length (forward + backward) against the memory-efficient kernel's 0.85 ms, at ~1,700 tokens.
+MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa_varlen_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
@@ -54,7 +60,8 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, position_id
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     positions = position_ids.reshape(-1)
     if attends_in_one_call(query):
-        return sdpa_attention_forward(module, query, key, value, block_causal_mask(positions), **kwargs)
+        with sdpa_kernel(MASKED_BACKENDS):
+            return sdpa_attention_forward(module, query, key, value, block_causal_mask(positions), **kwargs)
     starts = (torch.diff(positions) != 1).nonzero().flatten() + 1
     if len(starts) == 0:  # one sample: causal attention needs no mask
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
