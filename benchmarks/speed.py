@@ -21,7 +21,7 @@ Preprocessing: every SFT system's path from the whole Alpaca 5k file to tokens, 
     .venv/bin/python benchmarks/speed.py                         # about 2.5 hours on 2 CPU cores
     .venv/bin/python benchmarks/speed.py --workloads sft_lora    # one workload; the others keep their results
     .venv/bin/python benchmarks/speed.py --workloads sft_lora --size gpu
-Writes benchmarks/results/speed.json and benchmarks/RESULTS.md.
+Writes benchmarks/results/speed.json and benchmarks/RESULTS.md (with --size gpu: results/speed_gpu.json and RESULTS_GPU.md).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def main() -> int:
                         help="The llmtune bf16 reference run; auto: only where bf16 is native (CUDA, avx512_bf16/AMX), "
                         "since emulated bf16 is several times slower than fp32 and only gives an MFU.")
     parser.add_argument("--skip-preprocessing", action="store_true", help="Keep the last preprocessing numbers.")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
-    parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--out", help="default benchmarks/results/speed.json (speed_gpu.json with --size gpu)")
+    parser.add_argument("--results-md", help="default benchmarks/RESULTS.md (RESULTS_GPU.md with --size gpu)")
     for hidden in ("worker", "work", "system", "precision", "token-budget", "batch-size"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -87,6 +87,9 @@ def main() -> int:
         parser.error(f"--workloads {' '.join(unsized)}: no {args.size} budget; with --size {args.size} pick from "
                      f"{', '.join(sized)}")
     args.workloads = args.workloads or sized
+    suffix = "_gpu" if args.size == "gpu" else ""  # GPU numbers beside the CPU ones, not in place of them
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"speed{suffix}.json")
+    args.results_md = args.results_md or str(REPO / "benchmarks" / f"RESULTS{suffix.upper()}.md")
 
     from llmtune.files import write_json, write_text
     from llmtune.runs import library_versions
@@ -108,7 +111,7 @@ def main() -> int:
             budget = int(workload.token_budget[args.size] * args.budget_scale)
             # The shared machine's speed drifts; the peak is the best seen either side of the workload's runs.
             peak = matmul_peak()
-            results, budget = measure(name, folder, budget, args)
+            results, budget = measure(name, folder, budget, args, peak)
             end_peak = matmul_peak()
             peak = {key: max(peak[key], end_peak[key]) for key in peak}
             summarize(results, peak, workload.systems[0])
@@ -122,7 +125,8 @@ def main() -> int:
     return 0
 
 
-def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> tuple[list[dict], int]:
+def measure(name: str, folder: Path, budget: int, args: argparse.Namespace,
+            peak: dict[str, float]) -> tuple[list[dict], int]:
     """Every system on one workload, each run in a fresh process, and the token budget they ran with. The compared
     systems run `repeats` interleaved rounds (so a slow spell of the shared machine hits all of them alike) and
     report the median round with the spread; TRL's defaults and the bf16 run are references, run once on a short
@@ -156,9 +160,10 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace) -> t
             continue
         # Each run's numbers go to the log as they come: a GPU lease can end before the report is written.
         gpu = f", GPU {result['peak_gpu_mb']:.0f} MB" if result.get("peak_gpu_mb") else ""
+        mfu = 6 * result["parameters"] * result["tokens_per_s"] / (peak[result["precision"]] * 1e9)
         print(f"{name}: {system} ({precision}): {result['tokens_per_s']:.1f} tok/s, {result['steps'] - 1} timed steps "
-              f"in {result['timed_seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB{gpu}",
-              file=sys.stderr, flush=True)
+              f"in {result['timed_seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB{gpu}, MFU {mfu:.2%} of "
+              f"the {peak[result['precision']]:.0f} GFLOP/s measured before the runs", file=sys.stderr, flush=True)
         raised = longer_budget(budget, result, args.min_seconds) if done <= len(compared) else budget
         if raised > budget and result["effective_tokens"] < budget:  # training ran out of data, not of budget
             print(f"{name}: {system} used all its data in {result['timed_seconds']:.0f} s; a larger budget would "
@@ -291,6 +296,10 @@ def render(report: dict) -> str:
         lines.append("")
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += [f"Versions (the latest run): {versions}.", ""]
+    if report["size"] == "cpu":
+        lines += ["On a GPU: `--size gpu` writes `benchmarks/RESULTS_GPU.md`; the short looks that fit a device "
+                  "lease so far (tokens/s, MFU, peak GPU memory, a profile) are in "
+                  "[`results/speed_gpu_h200.md`](results/speed_gpu_h200.md).", ""]
     return "\n".join(lines)
 
 
@@ -312,11 +321,13 @@ def machine() -> str:
             f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16 (no avx512_bf16/AMX)'}")
 
 
-def matmul_peak(size: int = 2048, repeats: int = 3) -> dict[str, float]:
-    """Best GFLOP/s of a square matmul (torch.matmul or F.linear, whichever the backend runs faster)."""
+def matmul_peak(repeats: int = 3) -> dict[str, float]:
+    """Best GFLOP/s of a square matmul (torch.matmul or F.linear, whichever the backend runs faster); 8192 wide on
+    a GPU, which a 2048-wide one leaves mostly idle."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else 2048
     peak = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
