@@ -40,6 +40,9 @@ def fake_runs(monkeypatch, tokens_per_s: dict, data_tokens: int = 10**9) -> list
     return calls
 
 
+PEAK = {"fp32": 100.0, "bf16": 50.0}  # GFLOP/s, for the MFU each run's log line shows
+
+
 def args(**overrides) -> Namespace:
     return Namespace(**{"repeats": 3, "bf16_run": "off", "with_compile": False, "size": "cpu",
                         "min_seconds": 60.0, **overrides})
@@ -47,7 +50,7 @@ def args(**overrides) -> Namespace:
 
 def test_a_budget_too_short_for_the_machine_is_raised_and_every_system_reruns_on_it(monkeypatch, tmp_path):
     calls = fake_runs(monkeypatch, {"plain_trainer": 100.0, "trl_tuned": 150.0, "llmtune": 300.0, "trl": 5.0})
-    results, budget = speed.measure("sft_lora", tmp_path, 4_000, args())
+    results, budget = speed.measure("sft_lora", tmp_path, 4_000, args(), PEAK)
 
     assert budget > 4_000
     compared = [r for r in results if not r["reference_only"]]
@@ -66,7 +69,7 @@ def test_a_budget_too_short_for_the_machine_is_raised_and_every_system_reruns_on
 def test_a_short_run_late_in_the_first_round_restarts_the_round(monkeypatch, tmp_path):
     """The compiled run, fastest here, runs after llmtune's plain run; the plain Trainer fails once (no result)."""
     calls = fake_runs(monkeypatch, {"plain_trainer": [None, 100.0], "llmtune auto": 200.0, "llmtune compile": 2000.0})
-    results, budget = speed.measure("qlora", tmp_path, 30_000, args(with_compile=True, repeats=2))
+    results, budget = speed.measure("qlora", tmp_path, 30_000, args(with_compile=True, repeats=2), PEAK)
 
     assert calls[:2] == [("llmtune", 30_000), ("llmtune", 30_000)]  # llmtune auto, then compiled: found short
     assert all(b == budget > 30_000 for _, b in calls[2:])
@@ -86,7 +89,7 @@ def short_rows(results: list[dict], budget: int) -> list[str]:
 
 def test_a_run_that_used_all_its_data_keeps_the_budget_and_is_flagged_short(monkeypatch, tmp_path):
     calls = fake_runs(monkeypatch, {"plain_trainer": 100.0, "llmtune": 1000.0}, data_tokens=20_000)
-    results, budget = speed.measure("qlora", tmp_path, 30_000, args(repeats=1))
+    results, budget = speed.measure("qlora", tmp_path, 30_000, args(repeats=1), PEAK)
     assert budget == 30_000 and len(calls) == 2  # raising would not help: training stops when the data ends
     assert short_rows(results, budget) == ["llmtune"]  # 19.9 s; the plain Trainer's 199 s is long enough
 
@@ -94,7 +97,7 @@ def test_a_run_that_used_all_its_data_keeps_the_budget_and_is_flagged_short(monk
 def test_a_system_with_any_short_round_is_flagged_not_only_a_short_median(monkeypatch, tmp_path):
     """The machine sped up after the first round: one of llmtune's later rounds ran faster, and shorter."""
     fake_runs(monkeypatch, {"plain_trainer": 50.0, "llmtune": [100.0, 120.0, 250.0]})
-    results, budget = speed.measure("qlora", tmp_path, 8_000, args(repeats=3))
+    results, budget = speed.measure("qlora", tmp_path, 8_000, args(repeats=3), PEAK)
     assert budget == 8_000
     llmtune = next(r for r in results if r["system"] == "llmtune")
     assert llmtune["timed_seconds"] >= 60 and llmtune["shortest_round"]["timed_seconds"] < 60  # median 65 s, one 31 s
@@ -105,7 +108,7 @@ def test_a_system_with_any_short_round_is_flagged_not_only_a_short_median(monkey
 def test_min_seconds_zero_keeps_even_a_short_budget(monkeypatch, tmp_path, min_seconds, raised):
     """A quick look on a short GPU lease: `--min-seconds 0` runs the budget as given."""
     calls = fake_runs(monkeypatch, {"plain_trainer": 1000.0, "llmtune": 2000.0})
-    _, budget = speed.measure("qlora", tmp_path, 4_000, args(repeats=1, min_seconds=min_seconds))
+    _, budget = speed.measure("qlora", tmp_path, 4_000, args(repeats=1, min_seconds=min_seconds), PEAK)
     if raised:
         assert budget > 4_000 and calls[0] == ("llmtune", 4_000) and len(calls) == 3
     else:
