@@ -99,12 +99,8 @@ class FusedLoraLinear(PeftLoraLinear):
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if weight.device.type != "cpu" or not _copies_may_be_kept():
             return FrozenLinear.cast(weight, bias, dtype, pack=False)
-        key = (dtype, weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
-        cached = self.__dict__.get("_cast_base")  # a plain attribute: not a parameter or buffer, never in a state dict
-        if cached is None or cached[0] != key:
-            self.__dict__.pop("_cast_base", None)  # the old copies go before the new ones are made
-            cached = self.__dict__["_cast_base"] = (key, FrozenLinear.cast(weight, bias, dtype, self.pack_frozen_weights))
-        return cached[1]
+        # kept as a plain attribute: not a parameter or buffer, never in a state dict
+        return FrozenLinear.kept(self.__dict__, "_cast_base", weight, bias, dtype, self.pack_frozen_weights)
 
     def _drop_cast(self) -> None:
         self.__dict__.pop("_cast_base", None)

@@ -41,6 +41,20 @@ class FrozenLinear:
         packed = pack and weight.dtype != dtype and cast.device.type == "cpu" and packs(dtype)
         return cls(cast, None if bias is None else bias.detach().to(dtype), packed)
 
+    @classmethod
+    def kept(cls, store: dict, slot: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+             pack: bool = True) -> FrozenLinear:
+        """`cast`, kept in `store[slot]` and made again only when the weight or bias changes: a new device, storage
+        (replaced) or version (changed in place, as by loading a checkpoint). The old copies go before the new ones
+        are made, so a change never holds two."""
+        key = (dtype, pack, weight.device, weight.data_ptr(), weight._version,
+               None if bias is None else (bias.data_ptr(), bias._version))
+        kept = store.get(slot)
+        if kept is None or kept[0] != key:
+            store.pop(slot, None)
+            kept = store[slot] = (key, cls.cast(weight, bias, dtype, pack))
+        return kept[1]
+
     def forward(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """rows (... x in) W^T + bias. `out`: a 2-D buffer a plain matmul writes into (a packed one makes its own);
         use the result either way."""

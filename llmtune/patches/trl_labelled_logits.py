@@ -215,12 +215,7 @@ class LMTrainer(SFTTrainer):
     def _frozen_head(self, dtype: torch.dtype) -> FrozenLinear:
         """The frozen head weight in `dtype`, cast once (and packed for oneDNN where it can be) and again only if it
         changes (autocast would cast it in every step: a read and a write of 28M values on SmolLM2)."""
-        weight = self._head.weight
-        key = (dtype, weight.device, weight.data_ptr(), weight._version)
-        if self._head_cast is None or self._head_cast[0] != key:
-            self._head_cast = None  # the old copy goes before the new one is made
-            self._head_cast = (key, FrozenLinear.cast(weight, None, dtype))
-        return self._head_cast[1]
+        return FrozenLinear.kept(self.__dict__, "_head_cast", self._head.weight, None, dtype)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
