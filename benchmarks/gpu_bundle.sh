@@ -12,7 +12,8 @@
 # gpu_check check took 90-150 s (accelerate start, model load, 20 steps, two evaluations, saves, reload); one
 # speed.py run on sft_lora at --budget-scale 0.1 about 40 s. run.sh fits one 15-minute lease: a short speed.py
 # look first (each run's numbers are logged as it ends, so a cut leaves them), then the checks still open, each
-# time-capped; a failed check prints the end of its training log.
+# time-capped; a failed check prints the end of its training log. Each outer `timeout` leaves room for its
+# script's own cap plus gpu_check's 40 s stop, so what the script records survives.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -57,7 +58,7 @@ look() {  # one short speed.py round per system of a workload: name, budget scal
 }
 look sft_lora 0.1 160
 look dpo 0.1 150
-timeout 235 python3 benchmarks/gpu_check.py --only fsdp_qlora --timeout 230 \
+timeout 235 python3 benchmarks/gpu_check.py --only fsdp_qlora --timeout 170 \
   --out $OUT/gpu_check.json >$OUT/gpu_check.log 2>&1; echo "gpu_check.py exit $?"; grep -v '%|' $OUT/gpu_check.log | tail -40
 EOF
 du -sh .gpu1 .gpu2

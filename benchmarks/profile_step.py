@@ -50,7 +50,7 @@ def category(name: str, shapes: list, rank: int) -> str:
         return "output head" if max(dims, default=0) >= 8192 else "LoRA matmul" if rank in dims else "matmul"
     if op in LOSS:
         return "loss"
-    if "scaled_dot_product" in op or "flash_attention" in op or "_efficient_attention" in op:
+    if "scaled_dot_product" in op or "attention" in op:  # SDPA and its flash, efficient and cuDNN kernels
         return "attention"
     if op.startswith("_foreach") or op in OPTIMIZER:
         return "optimizer"
@@ -87,22 +87,28 @@ class Profile(TrainerCallback):
         return control
 
 
-def print_device_time(events, profile: Profile, rank: int) -> None:
-    """On a GPU the question is first whether the step waits on the host: wall time per step against kernel time."""
+def device_time(events, profile: Profile, rank: int) -> dict:
+    """On a GPU the question is first whether the step waits on the host: wall time per step against kernel time.
+    Kernel time is summed over the GPU's own events (as the profiler's table totals it); by category, over the
+    operators that launched the kernels."""
+    from torch.autograd import DeviceType
+
+    steps = profile.steps
+    busy = sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6 / steps
     kernel: dict[str, float] = {}
     for event in events:
-        seconds = event.self_device_time_total / 1e6 / profile.steps
-        if seconds:
+        if event.device_type == DeviceType.CPU and event.self_device_time_total:
             kind = category(event.key, event.input_shapes, rank)
-            kernel[kind] = kernel.get(kind, 0.0) + seconds
-    busy = sum(kernel.values())
+            kernel[kind] = kernel.get(kind, 0.0) + event.self_device_time_total / 1e6 / steps
     if not busy:
         print("GPU: the profiler recorded no kernel time (is CUPTI available?)")
-        return
+        return {}
     print(f"GPU: {profile.wall:.3f} s wall per step, {busy:.3f} s of it kernels ({100 * busy / profile.wall:.0f}% busy)")
     for kind, seconds in sorted(kernel.items(), key=lambda item: -item[1]):
         print(f"  {kind:<12} {seconds:7.3f} s  {100 * seconds / busy:5.1f}% of kernel time")
     print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=40))
+    return {"wall_seconds_per_step": profile.wall, "kernel_seconds_per_step": busy, "kernel_by_category": kernel}
 
 
 def main() -> int:
@@ -135,8 +141,7 @@ def main() -> int:
         trainer.add_callback(profile)
         trainer.train()
     events = profile.profiler.key_averages(group_by_input_shape=True)
-    if profile.cuda:
-        print_device_time(events, profile, recipe.method.r)
+    gpu = device_time(events, profile, recipe.method.r) if profile.cuda else {}
     totals: dict[str, float] = {}
     by_operator: dict[str, float] = {}
     top: list[tuple[float, str, str]] = []
@@ -147,7 +152,7 @@ def main() -> int:
         by_operator[event.key] = by_operator.get(event.key, 0.0) + seconds
         top.append((seconds, event.key, str(event.input_shapes)[:90]))
     step = sum(totals.values())
-    print(f"{args.workload} / {args.system} ({run.precision}): {step:.2f} s of operator time per step "
+    print(f"{args.workload} / {args.system} ({run.precision}): {step:.2f} s of operator time (host) per step "
           f"({args.steps} steps profiled)")
     for kind, seconds in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"  {kind:<12} {seconds:7.3f} s  {100 * seconds / step:5.1f}%")
@@ -158,10 +163,10 @@ def main() -> int:
     print("Top operator calls by shape (s per step):")
     for seconds, key, shapes in sorted(top, reverse=True)[:15]:
         print(f"  {seconds:7.3f}  {key:<36} {shapes}")
-    suffix = "" if run.precision == "fp32" else f"_{run.precision}"
+    suffix = ("" if run.precision == "fp32" else f"_{run.precision}") + ("_gpu" if profile.cuda else "")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"profile_{args.workload}_{args.system}{suffix}.json")
     out.write_text(json.dumps({"workload": args.workload, "system": args.system, "precision": run.precision,
-                               "seconds_per_step": step,
+                               "seconds_per_step": step, **({"gpu": gpu} if gpu else {}),
                                "by_category": totals, "by_operator": dict(operators),
                                "top": [{"seconds": s, "op": k, "shapes": sh} for s, k, sh in sorted(top, reverse=True)[:30]]},
                               indent=2) + "\n")

@@ -53,7 +53,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
                         help="Measure these (default: every workload with a budget for --size); the others keep their "
-                        "last results in speed.json and RESULTS.md.")
+                        "last results in the report (--out, --results-md).")
     parser.add_argument("--size", choices=["cpu", "gpu"], default="gpu" if _cuda() else "cpu")
     parser.add_argument("--budget-scale", type=float, default=1.0,
                         help="Multiply every token budget (one too short for this machine is raised, unless --min-seconds 0).")
@@ -160,10 +160,11 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace,
             continue
         # Each run's numbers go to the log as they come: a GPU lease can end before the report is written.
         gpu = f", GPU {result['peak_gpu_mb']:.0f} MB" if result.get("peak_gpu_mb") else ""
-        mfu = 6 * result["parameters"] * result["tokens_per_s"] / (peak[result["precision"]] * 1e9)
+        utilization = mfu(result, peak)
+        mfu_text = f", MFU {utilization:.2%} of the matmul peak measured before the runs" if utilization else ""
         print(f"{name}: {system} ({precision}): {result['tokens_per_s']:.1f} tok/s, {result['steps'] - 1} timed steps "
-              f"in {result['timed_seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB{gpu}, MFU {mfu:.2%} of "
-              f"the {peak[result['precision']]:.0f} GFLOP/s measured before the runs", file=sys.stderr, flush=True)
+              f"in {result['timed_seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB{gpu}{mfu_text}",
+              file=sys.stderr, flush=True)
         raised = longer_budget(budget, result, args.min_seconds) if done <= len(compared) else budget
         if raised > budget and result["effective_tokens"] < budget:  # training ran out of data, not of budget
             print(f"{name}: {system} used all its data in {result['timed_seconds']:.0f} s; a larger budget would "
@@ -224,12 +225,19 @@ def summarize(results: list[dict], peak: dict[str, float], baseline_system: str)
     baseline = next((r for r in results if r["system"] == baseline_system), None)
     tuned = next((r for r in results if r["system"] == "trl_tuned"), None)
     for r in results:
-        r["mfu"] = 6 * r["parameters"] * r["tokens_per_s"] / (peak[r["precision"]] * 1e9)
+        r["mfu"] = mfu(r, peak)
         r["speed_vs_baseline"] = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None
         r["speed_vs_trl_tuned"] = r["tokens_per_s"] / tuned["tokens_per_s"] if tuned else None
 
 
 # --- reporting ---------------------------------------------------------------------------------------------
+
+
+def mfu(result: dict, peak: dict[str, float]) -> float | None:
+    """6 x N x tokens/s over the matmul peak of the run's precision (None where that peak was not measured)."""
+    if result["precision"] not in peak:
+        return None
+    return 6 * result["parameters"] * result["tokens_per_s"] / (peak[result["precision"]] * 1e9)
 
 
 def render_workload(name: str, block: dict) -> str:
@@ -253,9 +261,10 @@ def render_workload(name: str, block: dict) -> str:
             timed += " (short)"
         ratios = (f"{r['speed_vs_baseline']:.2f}x |" if r["speed_vs_baseline"] else "- |") + (
             f" {r['speed_vs_trl_tuned']:.2f}x |" if tuned else "")
+        utilization = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['spread']:.0%} | {ratios} "
                      f"{r['seconds_per_step']:.2f} | {timed} | {r['padding_share']:.0%} | {memory} | {loss} | "
-                     f"{r['mfu']:.1%} | {r['precision']} | {'on' if r['activation_checkpointing'] else 'off'} | "
+                     f"{utilization} | {r['precision']} | {'on' if r['activation_checkpointing'] else 'off'} | "
                      f"{', '.join(f'{x:.1f}' for x in r['tokens_per_s_rounds'])} |")
     return "\n".join(lines)
 
@@ -266,9 +275,11 @@ def _short(run: dict) -> bool:
 
 def render(report: dict) -> str:
     prep = report.get("preprocessing_alpaca5k_s", {})
-    lines = ["# Speed benchmark results", "",
-             "Reproduce: `python benchmarks/speed.py` (every workload; `--workloads NAME ...` re-measures some and "
-             "keeps the rest; writes this file and `benchmarks/results/speed.json`).", "",
+    gpu = report["size"] == "gpu"
+    lines = ["# Speed benchmark results" + (" on a GPU" if gpu else ""), "",
+             f"Reproduce: `python benchmarks/speed.py{' --size gpu' if gpu else ''}` (every workload; `--workloads "
+             "NAME ...` re-measures some and keeps the rest; writes this file and "
+             f"`benchmarks/results/speed{'_gpu' if gpu else ''}.json`).", "",
              f"Every compared system runs {report['repeats']} interleaved rounds, each in a fresh process, and the "
              "median round is reported with the spread of the rounds, (max - min) / median. A first-round run that timed "
              f"under `--min-seconds` ({LONG_ENOUGH[0]:.0f} s by default; 0 turns this off) or {LONG_ENOUGH[1]} "
@@ -296,7 +307,7 @@ def render(report: dict) -> str:
         lines.append("")
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += [f"Versions (the latest run): {versions}.", ""]
-    if report["size"] == "cpu":
+    if not gpu:
         lines += ["On a GPU: `--size gpu` writes `benchmarks/RESULTS_GPU.md`; the short looks that fit a device "
                   "lease so far (tokens/s, MFU, peak GPU memory, a profile) are in "
                   "[`results/speed_gpu_h200.md`](results/speed_gpu_h200.md).", ""]
@@ -329,7 +340,8 @@ def matmul_peak(repeats: int = 3) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = 8192 if device == "cuda" else 2048
     peak = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, **({"fp16": torch.float16} if device == "cuda" else {})}
+    for name, dtype in dtypes.items():
         a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
         best = float("inf")
         for op in (torch.matmul, torch.nn.functional.linear):
@@ -341,6 +353,9 @@ def matmul_peak(repeats: int = 3) -> dict[str, float]:
                 sync()
                 best = min(best, time.perf_counter() - start)
         peak[name] = round(2 * size**3 / best / 1e9, 1)
+        del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the workers that run next need the GPU's memory, not this process's cache
     return peak
 
 
