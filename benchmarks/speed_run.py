@@ -11,7 +11,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from speed_workloads import REPO, WORKLOADS, build, held_out  # noqa: E402
+from speed_eval import held_out  # noqa: E402
+from speed_workloads import REPO, WORKLOADS, build  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402 - after the offline switches
 from worker import peak_rss_mb, reset_peak_rss  # noqa: E402
 
