@@ -120,34 +120,6 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
         sub.set_defaults(handler=_generate if name == "generate" else _chat)
 
-    merge = commands.add_parser(
-        "merge",
-        help="Merge a LoRA/DoRA adapter into a full-precision copy of its base.",
-        description="Merge the adapter of a run (or checkpoint / adapter folder) into its base, reloaded in full "
-        "precision even when training quantized it; check that merged logits match adapter-on-base; save "
-        "safetensors, tokenizer and generation config.",
-    )
-    merge.add_argument("run", help="A run directory, a checkpoint-N folder or an adapter folder.")
-    merge.add_argument("--out", required=True, help="Folder for the merged model (must be new or empty).")
-    merge.add_argument("--base", help="Base checkpoint to merge into (default: the one the run trained on).")
-    merge.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32, bfloat16, float16.")
-    merge.add_argument("--tolerance", type=float, default=1e-4,
-                       help="Largest allowed logit difference, relative to the largest logit (at least 1).")
-    merge.add_argument("--overwrite", action="store_true", help="Replace the files already in --out.")
-    merge.set_defaults(handler=_merge)
-
-    push = commands.add_parser(
-        "push",
-        help="Publish a run to the Hugging Face Hub with a model card.",
-        description="Upload a run's adapter (or merged / full model), tokenizer, recipe and a generated model card "
-        "in one commit. The token comes from `hf auth login` or HF_TOKEN; HF_ENDPOINT selects a private hub.",
-    )
-    push.add_argument("run", help="A run directory.")
-    push.add_argument("--repo-id", required=True, help="Hub repo to create or update, e.g. me/my-model.")
-    push.add_argument("--private", action="store_true", help="Create the repo as private.")
-    push.add_argument("--merged", action="store_true", help="Merge the adapter into its base and push the full model.")
-    push.set_defaults(handler=_push)
-
     data = commands.add_parser("data", help="Inspect a recipe's processed data.", description="Inspect a recipe's data.")
     data_commands = data.add_subparsers(title="data commands", required=True, metavar="COMMAND")
     show = data_commands.add_parser(
@@ -379,23 +351,6 @@ def _chat(args: argparse.Namespace) -> int:
             reply = generate(model, tokenizer, [messages], args.max_new_tokens, chat=True)[0]
         messages.append({"role": "assistant", "content": reply["completion"]})
         print("model>", reply["completion"])
-    return 0
-
-
-def _merge(args: argparse.Namespace) -> int:
-    from llmtune.models.merge import merge_adapter
-
-    result = merge_adapter(args.run, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance,
-                           overwrite=args.overwrite)
-    print(json.dumps({"out": str(result.out), "base": result.base,
-                      "max_logit_difference": result.max_logit_difference}, indent=2))
-    return 0
-
-
-def _push(args: argparse.Namespace) -> int:
-    from llmtune.hub.push import push
-
-    print(push(args.run, args.repo_id, private=args.private, merged=args.merged))
     return 0
 
 

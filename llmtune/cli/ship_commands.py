@@ -1,8 +1,10 @@
-"""The commands that take a trained model to where it is used: serve and export (with their argument parsers)."""
+"""The commands that take a trained model to where it is used: merge, push, serve and export (with their argument
+parsers)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,34 @@ API_KEY_ENV = "LLMTUNE_API_KEY"
 
 
 def add_ship_commands(commands: Any) -> None:
+    merge = commands.add_parser(
+        "merge",
+        help="Merge a LoRA/DoRA adapter into a full-precision copy of its base.",
+        description="Merge the adapter of a run (or checkpoint / adapter folder) into its base, reloaded in full "
+        "precision even when training quantized it; check that merged logits match adapter-on-base; save "
+        "safetensors, tokenizer and generation config.",
+    )
+    merge.add_argument("run", help="A run directory, a checkpoint-N folder or an adapter folder.")
+    merge.add_argument("--out", required=True, help="Folder for the merged model (must be new or empty).")
+    merge.add_argument("--base", help="Base checkpoint to merge into (default: the one the run trained on).")
+    merge.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32, bfloat16, float16.")
+    merge.add_argument("--tolerance", type=float, default=1e-4,
+                       help="Largest allowed logit difference, relative to the largest logit (at least 1).")
+    merge.add_argument("--overwrite", action="store_true", help="Replace the files already in --out.")
+    merge.set_defaults(handler=_merge)
+
+    push = commands.add_parser(
+        "push",
+        help="Publish a run to the Hugging Face Hub with a model card.",
+        description="Upload a run's adapter (or merged / full model), tokenizer, recipe and a generated model card "
+        "in one commit. The token comes from `hf auth login` or HF_TOKEN; HF_ENDPOINT selects a private hub.",
+    )
+    push.add_argument("run", help="A run directory.")
+    push.add_argument("--repo-id", required=True, help="Hub repo to create or update, e.g. me/my-model.")
+    push.add_argument("--private", action="store_true", help="Create the repo as private.")
+    push.add_argument("--merged", action="store_true", help="Merge the adapter into its base and push the full model.")
+    push.set_defaults(handler=_push)
+
     serve = commands.add_parser(
         "serve", help="Serve a run or model over HTTP (OpenAI-compatible; /v1/classify for classifiers).",
         description="Causal LMs: /v1/chat/completions (stream: true for server-sent events), /v1/completions and "
@@ -88,4 +118,21 @@ def _export(args: argparse.Namespace) -> int:
         print(f"Use it: cd {result.files[-1].parent} && ollama create {result.name} -f {result.files[-1].name}")
     else:
         print(f"Use it: llama-cli -m {result.files[0]} -cnv (or llmtune serve {result.files[0]})")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from llmtune.models.merge import merge_adapter
+
+    result = merge_adapter(args.run, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance,
+                           overwrite=args.overwrite)
+    print(json.dumps({"out": str(result.out), "base": result.base,
+                      "max_logit_difference": result.max_logit_difference}, indent=2))
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from llmtune.hub.push import push
+
+    print(push(args.run, args.repo_id, private=args.private, merged=args.merged))
     return 0
