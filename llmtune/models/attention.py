@@ -39,7 +39,8 @@ SDPA_VARLEN = "sdpa_varlen"
 # layer at 4096 tokens in bf16; and the one call does up to N / L times the loop's attention work.
 ONE_CALL_MAX_TOKENS = 4096
 # With a mask, PyTorch 2.11 on an H200 picks cuDNN's kernel, which builds a plan for each new row length: 96 ms
-# per new length (forward + backward) against the memory-efficient kernel's 0.85 ms, at ~1,700 tokens.
+# per new length (forward + backward) against the memory-efficient kernel's 0.85 ms, at ~1,700 tokens
+# (benchmarks/sdpa_kernels.py times the kernels on this and the padded shapes).
 MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
