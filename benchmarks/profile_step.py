@@ -127,6 +127,10 @@ def main() -> int:
     from llmtune.precision import resolved_precision
 
     workload = WORKLOADS[args.workload]
+    import torch
+
+    if args.size == "gpu" and not torch.cuda.is_available():
+        parser.error("--size gpu profiles CUDA kernels, and this machine has no CUDA GPU; leave --size out (cpu) here")
     if args.size not in workload.batch_size:
         parser.error(f"--workload {args.workload} has no {args.size} batch size; pick --size "
                      f"{' or '.join(workload.batch_size)}")
