@@ -36,7 +36,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from llmtune import load_recipe, train
-    from llmtune.runs import _cpu_name, library_versions
+    from llmtune.run.run_dir import _cpu_name, library_versions
 
     rows = {}
     for name in args.models:

@@ -54,7 +54,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from llmtune import load_recipe, train
-    from llmtune.runs import _cpu_name, library_versions
+    from llmtune.run.run_dir import _cpu_name, library_versions
 
     data = Path(args.data_dir)
     results = {}
@@ -107,7 +107,7 @@ def main() -> int:
 
 def throughput(runs: dict[str, str], dev: Path, batch_size: int, rounds: int = 5) -> dict[str, float]:
     """Dev sentences per second for each run, in alternating rounds on the same batches; the fastest round kept."""
-    from llmtune.tasks.classification_predict import Classifier
+    from llmtune.inference.classifier import Classifier
 
     sentences = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:]]
     models = {name: Classifier.load(path) for name, path in runs.items()}

@@ -32,9 +32,9 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmtune.generation import stop_token_ids
+    from llmtune.inference.generation import stop_token_ids
     from llmtune.models.sources import resolve_model
-    from llmtune.runs import _cpu_name
+    from llmtune.run.run_dir import _cpu_name
     from llmtune.ship.export import _probe_text
     from llmtune.ship.gguf_file import load_gguf, verify_gguf, write_gguf
 

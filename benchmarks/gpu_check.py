@@ -136,7 +136,7 @@ def stop(launch: subprocess.Popen) -> None:
 
 LOAD_CHECK = """
 import sys
-from llmtune.models.trained import load_trained
+from llmtune.inference.trained import load_trained
 model, tokenizer, _ = load_trained(sys.argv[1])
 print(model(**tokenizer("Hello there", return_tensors="pt").to(model.device)).logits.shape)
 """

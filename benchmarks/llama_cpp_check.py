@@ -41,9 +41,9 @@ def main() -> int:
         return 2
     from transformers import AutoModelForCausalLM
 
-    from llmtune.generation import encode_prompt, generate
-    from llmtune.models.trained import load_trained
-    from llmtune.runs import _cpu_name
+    from llmtune.inference.generation import encode_prompt, generate
+    from llmtune.inference.trained import load_trained
+    from llmtune.run.run_dir import _cpu_name
     from llmtune.ship.export import export
 
     run = Path(args.run)

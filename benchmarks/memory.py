@@ -70,8 +70,8 @@ def main() -> int:
         r["speed_vs_full"] = round(r["tokens_per_s"] / baseline["tokens_per_s"], 3)
     table = render(results, baseline["method"], args)
     print(table)
-    from llmtune.files import write_json, write_text
-    from llmtune.runs import library_versions
+    from llmtune.run.files import write_json, write_text
+    from llmtune.run.run_dir import library_versions
 
     write_json(Path(args.out), {"settings": vars(args) | {"worker": None}, "results": results,
                                 "versions": library_versions()})

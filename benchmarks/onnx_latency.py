@@ -44,10 +44,11 @@ def main() -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from llmtune.inference.classifier import Classifier
+    from llmtune.inference.onnx_classifier import load_onnx_classifier
     from llmtune.models.sources import resolve_model
-    from llmtune.runs import _cpu_name
-    from llmtune.ship.onnx_file import load_onnx_classifier, write_onnx
-    from llmtune.tasks.classification_predict import Classifier
+    from llmtune.run.run_dir import _cpu_name
+    from llmtune.ship.onnx_file import write_onnx
 
     path = resolve_model("minilm").path
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()

@@ -88,7 +88,7 @@ def main() -> int:
                      f"{r['peak_error']:+7.0%} {r['predicted_seconds']:12.0f} s {r['measured_seconds']:11.0f} s "
                      f"{r['time_error']:+7.0%}")
     print("\n".join(lines))
-    from llmtune.runs import library_versions
+    from llmtune.run.run_dir import library_versions
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from llmtune.runs import _cpu_name, library_versions
+    from llmtune.run.run_dir import _cpu_name, library_versions
 
     result: dict = {"benchmark": "preference_quality", "command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),

@@ -124,7 +124,7 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from llmtune import load_recipe
-    from llmtune.precision import resolved_precision
+    from llmtune.run.precision import resolved_precision
 
     workload = WORKLOADS[args.workload]
     import torch

@@ -43,7 +43,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from llmtune import load_recipe, train
-    from llmtune.runs import library_versions
+    from llmtune.run.run_dir import library_versions
 
     rows = json.loads(Path(args.data).read_text())
     with tempfile.TemporaryDirectory() as work:

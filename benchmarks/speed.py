@@ -91,8 +91,8 @@ def main() -> int:
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"speed{suffix}.json")
     args.results_md = args.results_md or str(REPO / "benchmarks" / f"RESULTS{suffix.upper()}.md")
 
-    from llmtune.files import write_json, write_text
-    from llmtune.runs import library_versions
+    from llmtune.run.files import write_json, write_text
+    from llmtune.run.run_dir import library_versions
 
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     kept = {name: block for name, block in previous.get("workloads", {}).items() if "date" in block}  # this format
@@ -326,7 +326,7 @@ def machine() -> str:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
                  platform.processor())
-    from llmtune.precision import cpu_has_native_bf16
+    from llmtune.run.precision import cpu_has_native_bf16
 
     return (f"{model}, {torch.get_num_threads()} CPU threads, no GPU, "
             f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16 (no avx512_bf16/AMX)'}")
@@ -360,7 +360,7 @@ def matmul_peak(repeats: int = 3) -> dict[str, float]:
 
 
 def _native_bf16() -> bool:
-    from llmtune.precision import cpu_has_native_bf16
+    from llmtune.run.precision import cpu_has_native_bf16
 
     return _cuda() or cpu_has_native_bf16()
 

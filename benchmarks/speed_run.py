@@ -59,7 +59,7 @@ def run_system(args: argparse.Namespace) -> dict:
     args.compile = args.precision == "compile"
     args.precision = {"default": "fp32", "compile": "auto"}.get(args.precision, args.precision)
     if args.precision == "auto" and args.system != "llmtune":  # the precision llmtune would pick on this machine
-        from llmtune.precision import resolved_precision
+        from llmtune.run.precision import resolved_precision
 
         args.precision = resolved_precision("auto")
     trainer = build(workload, args.system, args, work)

@@ -202,7 +202,7 @@ def _plain_sft(recipe, args, work: Path, trl: str | None):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from llmtune.training import transformers_optimizer
+    from llmtune.run.training import transformers_optimizer
 
     if trl:
         tuned = trl == "trl_tuned"
@@ -235,7 +235,7 @@ def plain_sft_data(tokenizer, train_file: Path, max_length: int):
 def tuned_attention(precision: str) -> str:
     """The attention implementation llmtune picks for padding-free batches (flash attention 2 on CUDA where it is
     installed; else its per-sample SDPA, registered with transformers by importing the module)."""
-    from llmtune.models.attention import attention_for
+    from llmtune.kernels.attention import attention_for
 
     return attention_for("auto", padding_free=True, precision=precision)
 
@@ -272,7 +272,7 @@ def sft_preprocessing_seconds(system: str, args, work: Path, train_file: Path) -
         "data.dataset=null", f"data.train_file={train_file}", "data.validation_fraction=0", "data.eval_split=null",
         f"output.dir={work / 'run'}"])
     if system == "llmtune":
-        from llmtune.pipeline import resolve_source
+        from llmtune.models.sources import resolve_source
         from llmtune.tasks import causal_lm
 
         path = resolve_source(recipe).path

@@ -20,18 +20,18 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from llmtune.checkpoints import MARKER, describe_write_error, prepare_resume
 from llmtune.config.schema import Recipe
-from llmtune.distributed import barrier, main_process_first
 from llmtune.errors import LlmtuneError
-from llmtune.files import make_public, write_json
 from llmtune.models.adapters import is_adapter, parameter_summary
 from llmtune.models.loading import check_max_length
-from llmtune.models.sources import ResolvedModel, hub_base_model, resolve_model
+from llmtune.models.sources import ResolvedModel, hub_base_model, resolve_source
 from llmtune.observe.console import attach_console, quiet_libraries, summary_table
 from llmtune.observe.report import write_report
-from llmtune.precision import resolved_precision
-from llmtune.runs import (
+from llmtune.run.checkpoints import MARKER, describe_write_error, prepare_resume
+from llmtune.run.distributed import barrier
+from llmtune.run.files import make_public, write_json
+from llmtune.run.precision import resolved_precision
+from llmtune.run.run_dir import (
     METRICS_FILE,
     RUN_RECORD,
     changed_settings,
@@ -42,9 +42,9 @@ from llmtune.runs import (
     run_dir_for,
     write_run_record,
 )
+from llmtune.run.training import attach_run_callbacks, liger_kernels_on, train_and_evaluate
 from llmtune.tasks import task_module
 from llmtune.tasks.job import Job
-from llmtune.training import attach_run_callbacks, liger_kernels_on, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +67,6 @@ def seed_everything(recipe: Recipe) -> None:
     from transformers import set_seed
 
     set_seed(recipe.training.seed, deterministic=recipe.training.deterministic)
-
-
-def resolve_source(recipe: Recipe) -> ResolvedModel | None:
-    """The checkpoint to start from (None for a model built from scratch). A .gguf file is converted once, by the
-    main process first; the others then find the converted copy."""
-    if recipe.model.init == "scratch":
-        return None
-    with main_process_first(local=True):  # the cache is per machine
-        return resolve_model(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
 
 
 def build(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
@@ -218,14 +209,14 @@ def run_record(run: Run, overrides: list[str] | None) -> dict[str, Any]:
         "parameters": parameter_summary(trainer.model),
         **run.job.record,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "checkpoint_marker": MARKER,  # checkpoints count only with it (llmtune/checkpoints.py)
+        "checkpoint_marker": MARKER,  # checkpoints count only with it (llmtune/run/checkpoints.py)
     }
 
 
 def save(run: Run) -> None:
     """Leave the adapter, merged or full model at the top of the run directory (every process takes part)."""
-    from llmtune.models.merge import merge_adapter
-    from llmtune.models.trained import ADAPTER_SUBDIR, save_trained
+    from llmtune.inference.merge import merge_adapter
+    from llmtune.inference.trained import ADAPTER_SUBDIR, save_trained
 
     recipe, trainer, run_dir = run.recipe, run.job.trainer, run.run_dir
     kind = recipe.output.save

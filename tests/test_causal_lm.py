@@ -13,7 +13,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from llmtune import build_trainer, load_recipe, train
 from llmtune.cli import main
 from llmtune.data.lm_tokenize import tokenize_conversation, tokenize_conversation_batch
-from llmtune.models.attention import SDPA_VARLEN
+from llmtune.kernels.attention import SDPA_VARLEN
 
 CHAT = [
     {"role": "system", "content": "You answer briefly."},

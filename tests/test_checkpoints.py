@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from llmtune.callbacks import StopOnSignal
-from llmtune.checkpoints import MARKER, mark_complete, newest_complete, prepare_resume, rotate, why_incomplete
 from llmtune.errors import LlmtuneError
-from llmtune.runs import changed_settings
+from llmtune.run.callbacks import StopOnSignal
+from llmtune.run.checkpoints import MARKER, mark_complete, newest_complete, prepare_resume, rotate, why_incomplete
+from llmtune.run.run_dir import changed_settings
 
 
 def checkpoint(run_dir, step: int, complete: bool = True):
@@ -91,7 +91,7 @@ def test_resume_comparison_names_training_changes_and_ignores_the_rest():
 
 def test_sigterm_grace_ends_the_process_when_the_save_takes_too_long(monkeypatch):
     exits = []
-    monkeypatch.setattr("llmtune.callbacks.os._exit", exits.append)
+    monkeypatch.setattr("llmtune.run.callbacks.os._exit", exits.append)
     stop = StopOnSignal(grace_seconds=0.2)
     stop._on_signal(signal.SIGTERM, None)
     assert stop.exit_code == 143

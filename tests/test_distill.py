@@ -15,7 +15,7 @@ from llmtune.errors import LlmtuneError
 
 
 def test_distillation_loss_equals_the_hand_computed_value():
-    from llmtune.distillation import distillation_loss
+    from llmtune.tasks.distillation import distillation_loss
 
     student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
     teacher = torch.tensor([[3.0, 1.0, 0.0], [-1.0, 2.0, 1.0]])
@@ -67,7 +67,7 @@ def test_distill_run_learns_from_a_teacher_run_and_prunes_to_a_plain_checkpoint(
     # The student is an ordinary 1-block BERT classifier: plain transformers loads it and scores as the run did.
     plain = AutoModelForSequenceClassification.from_pretrained(student).eval()
     assert plain.config.num_hidden_layers == 1 and len(plain.bert.encoder.layer) == 1
-    from llmtune.tasks.classification_predict import Classifier
+    from llmtune.inference.classifier import Classifier
 
     ours = Classifier.load(student, precision="fp32")  # the run's own may be bf16 (CPUs with avx512_bf16)
     batch = ours.tokenizer(["a fine chair", "it broke in a day"], padding=True, return_tensors="pt")
@@ -122,7 +122,7 @@ def test_a_transfer_file_adds_unlabelled_rows_the_teacher_alone_teaches(tiny_ber
     labelled = len(reviews_files["train"].read_text().splitlines())
     assert record["labelled_train_rows"] == labelled and record["data_sizes"]["train"] == labelled + 20
     # A batch of transfer rows alone has no cross-entropy term: only the teacher's.
-    from llmtune.distillation import distillation_loss
+    from llmtune.tasks.distillation import distillation_loss
 
     student_logits, teacher_logits = torch.tensor([[1.0, -1.0]]), torch.tensor([[0.0, 2.0]])
     unlabelled = distillation_loss(student_logits, teacher_logits, torch.tensor([-1]), 0.5, 2.0)

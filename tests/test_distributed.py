@@ -14,8 +14,8 @@ from conftest import REPO, SHARED_DATA, run_cli
 from safetensors.torch import load_file
 
 from llmtune.cli import main
-from llmtune.distributed import CONFIG_DIR, CPU_CONFIGS, accumulation_for, available_configs
 from llmtune.errors import LlmtuneError
+from llmtune.run.distributed import CONFIG_DIR, CPU_CONFIGS, accumulation_for, available_configs
 
 
 def accelerate_launch(config: str, *args: str, timeout: float = 900, env: dict | None = None):
@@ -68,7 +68,7 @@ def test_gpu_only_config_on_a_cpu_machine_names_the_one_to_use(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_fsdp_launch_without_gpu_is_refused_not_silently_ignored(monkeypatch):
-    from llmtune.distributed import check_launch_environment
+    from llmtune.run.distributed import check_launch_environment
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(LlmtuneError, match="launched with FSDP.*cpu_ddp"):
@@ -181,7 +181,7 @@ def test_two_process_classification_trains_together_and_evaluates_every_sample_o
 def test_two_process_lora_sft_saves_one_whole_adapter_that_loads(alpaca_files, tmp_path):
     """Also from a cold cache: the installed GGUF is converted once, by the main process, while the other waits
     (two ranks converting at once used to collide on the cache folder)."""
-    from llmtune.models.trained import load_trained
+    from llmtune.inference.trained import load_trained
 
     run_dir = tmp_path / "ddp-sft"
     result = accelerate_launch("cpu_ddp", "train", "recipes/smollm2_alpaca_lora.yaml", "data.dataset=null",

@@ -16,8 +16,8 @@ from go_template import render_ollama
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from llmtune.errors import LlmtuneError
-from llmtune.generation import generate
 from llmtune.hub.model_card import render
+from llmtune.inference.generation import generate
 from llmtune.ship.ollama import go_template, modelfile, template_pieces
 
 CONVERSATIONS = [
@@ -127,9 +127,9 @@ def test_a_decoder_classifier_exports_to_onnx_too(tiny_llama, tmp_path):
     """Classification heads on decoders (last-token pooling over padded batches) export as encoders do."""
     from transformers import AutoConfig, LlamaForSequenceClassification
 
+    from llmtune.inference.classifier import Classifier
     from llmtune.ship.export import PROBE_SENTENCES
     from llmtune.ship.onnx_file import verify_onnx, write_onnx
-    from llmtune.tasks.classification_predict import Classifier
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     config = AutoConfig.from_pretrained(tiny_llama, num_labels=3)
@@ -167,7 +167,7 @@ def sft_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_real_sft_run_exported_for_ollama_reloads_as_the_same_model_and_talks_the_same(sft_run, smollm2_path):
-    from llmtune.models.trained import load_trained
+    from llmtune.inference.trained import load_trained
 
     result = run_cli("export", str(sft_run), "--format", "ollama", "--quant", "f16", cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -228,9 +228,9 @@ def test_q8_0_changes_the_top_token_only_where_the_model_was_torn_on_wikitext(sm
 @pytest.mark.slow
 def test_a_real_sst2_classifier_in_onnx_predicts_as_pytorch_does_on_200_dev_sentences(minilm_path, tmp_path):
     from llmtune import api, load_recipe
+    from llmtune.inference.classifier import Classifier
+    from llmtune.inference.onnx_classifier import load_onnx_classifier
     from llmtune.ship.export import export
-    from llmtune.ship.onnx_file import load_onnx_classifier
-    from llmtune.tasks.classification_predict import Classifier
 
     dev = SHARED_DATA / "sst2" / "dev.tsv"
     if not dev.exists():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, write_jsonl, write_reviews
 
-from llmtune.checkpoints import why_incomplete
+from llmtune.run.checkpoints import why_incomplete
 
 pytestmark = pytest.mark.slow  # every test here trains in subprocesses
 
@@ -172,7 +172,7 @@ def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint
         pytest.skip("no way to mount a small tmpfs here (needs root or unprivileged user namespaces)")
     try:
         run_dir = disk / "run"
-        inspect = (f"import json; from llmtune.checkpoints import why_incomplete, list_checkpoints; "
+        inspect = (f"import json; from llmtune.run.checkpoints import why_incomplete, list_checkpoints; "
                    f"from pathlib import Path; print('STATE', json.dumps({{p.name: why_incomplete(p) "
                    f"for p in list_checkpoints(Path('{run_dir}'))}}))")
         command = [sys.executable, "-c",

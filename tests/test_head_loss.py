@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmtune.patches import trl_labelled_logits as head_loss
-from llmtune.patches.onednn_packed_linear import FrozenLinear
-from llmtune.patches.trl_labelled_logits import IGNORE, head_cross_entropy
+from llmtune.kernels import head_loss
+from llmtune.kernels.frozen_linear import FrozenLinear
+from llmtune.kernels.head_loss import IGNORE, head_cross_entropy
 
 
 def reference(hidden, weight, targets, dtype):
@@ -62,7 +62,7 @@ def test_nothing_vocabulary_wide_is_kept_for_the_backward_pass_and_no_gradient_i
 def test_a_kept_workspace_gives_the_same_results_and_is_made_at_most_twice(monkeypatch):
     """The trainer passes one workspace every step: its block buffers are reused (no fresh allocation, so no page
     faults for them), grow once to a whole block when a step needs more, and never change a result."""
-    from llmtune.patches.trl_labelled_logits import HeadWorkspace
+    from llmtune.kernels.head_loss import HeadWorkspace
 
     torch.manual_seed(0)
     monkeypatch.setattr(head_loss, "BLOCK_BYTES", 4 * 300 * 40)  # blocks of 40 positions of a 300-token vocabulary

@@ -100,7 +100,7 @@ def test_image_folder_with_a_corrupt_file_and_mixed_modes_trains_and_counts_the_
     assert record["pixels"]["channels"] == 1  # the first image decides; the RGB ones were converted
     # Evaluating is different: the user asked about every file, so a broken one is an error that names it.
     from llmtune.data.loading import load_image_rows
-    from llmtune.tasks.image_predict import ImageClassifier
+    from llmtune.inference.image_classifier import ImageClassifier
 
     with pytest.raises(LlmtuneError, match="broken.png"):
         ImageClassifier.load(run_dir).evaluate(load_image_rows(str(folder), "--data"), ["accuracy"])
@@ -216,7 +216,7 @@ def test_pretrained_vision_checkpoint_full_and_lora_with_pruning(method, tiny_vi
         "training.epochs=1", "training.batch_size=16", "training.save_every=no", f"output.dir={run_dir}", NO_REPORT]))
     record = json.loads((run_dir / "run.json").read_text())
     assert record["pixels"] == {"size": 28, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
-    from llmtune.tasks.image_predict import ImageClassifier
+    from llmtune.inference.image_classifier import ImageClassifier
 
     classifier = ImageClassifier.load(run_dir)
     assert classifier.labels == [str(d) for d in range(10)] and classifier.spec.channels == 3

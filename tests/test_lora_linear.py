@@ -14,9 +14,9 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from transformers import AutoModelForCausalLM
 
 from llmtune import build_trainer, load_recipe
-from llmtune.models import lora_linear
-from llmtune.models.lora_linear import FusedLoraLinear
-from llmtune.patches import onednn_packed_linear
+from llmtune.kernels import frozen_linear as onednn_packed_linear
+from llmtune.kernels import lora_linear
+from llmtune.kernels.lora_linear import FusedLoraLinear
 from llmtune.patches.peft_custom_module import use_lora_layer
 
 

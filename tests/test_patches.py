@@ -62,7 +62,7 @@ def test_peft_custom_module_hook_builds_our_layer_and_saves_a_plain_config(tmp_p
     """patches/peft_custom_module.py: the hook makes peft build llmtune's layer, and stays out of the saved config."""
     from peft import LoraConfig, get_peft_model
 
-    from llmtune.models.lora_linear import FusedLoraLinear
+    from llmtune.kernels.lora_linear import FusedLoraLinear
     from llmtune.patches.peft_custom_module import use_lora_layer
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
@@ -269,9 +269,9 @@ def test_fsdp2_gate_matches_whether_torch_gathers_a_tied_head_group_the_fused_he
                     reason="oneDNN has no bf16 on this CPU (no AVX-512 and no AMX): llmtune never packs weights here")
 @pytest.mark.parametrize("bias", [False, True])
 def test_torch_still_has_onednn_packed_linear_giving_the_plain_matmuls_results(bias):
-    """patches/onednn_packed_linear.py. Where oneDNN runs bf16, torch's packed-weight ops must exist and give the
+    """kernels/frozen_linear.py (torch private ops). Where oneDNN runs bf16, torch's packed-weight ops must exist and give the
     plain matmuls' results bit for bit, forward and input gradient, for a contiguous or a strided input."""
-    from llmtune.patches.onednn_packed_linear import FrozenLinear, packs
+    from llmtune.kernels.frozen_linear import FrozenLinear, packs
 
     assert packs(torch.bfloat16) and not packs(torch.float32)
     torch.manual_seed(0)

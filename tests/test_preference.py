@@ -71,7 +71,7 @@ def test_each_preference_task_trains_evaluates_and_saves_an_adapter(tiny_llama, 
 @pytest.mark.parametrize("task, packs", [("dpo", False), ("kto", False), ("orpo", True)])
 def test_tasks_with_a_reference_pass_keep_frozen_weights_unpacked(tiny_llama, hh_file, tmp_path, task, packs):
     """Packing the frozen weights for oneDNN cost DPO time and memory (README, native-bf16 benchmark)."""
-    from llmtune.models.lora_linear import FusedLoraLinear
+    from llmtune.kernels.lora_linear import FusedLoraLinear
 
     trainer = api.build_trainer(recipe_for(task, tiny_llama, hh_file, tmp_path / "run"))
     fused = [m for m in trainer.model.modules() if isinstance(m, FusedLoraLinear)]
@@ -127,7 +127,7 @@ print(json.dumps(logps.tolist()))
 """
     plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "llmtune" not in plain.stderr
-    from llmtune.models.trained import load_trained
+    from llmtune.inference.trained import load_trained
 
     model, tokenizer, _ = load_trained(out)
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -144,7 +144,7 @@ print(json.dumps(logps.tolist()))
 @pytest.mark.parametrize("sft_adapter", ["merge", "continue"])
 def test_dpo_starts_from_an_sft_run_and_names_it(tiny_llama, hh_file, tmp_path, sft_adapter):
     from llmtune.hub.model_card import render
-    from llmtune.models.trained import load_trained
+    from llmtune.inference.trained import load_trained
 
     sft_data = tmp_path / "sft.jsonl"
     with sft_data.open("w") as handle:
@@ -235,8 +235,8 @@ def test_dpo_and_kto_under_fsdp_on_a_torch_that_breaks_the_fused_head_are_refuse
         tiny_llama, hh_file, tmp_path, monkeypatch):
     """trl's DPO/KTO head breaks FSDP2 on torch < 2.13 (tests/test_patches.py::test_fsdp2_gate_...): say so before
     training rather than fail at the first step after a checkpoint save."""
-    from llmtune import preference_trainers
     from llmtune.errors import LlmtuneError
+    from llmtune.tasks import preference_trainers
 
     monkeypatch.setattr(preference_trainers, "launched_with", lambda mode: mode == "FSDP")
     monkeypatch.setattr(preference_trainers, "fused_head_breaks_fsdp2", lambda: True)

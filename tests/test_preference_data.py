@@ -197,7 +197,7 @@ def test_kto_rows_with_an_empty_prompt_are_dropped_and_counted_and_bad_messages_
 
 
 def test_accuracy_counts_a_tie_as_half_and_otherwise_keeps_trls_number():
-    from llmtune.preference_trainers import summarize
+    from llmtune.tasks.preference_trainers import summarize
 
     metrics = summarize("dpo")
     tied = {"eval_loss": 0.69, "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0}

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from llmtune import build_trainer, load_recipe, train
 from llmtune.errors import LlmtuneError
-from llmtune.models.lora_linear import FusedLoraLinear
+from llmtune.kernels.lora_linear import FusedLoraLinear
 
 CHATS = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(24)]
 
@@ -57,7 +57,7 @@ def test_qlora_and_qdora_keep_learning_and_reload_as_on_a_bf16_cpu(tiny_llama, t
     adapter reloads on its 4-bit base and runs (QDoRA used to crash there on such CPUs)."""
     from safetensors.torch import load_file
 
-    from llmtune.models.trained import load_trained
+    from llmtune.inference.trained import load_trained
 
     recipe = recipe_for(tiny_llama, tmp_path, f"method.type={method}", "method.quantization=4bit",
                         "method.quant_type=fp4", "method.double_quant=false", f"training.precision={precision}",

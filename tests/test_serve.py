@@ -171,7 +171,7 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(lm_server):
 def test_a_classifier_serves_labels_and_probabilities_as_llmtune_predict_gives_them(tiny_bert, reviews_files,
                                                                                      tmp_path):
     from llmtune import api, load_recipe
-    from llmtune.tasks.classification_predict import Classifier
+    from llmtune.inference.classifier import Classifier
 
     run_dir = tmp_path / "clf"
     api.train(load_recipe("recipes/quickstart.yaml", [

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from llmtune import build_trainer, load_recipe
 from llmtune.errors import LlmtuneError
-from llmtune.models.attention import SDPA_VARLEN, attention_for, sdpa_varlen_attention
-from llmtune.precision import cpu_has_native_bf16, resolved_precision
+from llmtune.kernels.attention import SDPA_VARLEN, attention_for, sdpa_varlen_attention
+from llmtune.run.precision import cpu_has_native_bf16, resolved_precision
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -45,7 +45,7 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch):
 def test_liger_kernels_only_where_they_run(monkeypatch):
     """Liger's kernels are Triton/CUDA: auto turns them on only with a GPU and the package; 'on' without them
     is an error naming the field and what is missing."""
-    import llmtune.training as training
+    import llmtune.run.training as training
 
     installed = {"liger_kernel": True}
     monkeypatch.setattr(training.importlib.util, "find_spec", lambda name: object() if installed.get(name) else None)
@@ -62,7 +62,7 @@ def test_liger_kernels_only_where_they_run(monkeypatch):
 
 
 def test_auto_attention_is_per_sample_sdpa_for_padding_free_batches_unless_flash_attention_fits(monkeypatch):
-    from llmtune.models import attention
+    from llmtune.kernels import attention
 
     flash_attn = {"installed": False}
     monkeypatch.setattr(attention.importlib.util, "find_spec",
@@ -85,7 +85,7 @@ def test_on_a_gpu_a_padding_free_row_takes_one_masked_call_per_layer_with_the_pe
 
     from transformers import AutoModelForCausalLM
 
-    from llmtune.models import attention
+    from llmtune.kernels import attention
 
     lengths = [5, 9, 4]
     ids = torch.randint(3, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
@@ -116,7 +116,7 @@ def test_on_a_gpu_a_padding_free_row_takes_one_masked_call_per_layer_with_the_pe
 
 
 def test_per_sample_attention_on_a_cpu_under_bf16_autocast_attends_in_float32():
-    """Faster there than bf16 (see llmtune/models/attention.py), and exact: each sample as float32 SDPA alone."""
+    """Faster there than bf16 (see llmtune/kernels/attention.py), and exact: each sample as float32 SDPA alone."""
     import types
 
     import torch.nn.functional as F
@@ -156,7 +156,7 @@ def test_padded_classification_batches_are_grouped_by_length(tmp_path):
     trainer = build_trainer(off)
     assert trainer.args.train_sampling_strategy == "random"
     # The heap trim after each step is opt-in (training.release_memory): it is off here, on when asked.
-    from llmtune.callbacks import ReleaseFreedMemory
+    from llmtune.run.callbacks import ReleaseFreedMemory
 
     def trims(trainer) -> bool:
         return any(isinstance(cb, ReleaseFreedMemory) for cb in trainer.callback_handler.callbacks)
@@ -204,7 +204,7 @@ def _resident_mb() -> float:
 
 
 def test_a_cpu_run_hands_freed_heap_memory_back_after_a_step_within_its_time_share():
-    from llmtune.callbacks import ReleaseFreedMemory
+    from llmtune.run.callbacks import ReleaseFreedMemory
 
     release = ReleaseFreedMemory()
     if release._trim is None or not os.path.exists("/proc/self/statm"):

@@ -17,10 +17,10 @@ import typing
 from pathlib import Path
 
 from llmtune import __version__
-from llmtune.cli.loaders import is_image_run, load_classifier, load_image_classifier, load_lm
 from llmtune.cli.observe_commands import add_observe_commands
 from llmtune.cli.ship_commands import add_ship_commands
 from llmtune.errors import LlmtuneError, TrainingStopped
+from llmtune.inference.loading import is_image_run, load_classifier, load_image_classifier, load_lm
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_HELP = "Compute precision: auto is the run's own evaluation precision (run.json), fp32 for other models."
@@ -186,7 +186,7 @@ def _predict_images(args: argparse.Namespace) -> int:
 def _emit(lines: list[str], out: str | None) -> int:
     """Print prediction lines, or write them to --out."""
     if out:
-        from llmtune.files import write_text
+        from llmtune.run.files import write_text
 
         write_text(Path(out), "\n".join(lines) + "\n")
         print(f"Wrote {len(lines)} predictions to {out}")
@@ -196,7 +196,7 @@ def _emit(lines: list[str], out: str | None) -> int:
 
 
 def _setup_logging(verbose: bool) -> None:
-    from llmtune.distributed import is_main_process
+    from llmtune.run.distributed import is_main_process
 
     # Under a multi-process launch only the main process reports progress; the others speak up on problems.
     level = logging.INFO if is_main_process() else logging.WARNING
@@ -215,13 +215,13 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, before anything heavy loads
     if args.accelerate:
-        from llmtune.distributed import relaunch
+        from llmtune.run.distributed import relaunch
 
         flags = [flag for flag, on in (("--resume", args.resume), ("--force", args.force)) if on]
         return relaunch(args.accelerate, [args.recipe, *args.overrides, *flags], args.num_processes,
                         recipe.training.stop_grace_seconds)
     from llmtune.api import train
-    from llmtune.distributed import shut_down, world_size
+    from llmtune.run.distributed import shut_down, world_size
 
     # Leave the group only when every rank is done: after a failure the others may still be in a collective.
     try:
@@ -271,8 +271,8 @@ def _explain(cls: type, prefix: str = "") -> None:
 def _eval(args: argparse.Namespace) -> int:
     if args.text_file:
         from llmtune.data.files import read_text_file
-        from llmtune.generation import perplexity
-        from llmtune.precision import evaluation_precision
+        from llmtune.inference.generation import perplexity
+        from llmtune.run.precision import evaluation_precision
 
         text = read_text_file(args.text_file, "--text-file")
         model, tokenizer, _, precision = load_lm(args, "eval --text-file")
@@ -284,7 +284,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.data:
         raise LlmtuneError("eval needs --data (labelled file, classification runs) or --text-file (perplexity).")
     from llmtune.data.loading import load_file
-    from llmtune.tasks.classification_predict import evaluate_file
+    from llmtune.inference.classifier import evaluate_file
 
     if is_image_run(args.run):
         from llmtune.data.loading import load_image_rows
@@ -319,8 +319,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from llmtune.generation import generate
-    from llmtune.precision import evaluation_precision
+    from llmtune.inference.generation import generate
+    from llmtune.run.precision import evaluation_precision
 
     model, tokenizer, chat, precision = load_lm(args, "generate")
     with evaluation_precision(precision, model.device.type):
@@ -331,8 +331,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from llmtune.generation import generate
-    from llmtune.precision import evaluation_precision
+    from llmtune.inference.generation import generate
+    from llmtune.run.precision import evaluation_precision
 
     model, tokenizer, chat, precision = load_lm(args, "chat")
     if not chat:
@@ -358,7 +358,7 @@ def _preview(args: argparse.Namespace) -> int:
     from llmtune.config.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from llmtune.preview import preview
+    from llmtune.observe.preview import preview
 
     print(preview(recipe, args.samples, colour=False if args.no_colour else None))
     return 0

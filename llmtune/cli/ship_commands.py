@@ -76,8 +76,8 @@ def add_ship_commands(commands: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llmtune.cli.loaders import load_classifier, load_lm
-    from llmtune.models.trained import model_kind
+    from llmtune.inference.loading import load_classifier, load_lm
+    from llmtune.inference.trained import model_kind
     from llmtune.ship.serve import LanguageModel, Limits, TextClassifier, serve
 
     if args.max_tokens < 1:
@@ -122,7 +122,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from llmtune.models.merge import merge_adapter
+    from llmtune.inference.merge import merge_adapter
 
     result = merge_adapter(args.run, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance,
                            overwrite=args.overwrite)

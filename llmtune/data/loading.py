@@ -19,7 +19,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from llmtune.config.schema import DataConfig
 from llmtune.data.files import TEXT_SUFFIXES, check_utf8, unreadable
 from llmtune.errors import LlmtuneError, did_you_mean
-from llmtune.files import sha256
+from llmtune.run.files import sha256
 
 FILE_FORMATS = {
     ".json": ("json", {}),

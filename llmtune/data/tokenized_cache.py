@@ -34,7 +34,7 @@ from datasets import Dataset
 
 from llmtune.data.fingerprint import source_fingerprint
 from llmtune.data.lm_tokenize import repeat_drop_warnings
-from llmtune.files import sha256
+from llmtune.run.files import sha256
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from llmtune.config.rules import check_repo_id
 from llmtune.errors import LlmtuneError
-from llmtune.files import read_json
 from llmtune.hub.model_card import render
+from llmtune.inference.trained import name_base_in_adapter_config
 from llmtune.models.sources import hub_base_model
-from llmtune.models.trained import name_base_in_adapter_config
-from llmtune.runs import METRICS_FILE, RUN_RECORD
+from llmtune.run.files import read_json
+from llmtune.run.run_dir import METRICS_FILE, RUN_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def push(run: str | Path, repo_id: str, private: bool = False, merged: bool = Fa
     with tempfile.TemporaryDirectory(prefix="llmtune-push-") as tmp:
         staging = Path(tmp) / "repo"
         if merged and is_adapter:
-            from llmtune.models.merge import merge_adapter
+            from llmtune.inference.merge import merge_adapter
 
             merge_adapter(run_dir, staging)
             kind = "merged"

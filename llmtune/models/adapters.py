@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from llmtune.config.schema import MethodConfig
 from llmtune.errors import LlmtuneError
-from llmtune.models.lora_linear import FusedLoraLinear
+from llmtune.kernels.lora_linear import FusedLoraLinear
 from llmtune.models.quantization import prepare_for_training
 from llmtune.patches.peft_custom_module import use_lora_layer
 

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from llmtune.config.schema import MethodConfig
-from llmtune.distributed import launched_with
 from llmtune.errors import LlmtuneError
 from llmtune.patches.bnb_cpu_repacking import keep_4bit_weights_in_training_layout
 from llmtune.patches.trl_adapter_dtype import adapters_back_to_float32
+from llmtune.run.distributed import launched_with
 
 logger = logging.getLogger(__name__)
 

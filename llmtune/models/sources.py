@@ -15,9 +15,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError
-from llmtune.files import make_public
 from llmtune.patches.gguf_save import make_gguf_model_savable
+from llmtune.run.distributed import main_process_first
+from llmtune.run.files import make_public
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +224,12 @@ def check_gguf_file(path: Path) -> None:
         raise LlmtuneError(
             f"{what}: its tensors need {end:,} bytes but the file has {size:,}. It is truncated: download it again."
         )
+
+
+def resolve_source(recipe: Recipe) -> ResolvedModel | None:
+    """The checkpoint to start from (None for a model built from scratch). A .gguf file is converted once, by the
+    main process first; the others then find the converted copy."""
+    if recipe.model.init == "scratch":
+        return None
+    with main_process_first(local=True):  # the cache is per machine
+        return resolve_model(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)

@@ -301,7 +301,7 @@ def _peak_bytes() -> float:
 
 
 def _compute_bytes(recipe: Recipe) -> int:
-    from llmtune.precision import resolved_precision
+    from llmtune.run.precision import resolved_precision
 
     return 2 if resolved_precision(recipe.training.precision) in ("bf16", "fp16") else 4
 

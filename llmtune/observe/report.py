@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.errors import LlmtuneError
-from llmtune.files import write_text
 from llmtune.observe.console import is_timing
+from llmtune.run.files import write_text
 
 logger = logging.getLogger(__name__)
 

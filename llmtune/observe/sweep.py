@@ -25,8 +25,8 @@ from llmtune.config.loader import load_recipe
 from llmtune.config.schema import Recipe
 from llmtune.config.vocab import task_metrics
 from llmtune.errors import LlmtuneError, did_you_mean
-from llmtune.files import write_text
 from llmtune.observe.console import EVALUATIONS_FILE
+from llmtune.run.files import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _plots(study: Any, out: Path) -> list[str]:
 
 def _logged_as(task: str, metric: str) -> str:
     """The name an evaluation logs the metric under: trl's for the preference tasks ('rewards/accuracies')."""
-    from llmtune.preference_trainers import METRIC_KEYS
+    from llmtune.tasks.preference_trainers import METRIC_KEYS
 
     return METRIC_KEYS.get(task, {}).get(metric, metric)
 

@@ -11,7 +11,9 @@ upgrade tells us which workaround to drop or adapt:
 - `trl_labelled_logits`: trl's SFTTrainer scoring only the positions that carry loss (off CUDA).
 - `trl_compact_lm_head`: trl's fused LM head (DPO) projecting only the labelled positions on a CPU too.
 - `fsdp_full_state_dict`: gathering FSDP shards for the final save through accelerate's plugin object.
-- `onednn_packed_linear`: torch's oneDNN linear with weights packed once, for frozen bf16 weights on a CPU.
 - `length_grouped_order`: a seeded generator for transformers' length-grouped sampler, so resumed runs see the
   same batches.
+
+llmtune's own kernels (frozen bf16 weights packed once, the fused LoRA matmul, the blockwise head cross entropy,
+per-sample SDPA) live in llmtune/kernels/; the modules here only plug them, or a fix, into a library.
 """

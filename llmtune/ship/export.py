@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from llmtune.errors import LlmtuneError
-from llmtune.files import file_mode, make_public, read_json, replace_folder, sha256, write_json, write_text
-from llmtune.runs import RUN_RECORD
+from llmtune.run.files import file_mode, make_public, read_json, replace_folder, sha256, write_json, write_text
+from llmtune.run.run_dir import RUN_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Exported:
 def export(run: str | Path, fmt: str, quant: str | None = None, out: str | Path | None = None,
            overwrite: bool = False) -> Exported:
     """Export a run (or checkpoint / model folder) as `fmt` into `out` (default: the run's export/ folder)."""
-    from llmtune.models.trained import find_run_dir, model_kind
+    from llmtune.inference.trained import find_run_dir, model_kind
 
     source = Path(run).resolve()
     if fmt not in FORMAT_KIND:
@@ -85,10 +85,10 @@ def export(run: str | Path, fmt: str, quant: str | None = None, out: str | Path 
 def _export_gguf(source: Path, out_dir: Path, name: str, quant: str, ollama: bool, overwrite: bool) -> Exported:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmtune.generation import stop_token_ids
+    from llmtune.inference.generation import stop_token_ids
+    from llmtune.inference.merge import merge_verified
+    from llmtune.inference.trained import load_trained
     from llmtune.models.adapters import is_adapter
-    from llmtune.models.merge import merge_verified
-    from llmtune.models.trained import load_trained
     from llmtune.ship.gguf_file import QUANTS, check_exportable, check_tokenizer, verify_gguf, write_gguf
     from llmtune.ship.ollama import modelfile
 
@@ -130,10 +130,11 @@ def _export_gguf(source: Path, out_dir: Path, name: str, quant: str, ollama: boo
 
 
 def _export_onnx(source: Path, folder: Path, name: str, overwrite: bool) -> Exported:
+    from llmtune.inference.classifier import Classifier
+    from llmtune.inference.merge import merge_verified
+    from llmtune.inference.onnx_classifier import SETTINGS_FILE
     from llmtune.models.adapters import is_adapter
-    from llmtune.models.merge import merge_verified
-    from llmtune.ship.onnx_file import SETTINGS_FILE, verify_onnx, write_onnx
-    from llmtune.tasks.classification_predict import Classifier
+    from llmtune.ship.onnx_file import verify_onnx, write_onnx
 
     _refuse_existing([folder], overwrite)
     if folder.exists() and not (folder / SETTINGS_FILE).is_file():

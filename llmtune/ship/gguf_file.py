@@ -17,8 +17,8 @@ import torch
 
 from llmtune.data.lm_tokenize import end_of_turn_token
 from llmtune.errors import LlmtuneError
-from llmtune.generation import generate
-from llmtune.models.merge import allowed_difference
+from llmtune.inference.generation import generate
+from llmtune.inference.merge import allowed_difference
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA}
 GREEDY_TOKENS = 32  # new tokens per reply when the check compares greedy replies

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from llmtune.errors import LlmtuneError
-from llmtune.files import read_json, write_json
-from llmtune.tasks.classification_predict import Classifier
+from llmtune.inference.classifier import Classifier
+from llmtune.inference.onnx_classifier import MODEL_FILE, SETTINGS_FILE, load_onnx_classifier
+from llmtune.run.files import write_json
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-SETTINGS_FILE = "llmtune_onnx.json"  # labels, columns and lengths predict needs beside the tokenizer
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -58,38 +56,6 @@ def write_onnx(classifier: Classifier, folder: Path) -> None:
         "labels": classifier.labels, "max_length": classifier.max_length, "columns": classifier.columns,
         "batch_size": classifier.batch_size, "inputs": names,
     })
-
-
-class OnnxModel:
-    """An onnxruntime session that answers `model(**batch).logits` the way the PyTorch classifier does."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, path: Path, inputs: list[str]):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # warnings about unused initializers are noise to a user
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = inputs
-
-    def __call__(self, **batch: torch.Tensor) -> Any:
-        feed = {name: batch[name].numpy() for name in self.inputs}
-        return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
-
-
-def load_onnx_classifier(folder: Path) -> Classifier:
-    """A Classifier backed by onnxruntime, from a folder `write_onnx` wrote."""
-    from transformers import AutoTokenizer
-
-    if not (folder / SETTINGS_FILE).is_file():
-        raise LlmtuneError(f"'{folder}' holds {MODEL_FILE} but no {SETTINGS_FILE}: it was not written by "
-                           "`llmtune export --format onnx`, so its labels and inputs are unknown.")
-    settings = read_json(folder / SETTINGS_FILE)
-    return Classifier(
-        OnnxModel(folder / MODEL_FILE, settings["inputs"]), AutoTokenizer.from_pretrained(folder),
-        settings["labels"], settings["max_length"], settings["columns"], "fp32", settings["batch_size"],
-    )
 
 
 def verify_onnx(folder: Path, classifier: Classifier, texts: list[str], pairs: list[str] | None = None,

@@ -31,8 +31,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmtune.generation import encode_prompt, stop_token_ids
-from llmtune.precision import evaluation_precision
+from llmtune.inference.generation import encode_prompt, stop_token_ids
+from llmtune.run.precision import evaluation_precision
 
 logger = logging.getLogger(__name__)
 

@@ -32,20 +32,20 @@ from llmtune.data.lm_tokenize import (
 )
 from llmtune.data.loading import describe_source, load_file, load_splits
 from llmtune.data.tokenized_cache import Tokenized
-from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
-from llmtune.generation import GenerationLogger, perplexity, set_generation_eos
+from llmtune.inference.generation import GenerationLogger, perplexity, set_generation_eos
+from llmtune.kernels.attention import attention_for
 from llmtune.models.adapters import apply_method
-from llmtune.models.attention import attention_for
 from llmtune.models.loading import ensure_pad_token, load_tokenizer, pretrained_arguments
 from llmtune.models.pruning import prune_layers
 from llmtune.models.quantization import keep_adapters_in_compute_dtype
 from llmtune.models.scratch import build_model, train_tokenizer
 from llmtune.models.sources import ResolvedModel, cache_dir
 from llmtune.patches.trl_labelled_logits import LMTrainer
-from llmtune.precision import resolved_precision
+from llmtune.run.distributed import main_process_first
+from llmtune.run.precision import resolved_precision
+from llmtune.run.training import early_stopping, training_arguments
 from llmtune.tasks.job import Job
-from llmtune.training import early_stopping, training_arguments
 
 logger = logging.getLogger(__name__)
 

@@ -22,16 +22,16 @@ from llmtune.config.schema import DataConfig, Recipe
 from llmtune.config.vocab import CLASSIFICATION_METRICS
 from llmtune.data.fingerprint import derived_fingerprint
 from llmtune.data.loading import load_splits, require_columns
-from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
-from llmtune.files import write_text
 from llmtune.metrics import MetricComputer, class_report, softmax
 from llmtune.models.adapters import apply_method
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
 from llmtune.models.pruning import prune_layers
 from llmtune.models.sources import ResolvedModel
+from llmtune.run.distributed import main_process_first
+from llmtune.run.files import write_text
+from llmtune.run.training import early_stopping, training_arguments
 from llmtune.tasks.job import Job
-from llmtune.training import early_stopping, training_arguments
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The story, top to bottom: load the teacher -> load the data and check its labels are the teacher's -> tokenize
 for the student -> the teacher's logits for every training row -> student (model.name, often the teacher's own
 checkpoint with fewer blocks: model.num_layers) -> a Trainer whose loss mixes the teacher's softened predictions
-with the labels (llmtune/distillation.py). The pipeline then trains, evaluates and saves as for classification.
+with the labels (llmtune/tasks/distillation.py). The pipeline then trains, evaluates and saves as for classification.
 
 Teacher logits are computed once, before training, and cached with the tokenized data: a classifier's logits are
 a few numbers per row, so the teacher never has to sit in memory beside the student during training or run
@@ -26,19 +26,19 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from llmtune.config.schema import DataConfig, Recipe
 from llmtune.config.vocab import CLASSIFICATION_METRICS
 from llmtune.data.loading import load_file, load_splits, require_columns
-from llmtune.distillation import DistillationTrainer
-from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
-from llmtune.files import sha256
+from llmtune.inference.classifier import Classifier
 from llmtune.metrics import MetricComputer
 from llmtune.models.adapters import apply_method
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
 from llmtune.models.pruning import prune_layers
 from llmtune.models.sources import ResolvedModel
+from llmtune.run.distributed import main_process_first
+from llmtune.run.files import sha256
+from llmtune.run.training import early_stopping, training_arguments
 from llmtune.tasks.classification import CLASSIFIER_HEADS, after_training, check_data, encode, strip_prefix
-from llmtune.tasks.classification_predict import Classifier
+from llmtune.tasks.distillation import DistillationTrainer
 from llmtune.tasks.job import Job
-from llmtune.training import early_stopping, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def validate(recipe: Recipe, source: ResolvedModel) -> dict[str, Any]:
 
 
 def load_teacher(path: str) -> Classifier:
-    from llmtune.models.trained import model_kind
+    from llmtune.inference.trained import model_kind
 
     if not Path(path).is_dir():
         raise LlmtuneError(

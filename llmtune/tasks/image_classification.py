@@ -22,18 +22,18 @@ from llmtune.config.schema import Recipe
 from llmtune.config.vocab import CLASSIFICATION_METRICS
 from llmtune.data.images import PixelSpec, batch_transform, channel_stats, collate, first_image, to_pixels
 from llmtune.data.loading import load_splits, require_columns
-from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
-from llmtune.files import write_text
 from llmtune.metrics import MetricComputer, class_report, softmax
 from llmtune.models.adapters import apply_method
 from llmtune.models.loading import pretrained_arguments
 from llmtune.models.pruning import prune_layers
 from llmtune.models.sources import ResolvedModel
 from llmtune.models.vision import SCRATCH_MODELS
+from llmtune.run.distributed import main_process_first
+from llmtune.run.files import write_text
+from llmtune.run.training import early_stopping, training_arguments
 from llmtune.tasks.classification import build_label_names, check_known_labels, strip_prefix
 from llmtune.tasks.job import Job
-from llmtune.training import early_stopping, training_arguments
 
 logger = logging.getLogger(__name__)
 

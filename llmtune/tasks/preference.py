@@ -3,7 +3,7 @@
 The story, top to bottom: load the pairs (or kto's unpaired feedback) in any common layout -> tokenizer with its
 chat template -> drop what cannot teach (identical or empty replies, prompts with no room for a reply) -> model
 (a checkpoint or an llmtune SFT run; full, LoRA, DoRA, QLoRA) -> trl's trainer for the task, with its reference
-model (llmtune/preference_trainers.py). The pipeline then evaluates the held-out pairs before (preference accuracy,
+model (llmtune/tasks/preference_trainers.py). The pipeline then evaluates the held-out pairs before (preference accuracy,
 reward margin, log-probabilities), trains, evaluates after and saves as for SFT.
 """
 
@@ -19,21 +19,21 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmtune.config.schema import Recipe
 from llmtune.data.lm_tokenize import setup_chat_template
 from llmtune.data.preference import chat_prompt_tokens, load_preference_splits
-from llmtune.distributed import main_process_first
 from llmtune.errors import LlmtuneError
-from llmtune.files import read_json
-from llmtune.generation import GenerationLogger, set_generation_eos
+from llmtune.inference.generation import GenerationLogger, set_generation_eos
+from llmtune.inference.merge import merge_adapter
+from llmtune.inference.trained import find_base
+from llmtune.kernels.attention import attention_for
 from llmtune.models.adapters import apply_method, log_trainable_parameters
-from llmtune.models.attention import attention_for
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
-from llmtune.models.merge import merge_adapter
 from llmtune.models.quantization import keep_adapters_in_compute_dtype, prepare_for_training
 from llmtune.models.sources import ResolvedModel, cache_entry, resolve_model
-from llmtune.models.trained import find_base
-from llmtune.precision import resolved_precision
-from llmtune.preference_trainers import build_trainer, summarize
-from llmtune.runs import RUN_RECORD
+from llmtune.run.distributed import main_process_first
+from llmtune.run.files import read_json
+from llmtune.run.precision import resolved_precision
+from llmtune.run.run_dir import RUN_RECORD
 from llmtune.tasks.job import Job
+from llmtune.tasks.preference_trainers import build_trainer, summarize
 
 logger = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from transformers import AutoModelForSequenceClassification
 
 from llmtune.config.schema import Recipe
 from llmtune.data.preference import as_text, chat_prompt_tokens, load_preference_splits
-from llmtune.distributed import main_process_first
 from llmtune.models.adapters import apply_method
 from llmtune.models.loading import load_tokenizer, pretrained_arguments
 from llmtune.models.pruning import prune_layers
 from llmtune.models.sources import ResolvedModel
-from llmtune.preference_trainers import build_trainer, summarize
+from llmtune.run.distributed import main_process_first
+from llmtune.run.training import early_stopping
 from llmtune.tasks.job import Job
-from llmtune.training import early_stopping
+from llmtune.tasks.preference_trainers import build_trainer, summarize
 
 SCORE_HEADS = ["classifier", "score"]  # head names across encoders and decoders; trained in full precision
 

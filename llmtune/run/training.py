@@ -17,14 +17,14 @@ from safetensors import SafetensorError
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
-from llmtune.callbacks import ReleaseFreedMemory, StopOnSignal, TrainingSanity
-from llmtune.checkpoints import CompleteCheckpoints, newest_complete, save_failure
 from llmtune.config.schema import Recipe, TrainingConfig
 from llmtune.config.vocab import OPTIMIZERS
-from llmtune.distributed import accumulation_for, check_launch_environment, ranks_agree, world_size
 from llmtune.errors import LlmtuneError, TrainingStopped
 from llmtune.patches.length_grouped_order import SeededLengthGroupedOrder
-from llmtune.precision import resolved_precision
+from llmtune.run.callbacks import ReleaseFreedMemory, StopOnSignal, TrainingSanity
+from llmtune.run.checkpoints import CompleteCheckpoints, newest_complete, save_failure
+from llmtune.run.distributed import accumulation_for, check_launch_environment, ranks_agree, world_size
+from llmtune.run.precision import resolved_precision
 
 logger = logging.getLogger(__name__)
 

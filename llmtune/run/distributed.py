@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "accelerate_configs"  # inside the package: wheels carry them
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"  # inside the package: wheels carry them
 CPU_CONFIGS = ("single", "cpu_ddp")  # every other config needs CUDA GPUs
 
 

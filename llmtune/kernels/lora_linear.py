@@ -19,7 +19,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch.distributed.tensor import DTensor
 
-from llmtune.patches.onednn_packed_linear import FrozenLinear
+from llmtune.kernels.frozen_linear import FrozenLinear
 
 
 class _LoraMatmul(torch.autograd.Function):

@@ -10,7 +10,7 @@ from llmtune.errors import LlmtuneError
 
 def require_kind(run: str, wanted: str, command: str) -> None:
     """Refuse a run of the wrong kind before loading it, naming the command that fits it."""
-    from llmtune.models.trained import model_kind
+    from llmtune.inference.trained import model_kind
 
     kind = model_kind(run)
     if kind is None or kind == wanted:
@@ -36,8 +36,8 @@ def load_classifier(args: argparse.Namespace, command: str):
     """A run's classifier in PyTorch, or onnxruntime for a folder `llmtune export --format onnx` wrote."""
     from pathlib import Path
 
-    from llmtune.ship.onnx_file import MODEL_FILE, load_onnx_classifier
-    from llmtune.tasks.classification_predict import Classifier
+    from llmtune.inference.classifier import Classifier
+    from llmtune.inference.onnx_classifier import MODEL_FILE, load_onnx_classifier
 
     require_kind(args.run, "classification", command)
     if (Path(args.run) / MODEL_FILE).is_file():
@@ -55,14 +55,14 @@ def load_classifier(args: argparse.Namespace, command: str):
 
 
 def is_image_run(run: str) -> bool:
-    from llmtune.models.trained import model_kind
+    from llmtune.inference.trained import model_kind
 
     return model_kind(run) == "image_classification"
 
 
 def load_image_classifier(args: argparse.Namespace, command: str):
     """A run's image classifier; a text run is refused with the command that fits it."""
-    from llmtune.tasks.image_predict import ImageClassifier
+    from llmtune.inference.image_classifier import ImageClassifier
 
     if not is_image_run(args.run):
         raise LlmtuneError(
@@ -78,7 +78,7 @@ def load_lm(args: argparse.Namespace, command: str):
     """(model, tokenizer, whether to apply the chat template, compute precision) of a causal-LM run or model."""
     from transformers import AutoModelForCausalLM
 
-    from llmtune.models.trained import load_trained
+    from llmtune.inference.trained import load_trained
 
     require_kind(args.run, "causal_lm", command)
     model, tokenizer, record = load_trained(args.run, AutoModelForCausalLM)

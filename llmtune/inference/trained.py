@@ -21,12 +21,12 @@ from transformers import (
 
 from llmtune.config.vocab import CAUSAL_LM_TASKS
 from llmtune.errors import LlmtuneError
-from llmtune.files import make_public, read_json, write_json
 from llmtune.models.adapters import is_adapter
 from llmtune.models.sources import resolve_model
 from llmtune.patches.bnb_cpu_repacking import keep_4bit_weights_in_training_layout
 from llmtune.patches.fsdp_full_state_dict import gather_full_state_dict_for_saving
-from llmtune.runs import RUN_RECORD
+from llmtune.run.files import make_public, read_json, write_json
+from llmtune.run.run_dir import RUN_RECORD
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from llmtune.distributed import any_rank, launched_with
+from llmtune.run.distributed import any_rank, launched_with
 
 logger = logging.getLogger(__name__)
 

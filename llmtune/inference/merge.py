@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from llmtune.errors import LlmtuneError
-from llmtune.files import make_public, replace_folder
+from llmtune.inference.trained import load_trained
 from llmtune.models.quantization import DTYPES
-from llmtune.models.trained import load_trained
+from llmtune.run.files import make_public, replace_folder
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ OPEN, CLOSE = "[[", "]]"  # marks trained tokens when the output is not a colour
 
 def preview(recipe: Recipe, samples: int = 3, colour: bool | None = None) -> str:
     """Render `samples` tokenized training samples and the training split's token statistics."""
-    from llmtune.pipeline import resolve_source
+    from llmtune.models.sources import resolve_source
     from llmtune.tasks import causal_lm
 
     if recipe.task not in ("sft", "pretrain"):

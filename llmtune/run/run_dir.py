@@ -2,7 +2,7 @@
 
 A run directory holds `run.json` (resolved recipe, overrides, precision, library versions, data fingerprints, and
 one entry per resume), `metrics.json`, the saved model or adapter, `checkpoint-N/` folders and, for tasks that
-predict, `predictions.jsonl`. Files are written atomically (llmtune/files.py).
+predict, `predictions.jsonl`. Files are written atomically (llmtune/run/files.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from llmtune.config.vocab import RESUME_SAFE_KEYS
 from llmtune.errors import LlmtuneError
-from llmtune.files import read_json, write_json
+from llmtune.run.files import read_json, write_json
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from llmtune.config.schema import Recipe
-from llmtune.distributed import launched_with
 from llmtune.errors import LlmtuneError
+from llmtune.kernels.lora_linear import keep_frozen_weights_unpacked
 from llmtune.models.adapters import is_adapter
-from llmtune.models.lora_linear import keep_frozen_weights_unpacked
 from llmtune.patches.trl_compact_lm_head import fused_head_breaks_fsdp2, project_labelled_positions_only_on_cpu
-from llmtune.training import training_arguments
+from llmtune.run.distributed import launched_with
+from llmtune.run.training import training_arguments
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from llmtune.errors import LlmtuneError
+from llmtune.inference.trained import load_trained
 from llmtune.metrics import MetricComputer, softmax
-from llmtune.models.trained import load_trained
-from llmtune.precision import evaluation_precision
+from llmtune.run.precision import evaluation_precision
 
 
 @dataclass

@@ -15,10 +15,10 @@ from transformers import AutoModelForImageClassification
 
 from llmtune.data.images import PixelSpec, decode, is_array_column
 from llmtune.errors import LlmtuneError
+from llmtune.inference.trained import load_trained
 from llmtune.metrics import MetricComputer, softmax
-from llmtune.models.trained import load_trained
 from llmtune.models.vision import SCRATCH_MODELS  # noqa: F401 - registers llmtune's CNN / MLP with the Auto classes
-from llmtune.precision import evaluation_precision
+from llmtune.run.precision import evaluation_precision
 
 
 @dataclass

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from llmtune.distributed import barrier, is_main_process
 from llmtune.errors import LlmtuneError
-from llmtune.files import make_public, write_json
+from llmtune.run.distributed import barrier, is_main_process
+from llmtune.run.files import make_public, write_json
 
 logger = logging.getLogger(__name__)
 
