@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED_DATA, run_cli
+from conftest import REPO, SHARED_DATA, require_shared, run_cli
 from safetensors.torch import load_file
 
 from llmtune.cli import main
@@ -124,8 +124,7 @@ def test_global_batch_derives_accumulation_and_rejects_uneven_splits(tmp_path):
 @pytest.fixture(scope="module")
 def sst2_files(tmp_path_factory):
     source = SHARED_DATA / "sst2"
-    if not (source / "train.tsv").exists():
-        pytest.skip(f"SST-2 not found at {source}")
+    require_shared(source / "train.tsv")
     folder = tmp_path_factory.mktemp("sst2")
     train = (source / "train.tsv").read_text().splitlines()
     dev = (source / "dev.tsv").read_text().splitlines()

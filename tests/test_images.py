@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NO_REPORT, REPO, SHARED_DATA
+from conftest import NO_REPORT, REPO, SHARED_DATA, require_shared
 from PIL import Image
 
 from llmtune import load_recipe, train, validate
@@ -21,8 +21,7 @@ MNIST = SHARED_DATA / "mnist"
 
 @pytest.fixture(scope="module")
 def mnist() -> dict:
-    if not (MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"MNIST not found at {MNIST}")
+    require_shared(MNIST / "t10k-images-idx3-ubyte.gz")
     from llmtune.data.images import read_idx
 
     return read_idx(MNIST / "t10k-images-idx3-ubyte.gz", MNIST / "t10k-labels-idx1-ubyte.gz")

@@ -196,8 +196,9 @@ def test_compact_lm_head_gives_trls_log_probs_and_gradients(monkeypatch):
 
     monkeypatch.setattr(trl_utils, "_use_triton", trl_compact_lm_head._trl_choice)
     full, full_grads = run()
-    trl_compact_lm_head.project_labelled_positions_only_on_cpu()
-    compact, compact_grads = run()
+    with trl_compact_lm_head.labelled_positions_only_on_cpu():
+        compact, compact_grads = run()
+    assert trl_utils._use_triton is trl_compact_lm_head._trl_choice, "the swap must end with the context"
     assert projected == [2 * 11, 2 * 4]
     for name in ("log_probs", "entropy", "is_top1"):
         torch.testing.assert_close(getattr(compact, name), getattr(full, name))

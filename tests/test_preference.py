@@ -123,10 +123,11 @@ tok = AutoTokenizer.from_pretrained({str(out)!r})
 ids = tok({text!r}, return_tensors="pt").input_ids
 with torch.no_grad():
     logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+import sys
+assert not [name for name in sys.modules if name.split(".")[0] == "llmtune"], "plain peft must not need llmtune"
 print(json.dumps(logps.tolist()))
 """
     plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert "llmtune" not in plain.stderr
     from llmtune.inference.trained import load_trained
 
     model, tokenizer, _ = load_trained(out)

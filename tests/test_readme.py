@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, require_shared
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,7 @@ def chains(commands: list[str]) -> list[list[str]]:
 
 
 def test_readme_commands_run_as_written(tmp_path):
-    if not (SHARED_DATA / "alpaca").exists():
-        pytest.skip(f"the shared datasets are not at {SHARED_DATA}")
+    require_shared(SHARED_DATA / "alpaca")
     small_text = tmp_path / "valid.txt"
     small_text.write_text((SHARED_DATA / "wikitext-2" / "valid.txt").read_text()[:4000])
 

@@ -24,11 +24,9 @@ PROMPT = [{"role": "user", "content": "Give three tips for staying healthy."}]
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, smollm2_path):
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, require_shared
 
-    source = SHARED_DATA / "alpaca" / "alpaca_5000.json"
-    if not source.exists():
-        pytest.skip(f"Alpaca data not found at {source}")
+    source = require_shared(SHARED_DATA / "alpaca" / "alpaca_5000.json")
     rows = [r for r in json.loads(source.read_text()) if len(r["output"]) < 300 and len(r["instruction"]) < 200]
     folder = tmp_path_factory.mktemp("qlora")
     (folder / "train.json").write_text(json.dumps(rows[:24]))

@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, SHARED_DATA, check_report, run_cli
+from conftest import REPO, SHARED_DATA, check_report, require_shared, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune import load_recipe, train
@@ -49,9 +49,7 @@ def test_lora_sft_lowers_held_out_loss_and_generations_end_with_end_of_turn(alpa
 
 
 def test_wikitext2_perplexity_through_llmtune_eval_matches_an_independent_loop(smollm2_path, tmp_path):
-    source = SHARED_DATA / "wikitext-2" / "valid.txt"
-    if not source.exists():
-        pytest.skip(f"WikiText-2 not found at {source}")
+    source = require_shared(SHARED_DATA / "wikitext-2" / "valid.txt")
     text = source.read_text()[:8_000]  # about 2k tokens, 7 overlapping windows: a CI-sized slice of the split
     sample = tmp_path / "wikitext_valid_slice.txt"
     sample.write_text(text)

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import SHARED_DATA, write_jsonl
+from conftest import SHARED_DATA, require_shared, write_jsonl
 from transformers import AutoTokenizer
 
 from llmtune import load_recipe, train
@@ -24,9 +24,7 @@ def unigram_cross_entropy(tokenizer, train_text: str, eval_text: str) -> float:
 
 
 def test_tiny_gpt_from_scratch_beats_unigram_then_takes_sft(tmp_path):
-    source = SHARED_DATA / "tinyshakespeare" / "input.txt"
-    if not source.exists():
-        pytest.skip(f"Tiny Shakespeare not found at {source}")
+    source = require_shared(SHARED_DATA / "tinyshakespeare" / "input.txt")
     text = source.read_text()
     train_file, eval_file = tmp_path / "train.txt", tmp_path / "valid.txt"
     train_file.write_text(text[:300_000])

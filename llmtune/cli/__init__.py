@@ -14,15 +14,15 @@ import logging
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from llmtune import __version__
 from llmtune.cli.observe_commands import add_observe_commands
 from llmtune.cli.ship_commands import add_ship_commands
+from llmtune.config.vocab import PRECISIONS
 from llmtune.errors import LlmtuneError, TrainingStopped
-from llmtune.inference.loading import is_image_run, load_classifier, load_image_classifier, load_lm
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_HELP = "Compute precision: auto is the run's own evaluation precision (run.json), fp32 for other models."
 
 EXAMPLES = """examples:
@@ -48,7 +48,7 @@ EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_attach_dashed_values(sys.argv[1:] if argv is None else argv))
     # Overrides may come after options (`train RECIPE --resume key=value`): argparse leaves those over.
     if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides = [*args.overrides, *extra]
@@ -63,6 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # TrainingStopped (a checkpoint was saved) or a second Ctrl-C
         print(f"\n{exc or 'Interrupted.'}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
+
+
+# Options whose value may start with '-' (a negative size is refused with its own message, not argparse's).
+DASHED_VALUE_OPTIONS = ("--device-memory",)
+
+
+def _attach_dashed_values(argv: list[str]) -> list[str]:
+    """`--device-memory -5GB` -> `--device-memory=-5GB`: argparse would read '-5GB' as an unknown option."""
+    out: list[str] = []
+    for item in argv:
+        if out and out[-1] in DASHED_VALUE_OPTIONS and item.startswith("-"):
+            out[-1] = f"{out[-1]}={item}"
+        else:
+            out.append(item)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,26 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _predict_images(args: argparse.Namespace) -> int:
-    classifier = load_image_classifier(args, "predict --image")
-    names = list(args.image)
-    if args.data:
-        listing = Path(args.data)
-        if not listing.is_file():
-            raise LlmtuneError(f"--file is '{args.data}', which does not exist. For an image classifier it is a text "
-                               "file listing image paths, one a line.")
-        for line in listing.read_text().splitlines():
-            if line.strip():  # relative paths: from the current folder, else from the list's own folder
-                path = Path(line.strip())
-                names.append(str(path if path.exists() or path.is_absolute() else listing.parent / path))
-    if not names:
-        raise LlmtuneError("predict needs --image (one or more) or --file (a list of image paths) for an image run.")
-    predictions = classifier.predict(names, names)
-    return _emit([json.dumps({"image": name, **pred}) for name, pred in zip(names, predictions)], args.out)
-
-
-def _emit(lines: list[str], out: str | None) -> int:
-    """Print prediction lines, or write them to --out."""
+def _emit(records: list[dict], out: str | None) -> int:
+    """Print prediction records as JSON lines, or write them to --out."""
+    lines = [json.dumps(record) for record in records]
     if out:
         from llmtune.run.files import write_text
 
@@ -201,6 +199,9 @@ def _setup_logging(verbose: bool) -> None:
     # Under a multi-process launch only the main process reports progress; the others speak up on problems.
     level = logging.INFO if is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:  # the libraries' deprecation notes speak to llmtune's developers, not to a CLI user
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Read by transformers when (and only if) a command imports it: a recipe typo never pays for that import.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "warning")
     if verbose:  # the libraries' own bars and warnings too (llmtune/observe/console.py); inherited by launched ranks
@@ -213,13 +214,11 @@ def _setup_logging(verbose: bool) -> None:
 def _train(args: argparse.Namespace) -> int:
     from llmtune.config.loader import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, before anything heavy loads
     if args.accelerate:
-        from llmtune.run.distributed import relaunch
+        from llmtune.api import launch
 
-        flags = [flag for flag, on in (("--resume", args.resume), ("--force", args.force)) if on]
-        return relaunch(args.accelerate, [args.recipe, *args.overrides, *flags], args.num_processes,
-                        recipe.training.stop_grace_seconds)
+        return launch(args.recipe, args.overrides, args.accelerate, args.num_processes, args.resume, args.force)
+    recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe fails here, before anything heavy loads
     from llmtune.api import train
     from llmtune.run.distributed import shut_down, world_size
 
@@ -251,8 +250,7 @@ def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     from llmtune.api import validate
 
-    summary = validate(recipe)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(validate(recipe), indent=2))
     print("recipe OK")
     return 0
 
@@ -269,73 +267,42 @@ def _explain(cls: type, prefix: str = "") -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from llmtune import api
+
     if args.text_file:
-        from llmtune.data.files import read_text_file
-        from llmtune.inference.generation import perplexity
-        from llmtune.run.precision import evaluation_precision
-
-        text = read_text_file(args.text_file, "--text-file")
-        model, tokenizer, _, precision = load_lm(args, "eval --text-file")
-        with evaluation_precision(precision, model.device.type):
-            result = perplexity(model, tokenizer, text, args.max_length, args.stride)
-        print(json.dumps({"text_file": args.text_file, "max_length": args.max_length,
-                          "stride": args.stride or args.max_length, "computed_in": precision, **result}, indent=2))
-        return 0
-    if not args.data:
+        result = api.perplexity(args.run, args.text_file, args.max_length, args.stride, args.precision)
+    elif args.data:
+        result = api.evaluate(args.run, args.data, args.metrics, args.text_column, args.text_pair_column,
+                              args.label_column, args.batch_size, args.precision)
+    else:
         raise LlmtuneError("eval needs --data (labelled file, classification runs) or --text-file (perplexity).")
-    from llmtune.data.loading import load_file
-    from llmtune.inference.classifier import evaluate_file
-
-    if is_image_run(args.run):
-        from llmtune.data.loading import load_image_rows
-
-        classifier = load_image_classifier(args, "eval")
-        rows, base_dir = load_image_rows(args.data, "--data"), Path(args.data).resolve().parent
-        print(json.dumps(classifier.evaluate(rows, args.metrics, base_dir), indent=2))
-        return 0
-    classifier = load_classifier(args, "eval --data")
-    metrics = evaluate_file(classifier, load_file(args.data, "--data"), args.metrics, args.batch_size)
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(result, indent=2))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from llmtune.data.loading import load_file, require_columns
+    from llmtune import api
 
-    if args.image or is_image_run(args.run):
-        return _predict_images(args)
-    classifier = load_classifier(args, "predict")
-    texts, pairs = list(args.text), None
-    if args.data:
-        rows = load_file(args.data, "--file")
-        columns = classifier.columns
-        require_columns(rows, "input", {"--text-column": columns["text"], "--text-pair-column": columns["text_pair"]})
-        texts += rows[columns["text"]]
-        pairs = rows[columns["text_pair"]] if columns["text_pair"] else None
-    if not texts:
-        raise LlmtuneError("predict needs --text (one or more) or --file.")
-    predictions = classifier.predict(texts, pairs, args.batch_size)
-    return _emit([json.dumps({"text": text, **pred}) for text, pred in zip(texts, predictions)], args.out)
+    records = api.predict(args.run, args.text, args.data, args.image, args.text_column, args.text_pair_column,
+                          args.batch_size, args.precision)
+    return _emit(records, args.out)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from llmtune.inference.generation import generate
-    from llmtune.run.precision import evaluation_precision
+    from llmtune import api
 
-    model, tokenizer, chat, precision = load_lm(args, "generate")
-    with evaluation_precision(precision, model.device.type):
-        records = generate(model, tokenizer, args.prompt, args.max_new_tokens, chat)
-    for record in records:
+    for record in api.generate(args.run, args.prompt, args.max_new_tokens, args.raw, args.precision):
         print(json.dumps(record))
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from llmtune.inference.generation import generate
-    from llmtune.run.precision import evaluation_precision
+    from llmtune import api
 
-    model, tokenizer, chat, precision = load_lm(args, "chat")
-    if not chat:
+    if args.max_new_tokens < 1:
+        raise LlmtuneError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
+    lm = api.load_language_model(args.run, "chat", args.precision)
+    if not lm.chat:
         raise LlmtuneError(f"'{args.run}' has no chat template; use `llmtune generate --raw` to continue text.")
     messages: list[dict[str, str]] = []
     print("Chatting with", args.run, "(empty line or Ctrl-D to quit)")
@@ -347,8 +314,7 @@ def _chat(args: argparse.Namespace) -> int:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        with evaluation_precision(precision, model.device.type):
-            reply = generate(model, tokenizer, [messages], args.max_new_tokens, chat=True)[0]
+        reply = api.generate(lm, [messages], args.max_new_tokens)[0]
         messages.append({"role": "assistant", "content": reply["completion"]})
         print("model>", reply["completion"])
     return 0
@@ -358,7 +324,8 @@ def _preview(args: argparse.Namespace) -> int:
     from llmtune.config.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from llmtune.observe.preview import preview
+    from llmtune import api
 
-    print(preview(recipe, args.samples, colour=False if args.no_colour else None))
+    colour = not args.no_colour and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    print(api.preview(recipe, args.samples, colour))
     return 0

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
-
-from llmtune.errors import LlmtuneError
 
 
 def add_observe_commands(commands: Any) -> None:
@@ -49,11 +45,9 @@ def add_observe_commands(commands: Any) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from llmtune.observe.report import write_comparison, write_report
+    from llmtune import api
 
-    runs = [Path(run) for run in args.runs]
-    path = write_report(runs[0]) if len(runs) == 1 else write_comparison(runs, Path(args.out))
-    print(f"Report: {path}")
+    print(f"Report: {api.report(args.runs, args.out)}")
     return 0
 
 
@@ -61,58 +55,27 @@ def _plan(args: argparse.Namespace) -> int:
     from llmtune.config.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    device_memory = None
-    if args.device_memory:
-        from llmtune.observe.plan import parse_size
-
-        try:
-            device_memory = parse_size(args.device_memory)
-        except ValueError as exc:
-            raise LlmtuneError(f"--device-memory: {exc}.") from exc
     from llmtune import api
-    from llmtune.observe.plan import format_plan, make_plan
 
-    with tempfile.TemporaryDirectory(prefix="llmtune-plan-") as scratch:
-        recipe.output.dir = str(Path(scratch) / "run")  # the plan writes nothing where the run will go
-        recipe.output.push_to_hub = None
-        plan = make_plan(api.build_trainer(recipe), recipe, device_memory, dry_run=not args.no_dry_run)
+    plan = api.plan(recipe, args.device_memory, dry_run=not args.no_dry_run)
     if args.json:
         print(json.dumps({**plan.__dict__, "predicted_peak_bytes": plan.predicted_peak_bytes, "fits": plan.fits},
                          indent=2))
     else:
+        from llmtune.observe.plan import format_plan
+
         print(format_plan(plan))
     return 0 if plan.fits is not False else 1
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from llmtune.config.loader import load_recipe
+    from llmtune import api
+    from llmtune.observe.sweep import trials_table
 
-    overrides = list(args.overrides)
-    if args.space:
-        overrides += _space_overrides(Path(args.space))
-    recipe = load_recipe(args.recipe, overrides)  # a bad recipe or space fails here, before Optuna loads
-    from llmtune.observe.sweep import Sweep, run_sweep, trials_table
-
-    out = Path(args.out or f"runs/sweep-{Path(args.recipe).stem}")
-    result = run_sweep(Sweep(args.recipe, overrides, out, args.trials or recipe.sweep.trials, args.accelerate))
+    result = api.sweep(args.recipe, args.overrides, args.trials, args.space, args.out, args.accelerate)
     print(trials_table(result["trials"], result["metric"]))
     if "best" in result:
         print(f"best: trial {result['best']['trial']}, {result['metric']} {result['best'][result['metric']]:.4f}; "
               f"recipe {result['best_recipe']}")
-    print(f"Sweep folder: {out}")
+    print(f"Sweep folder: {result['out']}")
     return 0
-
-
-def _space_overrides(path: Path) -> list[str]:
-    import yaml
-
-    try:
-        section = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise LlmtuneError(f"--space: cannot read '{path}' ({exc}). Give a YAML file such as "
-                           "'space: {training.learning_rate: {log_uniform: [1e-5, 1e-3]}}'.") from exc
-    if not isinstance(section, dict):
-        raise LlmtuneError(f"--space: '{path}' must hold a mapping with 'space' (and optionally metric, direction, "
-                           "trials, pruning).")
-    section = section.get("sweep", section)
-    return [f"sweep.{key}={json.dumps(value)}" for key, value in section.items()]

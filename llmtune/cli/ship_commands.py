@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from llmtune.errors import LlmtuneError
+from llmtune.config.vocab import PRECISIONS
 
 API_KEY_ENV = "LLMTUNE_API_KEY"
 
@@ -55,7 +54,7 @@ def add_ship_commands(commands: Any) -> None:
                        f"Prefer the environment variable: command lines are visible to other users.")
     serve.add_argument("--name", help="Model id clients ask for (default: the run folder's name).")
     serve.add_argument("--max-tokens", type=int, default=1024, help="The most new tokens one request may ask for.")
-    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    serve.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="Compute precision (auto: the run's evaluation precision).")
     serve.set_defaults(handler=_serve)
 
@@ -76,30 +75,17 @@ def add_ship_commands(commands: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llmtune.inference.loading import load_classifier, load_lm
-    from llmtune.inference.trained import model_kind
-    from llmtune.ship.serve import LanguageModel, Limits, TextClassifier, serve
+    from llmtune import api
 
-    if args.max_tokens < 1:
-        raise LlmtuneError(f"--max-tokens must be at least 1; got {args.max_tokens}.")
-    if not 0 < args.port < 65536:
-        raise LlmtuneError(f"--port must be between 1 and 65535; got {args.port}.")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if model_kind(args.run) == "classification":
-        classifier = load_classifier(args, "serve")
-        engine: Any = TextClassifier(classifier.predict, classifier.labels)
-    else:
-        model, tokenizer, chat, precision = load_lm(args, "serve")
-        engine = LanguageModel(model, tokenizer, chat, precision)
-    name = args.name or Path(str(args.run).rstrip("/")).name
-    serve(engine, name, args.host, args.port, api_key, Limits(max_tokens=args.max_tokens))
+    api.serve(args.run, args.host, args.port, api_key, args.name, args.max_tokens, args.precision)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from llmtune.ship.export import export
+    from llmtune import api
 
-    result = export(args.run, args.format, args.quant, args.out, args.overwrite)
+    result = api.export(args.run, args.format, args.quant, args.out, args.overwrite)
     for file in result.files:
         print(f"Wrote {file}")
     checks = result.checks
@@ -122,17 +108,17 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from llmtune.inference.merge import merge_adapter
+    from llmtune import api
 
-    result = merge_adapter(args.run, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance,
-                           overwrite=args.overwrite)
+    result = api.merge(args.run, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance,
+                       overwrite=args.overwrite)
     print(json.dumps({"out": str(result.out), "base": result.base,
                       "max_logit_difference": result.max_logit_difference}, indent=2))
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
-    from llmtune.hub.push import push
+    from llmtune import api
 
-    print(push(args.run, args.repo_id, private=args.private, merged=args.merged))
+    print(api.push(args.run, args.repo_id, private=args.private, merged=args.merged))
     return 0

@@ -1,17 +1,50 @@
-"""Loading a trained run for the commands that use one (eval, predict, generate, chat, serve), refusing a run of
-the wrong kind before any weights load."""
+"""Loading a trained run for use (eval, predict, generate, chat, serve, the Python API), refusing a run of the wrong
+kind - and a RUN that does not exist - before any weights load."""
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from llmtune.config.vocab import PRECISIONS
 from llmtune.errors import LlmtuneError
 
 
-def require_kind(run: str, wanted: str, command: str) -> None:
+def check_run_argument(run: str | Path) -> None:
+    """A RUN that reads as a local path (`runs/x`, `./x`, `/abs/x`) but is not there is refused here, naming the
+    runs that are, instead of being looked up on the Hub. A bare `owner/name` whose first part is no local
+    folder stays a Hub id."""
+    path = Path(str(run)).expanduser()
+    if path.exists():
+        return
+    text = str(run)
+    local = path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or path.parent.is_dir() and (
+        path.parent != Path("."))
+    if not local:
+        return
+    parent = next((p for p in path.parents if p.is_dir()), Path("."))
+    runs = sorted(child.name for child in parent.iterdir() if child.is_dir() and (child / "run.json").is_file())[:8]
+    there = f" Runs in '{parent}': {', '.join(runs)}." if runs else ""
+    raise LlmtuneError(
+        f"'{run}' does not exist: no run, checkpoint or model folder there.{there} Give a run directory (as `llmtune "
+        "train` printed it), one of its checkpoint-N folders, a saved model folder, a .gguf file, or a Hub id."
+    )
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise LlmtuneError(f"precision is {precision!r}; it must be one of {', '.join(PRECISIONS)} "
+                           "(auto: the run's own evaluation precision, from run.json).")
+
+
+def require_kind(run: str | Path, wanted: str, command: str) -> None:
     """Refuse a run of the wrong kind before loading it, naming the command that fits it."""
     from llmtune.inference.trained import model_kind
 
+    check_run_argument(run)
     kind = model_kind(run)
     if kind is None or kind == wanted:
         return
@@ -32,56 +65,90 @@ def require_kind(run: str, wanted: str, command: str) -> None:
     )
 
 
-def load_classifier(args: argparse.Namespace, command: str):
-    """A run's classifier in PyTorch, or onnxruntime for a folder `llmtune export --format onnx` wrote."""
-    from pathlib import Path
-
-    from llmtune.inference.classifier import Classifier
-    from llmtune.inference.onnx_classifier import MODEL_FILE, load_onnx_classifier
-
-    require_kind(args.run, "classification", command)
-    if (Path(args.run) / MODEL_FILE).is_file():
-        if getattr(args, "precision", "auto") not in ("auto", "fp32"):
-            raise LlmtuneError(f"'{args.run}' is an ONNX export, which computes in float32; --precision "
-                               f"{args.precision} does not apply to it. Leave --precision out.")
-        classifier = load_onnx_classifier(Path(args.run))
-    else:
-        classifier = Classifier.load(args.run, args.precision)
-    for key in ("text", "text_pair", "label"):
-        value = getattr(args, f"{key}_column", None)
-        if value:
-            classifier.columns[key] = value
-    return classifier
-
-
-def is_image_run(run: str) -> bool:
+def is_image_run(run: str | Path) -> bool:
     from llmtune.inference.trained import model_kind
 
     return model_kind(run) == "image_classification"
 
 
-def load_image_classifier(args: argparse.Namespace, command: str):
+def load_classifier(run: str | Path, command: str, precision: str = "auto",
+                    columns: dict[str, str | None] | None = None) -> Any:
+    """A run's text classifier in PyTorch, or onnxruntime for a folder `llmtune export --format onnx` wrote.
+    `columns` (text / text_pair / label) replace the ones the run was trained with."""
+    from llmtune.inference.classifier import Classifier
+    from llmtune.inference.onnx_classifier import MODEL_FILE, load_onnx_classifier
+
+    check_precision(precision)
+    require_kind(run, "classification", command)
+    if (Path(run) / MODEL_FILE).is_file():
+        if precision not in ("auto", "fp32"):
+            raise LlmtuneError(f"'{run}' is an ONNX export, which computes in float32; precision {precision} does "
+                               "not apply to it. Leave precision out (auto).")
+        classifier = load_onnx_classifier(Path(run))
+    else:
+        classifier = Classifier.load(run, precision)
+    classifier.columns.update({key: value for key, value in (columns or {}).items() if value})
+    return classifier
+
+
+def load_image_classifier(run: str | Path, command: str, precision: str = "auto") -> Any:
     """A run's image classifier; a text run is refused with the command that fits it."""
     from llmtune.inference.image_classifier import ImageClassifier
 
-    if not is_image_run(args.run):
+    check_precision(precision)
+    check_run_argument(run)
+    if not is_image_run(run):
         raise LlmtuneError(
-            f"'{args.run}' is not an image classification run, so `llmtune {command}` does not apply. For a text "
-            f"classifier use `llmtune predict {args.run} --text \"...\"`."
+            f"'{run}' is not an image classification run, so `llmtune {command}` does not apply. For a text "
+            f"classifier use `llmtune predict {run} --text \"...\"`."
         )
-    if getattr(args, "text", None):
-        raise LlmtuneError(f"'{args.run}' classifies images: give --image FILE (or --file with image paths), not --text.")
-    return ImageClassifier.load(args.run, args.precision)
+    return ImageClassifier.load(run, precision)
 
 
-def load_lm(args: argparse.Namespace, command: str):
-    """(model, tokenizer, whether to apply the chat template, compute precision) of a causal-LM run or model."""
+@dataclass
+class LanguageModel:
+    """A causal LM loaded for use: the model (an adapter on its base), its tokenizer, whether prompts go through
+    the chat template, and the compute precision (the run's evaluation precision unless asked otherwise)."""
+
+    model: Any
+    tokenizer: Any
+    chat: bool
+    precision: str
+
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        """Inference in the model's precision (autocast where it is not fp32)."""
+        from llmtune.run.precision import evaluation_precision
+
+        with evaluation_precision(self.precision, self.model.device.type):
+            yield
+
+    def generate(self, prompts: list[str] | list[list[dict[str, str]]], max_new_tokens: int = 128,
+                 ) -> list[dict[str, Any]]:
+        """Greedy replies (a prompt is a user message, or a whole message list, with the chat template)."""
+        from llmtune.inference.generation import generate
+
+        with self.computing():
+            return generate(self.model, self.tokenizer, prompts, max_new_tokens, self.chat)
+
+    def perplexity(self, text: str, max_length: int = 1024, stride: int | None = None) -> dict[str, Any]:
+        """Sliding-window perplexity of `text`."""
+        from llmtune.inference.generation import perplexity
+
+        with self.computing():
+            return {**perplexity(self.model, self.tokenizer, text, max_length, stride), "computed_in": self.precision}
+
+
+def load_language_model(run: str | Path, command: str, precision: str = "auto", raw: bool = False) -> LanguageModel:
+    """A causal-LM run or model ready to generate; `raw` continues prompt text without the chat template."""
     from transformers import AutoModelForCausalLM
 
     from llmtune.inference.trained import load_trained
 
-    require_kind(args.run, "causal_lm", command)
-    model, tokenizer, record = load_trained(args.run, AutoModelForCausalLM)
-    chat = bool(tokenizer.chat_template) and not getattr(args, "raw", False)
-    precision = record.get("precision", {}).get("evaluation", "fp32") if args.precision == "auto" else args.precision
-    return model, tokenizer, chat, precision
+    check_precision(precision)
+    require_kind(run, "causal_lm", command)
+    model, tokenizer, record = load_trained(run, AutoModelForCausalLM)
+    chat = bool(tokenizer.chat_template) and not raw
+    if precision == "auto":
+        precision = record.get("precision", {}).get("evaluation", "fp32")
+    return LanguageModel(model, tokenizer, chat, precision)

@@ -13,7 +13,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,9 +36,9 @@ def verbose() -> bool:
 
 
 def quiet_libraries() -> None:
-    """Turn off the libraries' progress bars (tokenizing, loading weights, writing shards) and their deprecation
-    warnings, which speak to llmtune's developers rather than to its users; keep the Hub's download bars, since a
-    download is long work. A no-op with -v."""
+    """Turn off the libraries' progress bars (tokenizing, loading weights, writing shards); keep the Hub's download
+    bars, since a download is long work. A no-op with -v. (The libraries' deprecation warnings, which speak to
+    llmtune's developers rather than its users, are silenced by the CLI alone: a Python user keeps them.)"""
     if verbose():
         return
     import datasets
@@ -49,8 +48,6 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.enable_progress_bars()  # transformers turns the Hub's off with its own
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("transformers.modeling_utils").addFilter(_one_line_load_report)
 
 

@@ -9,7 +9,7 @@ most positions, and the torch fallback makes several passes over every (position
 patch, that head took about half of a DPO step (benchmarks/profile_step.py --workload dpo).
 
 trl makes the choice with `trl.trainer.utils._use_triton(device)`, a name that module uses for that choice alone (the
-kernels module keeps its own). `project_labelled_positions_only_on_cpu()` swaps in a function that also says yes
+kernels module keeps its own). `labelled_positions_only_on_cpu()` swaps in a function that also says yes
 for CPU tensors. The kernels still run their torch fallback on CPU, so the per-token results are the same.
 Canaries: tests/test_patches.py::test_trl_fused_lm_head_still_projects_every_position_on_cpu (fails when trl
 changes the choice or uses the name for anything else) and ::test_compact_lm_head_gives_trls_log_probs_and_gradients.
@@ -19,6 +19,11 @@ The same fused head never calls the output head module, which FSDP2 on torch < 2
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from trl.trainer import utils as trl_utils
@@ -30,9 +35,38 @@ def _compact_positions(device: torch.device) -> bool:
     return device.type == "cpu" or _trl_choice(device)
 
 
-def project_labelled_positions_only_on_cpu() -> None:
-    """Make trl's fused LM head skip unlabelled positions on CPU tensors too (idempotent)."""
+@contextmanager
+def labelled_positions_only_on_cpu() -> Iterator[None]:
+    """While inside, trl's fused LM head skips unlabelled positions on CPU tensors too; trl's own choice is back
+    afterwards, so nothing else in the process (another trainer, a user's own trl code) sees the swap."""
+    previous = trl_utils._use_triton
     trl_utils._use_triton = _compact_positions
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = previous
+
+
+# The trainer methods that run the fused head: the loss (training and evaluation) and precomputed references.
+_HEAD_METHODS = ("compute_loss", "compute_ref_log_probs")
+
+
+def project_labelled_positions_only_on_cpu(trainer: Any) -> None:
+    """Scope the swap to this trainer: each of its methods that runs the fused head enters
+    `labelled_positions_only_on_cpu` for the call (the results are the same either way; only the work differs)."""
+    for name in _HEAD_METHODS:
+        method = getattr(trainer, name, None)
+        if method is not None:
+            setattr(trainer, name, _scoped(method))
+
+
+def _scoped(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with labelled_positions_only_on_cpu():
+            return method(*args, **kwargs)
+
+    return call
 
 
 def fused_head_breaks_fsdp2() -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,11 @@ from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError
 from llmtune.kernels.lora_linear import keep_frozen_weights_unpacked
 from llmtune.models.adapters import is_adapter
-from llmtune.patches.trl_compact_lm_head import fused_head_breaks_fsdp2, project_labelled_positions_only_on_cpu
+from llmtune.patches.trl_compact_lm_head import (
+    fused_head_breaks_fsdp2,
+    labelled_positions_only_on_cpu,
+    project_labelled_positions_only_on_cpu,
+)
 from llmtune.run.distributed import launched_with
 from llmtune.run.training import training_arguments
 
@@ -46,14 +50,17 @@ MAIN_METRIC = {"dpo": "accuracy", "orpo": "accuracy", "simpo": "accuracy", "rewa
 def trainer_classes(task: str) -> tuple[type, type]:
     """(Trainer class, config class) for a preference task."""
     if task in ("orpo", "simpo"):
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # said once in the README, not at every start
-        if task == "orpo":
-            from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        # trl warns on importing trl.experimental; the README says it once instead of every run (scoped: a later
+        # import of trl.experimental by the user's own code still warns).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*trl.experimental")
+            if task == "orpo":
+                from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-            return ORPOTrainer, ORPOConfig
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
+                return ORPOTrainer, ORPOConfig
+            from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        return CPOTrainer, CPOConfig
+            return CPOTrainer, CPOConfig
     import trl
 
     return {"dpo": (trl.DPOTrainer, trl.DPOConfig), "kto": (trl.KTOTrainer, trl.KTOConfig),
@@ -102,7 +109,6 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, train:
         padded=False,  # trl batches pairs itself; llmtune's length grouping needs an input_ids column
         metric_keys=METRIC_KEYS[task], **task_arguments(recipe, precompute),
     )
-    project_labelled_positions_only_on_cpu()
     kwargs: dict[str, Any] = {}
     if with_reference:
         keep_frozen_weights_unpacked(model)
@@ -110,8 +116,10 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, tokenizer: Any, train:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         kwargs["ref_model"] = reference
         logger.info("Reference model: %s", describe_reference(model, reference, precompute, new_adapter))
-    trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=eval_set,
-                            processing_class=tokenizer, callbacks=callbacks, **kwargs)
+    with labelled_positions_only_on_cpu():  # trl's constructor may precompute the reference log-probabilities
+        trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=eval_set,
+                                processing_class=tokenizer, callbacks=callbacks, **kwargs)
+    project_labelled_positions_only_on_cpu(trainer)
     if with_reference and is_adapter(model) and new_adapter and "ref" in model.peft_config:
         # trl keeps a frozen copy of a PeftModel's adapter as the reference ("ref"), right when re-training an
         # adapter that already learned something (an SFT adapter trained on). A new adapter starts as a no-op,
