@@ -137,7 +137,9 @@ def evaluate(run: str | Path, data: str | Path, metrics: Sequence[str] = CLASSIF
         return classifier.evaluate(load_image_rows(str(data), "--data"), list(metrics), Path(data).resolve().parent)
     from llmtune.data.loading import load_file
     from llmtune.inference.classifier import evaluate_file
+    from llmtune.inference.loading import require_kind
 
+    require_kind(run, "classification", "eval --data")  # a run of the wrong kind is named first
     rows = load_file(str(data), "--data")  # a missing or unreadable file fails before the model loads
     columns = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
     classifier = load_classifier(run, "eval --data", precision, columns)
@@ -336,15 +338,13 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
 def _engine(run: str | Path, precision: str) -> Any:
     from llmtune.inference.loading import check_run_argument, load_classifier
     from llmtune.inference.trained import model_kind
-    from llmtune.ship.serve import LanguageModel as ServedLM
     from llmtune.ship.serve import TextClassifier
 
     check_run_argument(run)
     if model_kind(run) == "classification":
         classifier = load_classifier(run, "serve", precision)
         return TextClassifier(classifier.predict, classifier.labels)
-    lm = load_language_model(run, "serve", precision)
-    return ServedLM(lm.model, lm.tokenizer, lm.chat, lm.precision)
+    return load_language_model(run, "serve", precision)
 
 
 def _served_name(run: str | Path, name: str | None) -> str:

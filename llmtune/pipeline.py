@@ -20,6 +20,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from llmtune.config.renames import rename_keys
 from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError
 from llmtune.models.adapters import is_adapter, parameter_summary
@@ -170,7 +171,9 @@ def check_resume_settings(run_dir: Path, recipe: Recipe, force: bool) -> tuple[d
             "run to continue, or start a new run without --resume."
         )
     previous = read_run_record(run_dir)
-    changed = changed_settings(previous.get("recipe", {}), recipe_record(recipe, run_dir))
+    recorded = rename_keys(previous.get("recipe", {}), warn=False)  # a run recorded before a key was renamed
+    changed = changed_settings(recorded, recipe_record(recipe, run_dir))
+    check_not_finished(run_dir, changed)
     if changed and not force:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in ((k, *v) for k, v in changed.items()))
         raise LlmtuneError(
@@ -181,6 +184,17 @@ def check_resume_settings(run_dir: Path, recipe: Recipe, force: bool) -> tuple[d
     if changed:
         logger.warning("--force: resuming with changed settings: %s", ", ".join(changed))
     return previous, changed
+
+
+def check_not_finished(run_dir: Path, changed: dict[str, tuple[Any, Any]]) -> None:
+    """A run that already finished (metrics.json written) has nothing to resume with its own settings: say so rather
+    than re-saving it. Resuming it to train further (more epochs or steps, with --force) stays possible."""
+    if (run_dir / METRICS_FILE).is_file() and not changed:
+        raise LlmtuneError(
+            f"--resume: the run in '{run_dir}' already finished ({METRICS_FILE} is written); there is nothing left to "
+            "train with its settings. To train it further, resume with a larger training.epochs or training.max_steps "
+            "plus --force; to start a new run from its model, use model.name=" + str(run_dir) + " without --resume."
+        )
 
 
 def run_record(run: Run, overrides: list[str] | None) -> dict[str, Any]:

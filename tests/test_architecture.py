@@ -9,29 +9,24 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llmtune"
 
-# room (a package, or one of the few top-level modules) -> floor. ARCHITECTURE.md says what each room holds.
-FLOORS = {
-    "__main__": 13,
-    "cli": 12,
-    "api": 11,
-    "pipeline": 10,
-    "observe": 9, "ship": 9,
-    "tasks": 8, "hub": 8,
-    "inference": 7,
-    "models": 6,
-    "data": 5, "metrics": 5,
-    "run": 4,
-    "patches": 3,
-    "kernels": 2,
-    "config": 1,
-    "errors": 0,
-}
+ARCHITECTURE = PACKAGE.parent / "ARCHITECTURE.md"
+
+
+def floors_from_architecture_md() -> dict[str, int]:
+    """room -> floor, from the table in ARCHITECTURE.md (`| floor | `room` | holds |` rows): the document is the
+    contract this test enforces, so the two cannot drift apart."""
+    rows = re.findall(r"^\| (\d+) \| `([\w_]+)` \|", ARCHITECTURE.read_text(), flags=re.M)
+    return {room: int(floor) for floor, room in rows}
+
+
+FLOORS = floors_from_architecture_md()
 
 
 def room_of(module: str) -> str:
@@ -70,6 +65,18 @@ def imports_of(module: str, path: Path) -> set[str]:
 @functools.cache
 def graph() -> dict[str, set[str]]:
     return {name: imports_of(name, path) - {name} for name, path in modules().items()}
+
+
+def test_architecture_md_names_every_room_once_with_an_integer_floor():
+    assert len(FLOORS) >= 15, "ARCHITECTURE.md's table of rooms was not found"
+    rooms = {room_of(name) for name in modules()} - {"__init__"}
+    assert set(FLOORS) == rooms, f"ARCHITECTURE.md and the package differ: {set(FLOORS) ^ rooms}"
+
+
+def test_no_loose_modules_at_the_top_level():
+    """The engine lives in packages: only the entry points and the one flow are modules of their own."""
+    loose = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    assert loose == {"__main__", "api", "pipeline", "errors"}, loose
 
 
 def test_every_room_has_a_floor():

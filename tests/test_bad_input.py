@@ -108,6 +108,7 @@ def test_resume_of_a_run_that_died_before_its_first_checkpoint_gives_advice_that
     """A run that crashed before any checkpoint was whole: --resume says so and what to do; doing it works."""
     run, args = tmp_path / "run", [*base_args, "training.save_every=no"]
     assert main(["train", *args]) == 0  # a run record, no checkpoint
+    (run / "metrics.json").unlink()  # a run that died never wrote its metrics
     (run / "checkpoint-1").mkdir()
     (run / "checkpoint-1" / "optimizer.pt").write_bytes(b"half")  # what a kill during the first save leaves
     code, err = train(capsys, *args, "--resume")

@@ -86,3 +86,23 @@ def test_commands_that_share_a_run_folder_run_in_one_chain_in_order():
     commands = ["llmtune train a.yaml output.dir=runs/x", "llmtune train b.yaml output.dir=runs/y",
                 "llmtune eval runs/x --data d", "llmtune merge runs/y --out models/m", "llmtune push models/m"]
     assert chains(commands) == [[commands[0], commands[2]], [commands[1], commands[3], commands[4]]]
+
+
+def test_readme_python_session_runs_top_to_bottom(tmp_path):
+    """The "From Python" block, as written, at a small size (two steps, a few rows), twice in a row in one folder:
+    the second run must be refused with llmtune's own message (the first run's folder holds a run), not lost."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"### From Python.*?```python\n(.*?)```", text, flags=re.S).group(1)
+    assert "llmtune.train(" in block and "llmtune.predict(" in block
+    small = ["training.max_steps=2", "training.batch_size=8", "data.max_train_samples=16", "data.max_eval_samples=8",
+             "output.report=false"]
+    code = block.replace('["output.dir=', f'[*{small!r}, "output.dir=')
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    first = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                           env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "runs" / "notebook" / "metrics.json").is_file()
+    again = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                           env=env)
+    assert again.returncode != 0 and "LlmtuneError" in again.stderr and "already holds" in again.stderr

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import sys
-import typing
 import warnings
 from pathlib import Path
 
@@ -241,9 +239,9 @@ def _validate(args: argparse.Namespace) -> int:
     from llmtune.config.loader import load_recipe
 
     if args.explain:
-        from llmtune.config.schema import Recipe
+        from llmtune.config.explain import explain
 
-        _explain(Recipe)
+        print(explain())
         return 0
     if not args.recipe:
         raise LlmtuneError("validate needs a recipe path (or --explain).")
@@ -253,17 +251,6 @@ def _validate(args: argparse.Namespace) -> int:
     print(json.dumps(validate(recipe), indent=2))
     print("recipe OK")
     return 0
-
-
-def _explain(cls: type, prefix: str = "") -> None:
-    hints = typing.get_type_hints(cls)
-    for fld in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[fld.name]):
-            print(f"\n[{fld.name}]")
-            _explain(hints[fld.name], f"{fld.name}.")
-            continue
-        default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
-        print(f"  {prefix}{fld.name} = {default!r}\n      {fld.metadata.get('help', '')}")
 
 
 def _eval(args: argparse.Namespace) -> int:

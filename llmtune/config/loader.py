@@ -1,8 +1,10 @@
 """Recipe loading: YAML file + `section.key=value` overrides -> a checked `Recipe`.
 
-Every value is type-checked against the schema; unknown keys get a "did you mean"; relative paths written
-in a recipe file are taken relative to that file, paths given on the command line relative to the current
-folder. Cross-field rules run last (`rules.check`).
+Every value is type-checked against the schema; unknown keys get a "did you mean"; renamed keys (`renames.py`) are
+read under their new name; relative paths written in a recipe file are taken relative to that file, paths given on
+the command line relative to the current folder. Then the defaults that depend on other keys are resolved
+(`resolve_defaults`), and last every field's bounds and choices and every cross-field rule are checked at once
+(`rules.check`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from llmtune.config.fields import value_problem
+from llmtune.config.renames import rename_keys, renamed_key
 from llmtune.config.rules import check
 from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError, did_you_mean
@@ -39,11 +43,28 @@ def load_recipe(source: str | Path | dict | None = None, overrides: list[str] | 
             raise LlmtuneError(f"Recipe file '{path}' must hold a mapping of sections (model:, data:, ...).")
         base_dir = path.resolve().parent
 
-    recipe = _build(Recipe, raw, prefix="", base_dir=base_dir)
+    recipe = _build(Recipe, rename_keys(raw), prefix="", base_dir=base_dir)
     for item in overrides or []:
         _apply_override(recipe, item)
+    resolve_defaults(recipe)
     check(recipe)
     return recipe
+
+
+def resolve_defaults(recipe: Recipe) -> None:
+    """Settle the values that follow from other keys, in place, before the recipe is checked.
+
+    Split names pick splits of data.dataset; with local files they mean nothing. A recipe written for the Hub
+    (eval_split: validation) switched to files on the command line (data.dataset=null data.train_file=...
+    data.eval_file=...) should simply work, so a split whose file is given is dropped. A split without its file
+    stays, and `rules.splits_need_a_dataset` explains it.
+    """
+    data = recipe.data
+    if data.dataset or not data.train_file:
+        return
+    for key in ("eval_split", "test_split"):
+        if getattr(data, key) and getattr(data, key.replace("_split", "_file")):
+            setattr(data, key, None)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -62,6 +83,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def _apply_override(recipe: Recipe, item: str) -> None:
     parts, value = parse_override(item)
+    parts = renamed_key(".".join(parts)).split(".")
     target: Any = recipe
     for depth, name in enumerate(parts):
         where = ".".join(parts[: depth + 1])
@@ -76,10 +98,7 @@ def _apply_override(recipe: Recipe, item: str) -> None:
             fld = next(f for f in dataclasses.fields(target) if f.name == name)
             if dataclasses.is_dataclass(hints[name]):
                 raise LlmtuneError(f"'{where}' is a section; override one of its keys, e.g. {where}.<key>=value.")
-            converted = _coerce(value, hints[name], where)
-            if fld.metadata.get("path"):
-                converted = _resolve_path(converted, Path.cwd())
-            setattr(target, name, converted)
+            setattr(target, name, _convert(value, fld, hints[name], where, Path.cwd()))
         else:
             target = getattr(target, name)
             if not dataclasses.is_dataclass(target):
@@ -107,9 +126,33 @@ def _build(cls: type, raw: Any, prefix: str, base_dir: Path) -> Any:
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], raw[name], f"{prefix}{name}.", base_dir)
         else:
-            value = _coerce(raw[name], hints[name], f"{prefix}{name}")
-            kwargs[name] = _resolve_path(value, base_dir) if fld.metadata.get("path") else value
+            kwargs[name] = _convert(raw[name], fld, hints[name], f"{prefix}{name}", base_dir)
     return cls(**kwargs)
+
+
+def _convert(value: Any, fld: dataclasses.Field, tp: Any, where: str, base_dir: Path) -> Any:
+    """A raw value as the field's type: coerced, checked against its choices (like a type: at once, with a "did
+    you mean"), and anchored at base_dir when it is a path. Bounds are checked later with the rules, so that a
+    recipe's out-of-range values are all reported together."""
+    choices = fld.metadata.get("choices")
+    if choices and isinstance(value, bool):
+        value = _yaml_bool_spelling(value, choices)
+    try:
+        converted = _coerce(value, tp, where)
+    except LlmtuneError:
+        if not choices or isinstance(value, (list, dict)):
+            raise
+        raise LlmtuneError(f"'{where}' is {value!r}; valid values are {', '.join(map(str, choices))}.") from None
+    problem = value_problem(where, converted, {"choices": choices}) if choices and converted is not None else None
+    if problem:
+        raise LlmtuneError(problem)
+    return _resolve_path(converted, base_dir) if fld.metadata.get("path") else converted
+
+
+def _yaml_bool_spelling(value: bool, options: Any) -> Any:
+    """YAML 1.1 reads a bare no/off/yes/on as a boolean: the option that spelling meant, if there is one."""
+    spellings = ("yes", "on", "true") if value else ("no", "off", "false")
+    return next((s for s in spellings if s in options), value)
 
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt", ".gguf", ".arrow")
@@ -161,10 +204,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except LlmtuneError:
                 continue
         raise _type_error(where, value, tp)
+    if tp is Any:  # training.trainer_args values: checked by transformers when the arguments are built
+        return value
     if origin is Literal:
-        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a boolean
-            spellings = ("yes", "on", "true") if value else ("no", "off", "false")
-            value = next((s for s in spellings if s in args), value)
+        if isinstance(value, bool):
+            value = _yaml_bool_spelling(value, args)
         if value in args and not isinstance(value, bool):
             return value
         hint = did_you_mean(str(value), [str(a) for a in args])

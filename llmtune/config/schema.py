@@ -1,14 +1,15 @@
 """The recipe schema: every key a recipe may set, its type, default and meaning.
 
-The `help` text of each field is the reference documentation (`llmtune validate --explain` prints it).
-Cross-field rules live in `rules.py`; loading and command-line overrides in `loader.py`. The sections only some
+The `help` text of each field is the reference documentation, and its bounds (ge/gt/le/lt) and choices (from
+`vocab.py`) are the valid values; `explain.py` prints them all (`llmtune validate --explain`). Cross-field rules
+live in `rules.py`; loading and command-line overrides in `loader.py`. The sections only some
 tasks read (lm, pref, scratch, image, distill, sweep) are in `task_sections.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from llmtune.config.fields import _field
 from llmtune.config.task_sections import (
@@ -19,6 +20,7 @@ from llmtune.config.task_sections import (
     ScratchConfig,
     SweepConfig,
 )
+from llmtune.config.vocab import DTYPES, PRECISIONS, STORAGE_DTYPES, TASKS, TRACKERS
 
 __all__ = ["DistillConfig", "ImageConfig", "LMConfig", "PreferenceConfig", "ScratchConfig", "SweepConfig"]
 
@@ -32,8 +34,8 @@ class ModelConfig:
         path=True,
     )
     revision: str | None = _field(None, "Hub branch, tag or commit to load (Hub ids only).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
-        "float32", "dtype the weights are loaded in. Training precision is `training.precision`."
+    dtype: str = _field(
+        "float32", "dtype the weights are loaded in. Training precision is `training.precision`.", choices=DTYPES
     )
     trust_remote_code: bool = _field(
         False, "Run modelling code shipped with the checkpoint. Only turn on for checkpoints you trust."
@@ -54,9 +56,10 @@ class ModelConfig:
         None,
         "Structured pruning: keep only these transformer blocks (0-based) of the loaded checkpoint, e.g. [0, 2, 4]. "
         "The saved model is an ordinary, smaller checkpoint of the same architecture.",
+        ge=0,
     )
     num_layers: int | None = _field(
-        None, "Structured pruning: keep this many transformer blocks, spread evenly (6 -> 3 keeps blocks 0, 2, 4)."
+        None, "Structured pruning: keep this many transformer blocks, spread evenly (6 -> 3 keeps blocks 0, 2, 4).", ge=1
     )
 
 
@@ -80,12 +83,13 @@ class DataConfig:
         None, "Local file to predict on after training; predictions go to the run directory.", path=True
     )
     validation_fraction: float = _field(
-        0.0, "Fraction of the training data held out for evaluation when no eval split or file is given."
+        0.0, "Fraction of the training data held out for evaluation when no eval split or file is given.", ge=0, lt=1
     )
     holdout_every: int | None = _field(
         None,
         "Hold out every N-th training row for evaluation (0-based row index % N == N-1): a fixed split that does "
         "not move with the seed, e.g. 5 for the HH-RLHF pairs' documented 1,850 / 462 split.",
+        ge=2,
     )
     text_column: str = _field("text", "Column holding the text (the first sentence of a pair).")
     text_pair_column: str | None = _field(None, "Column holding the second sentence of a sentence pair.")
@@ -93,9 +97,11 @@ class DataConfig:
     label_names: list[str] | None = _field(
         None, "Names for integer labels 0..N-1, e.g. [negative, positive]. String labels name themselves."
     )
-    max_train_samples: int | None = _field(None, "Use N training rows, picked at random (seeded by training.seed).")
-    max_eval_samples: int | None = _field(None, "Use only the first N evaluation rows.")
-    max_test_samples: int | None = _field(None, "Use only the first N test rows.")
+    max_train_samples: int | None = _field(
+        None, "Use N training rows, picked at random (seeded by training.seed).", ge=1
+    )
+    max_eval_samples: int | None = _field(None, "Use only the first N evaluation rows.", ge=1)
+    max_test_samples: int | None = _field(None, "Use only the first N test rows.", ge=1)
     format: Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt"] = _field(
         "auto",
         "Causal-LM data layout. text: plain text (concatenated, cut into max_length blocks). prompt_completion: "
@@ -115,8 +121,10 @@ class DataConfig:
         "format, columns}. weight scales the source's rows (0.5 = half of them, 2 = each twice).",
         path=True,
     )
-    max_length: int = _field(128, "Longest tokenized input; longer inputs are truncated (text: the block size).")
-    preprocessing_workers: int | None = _field(None, "Processes for tokenization (default: one).")
+    max_length: int = _field(
+        128, "Longest tokenized input; longer inputs are truncated (text: the block size).", ge=1
+    )
+    preprocessing_workers: int | None = _field(None, "Processes for tokenization (default: one).", ge=1)
 
 
 @dataclass
@@ -124,12 +132,13 @@ class MethodConfig:
     type: Literal["full", "lora", "dora"] = _field(
         "full", "full: train every weight. lora: low-rank adapters. dora: weight-decomposed LoRA."
     )
-    r: int = _field(8, "LoRA rank.")
-    alpha: int = _field(16, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    r: int = _field(8, "LoRA rank.", ge=1)
+    alpha: int = _field(16, "LoRA scaling numerator (the update is scaled by alpha / r).", ge=1)
     dropout: float = _field(
         0.0,
         "Dropout on the LoRA input (peft's default, 0). Each adapted layer draws its own mask: on a CPU that cost "
         "a quarter of a SmolLM2 LoRA step at 0.05 (benchmarks/speed.py).",
+        ge=0, lt=1,
     )
     target_modules: str | list[str] | None = _field(
         None,
@@ -147,36 +156,41 @@ class MethodConfig:
     )
     quant_type: Literal["nf4", "fp4"] = _field("nf4", "4-bit data type: nf4 (NormalFloat, the QLoRA default) or fp4.")
     double_quant: bool = _field(True, "4-bit: quantize the quantization constants too (saves ~0.4 bits per weight).")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
-        "auto", "dtype 4-bit layers compute in. auto: bfloat16 on GPUs that support it, float32 elsewhere."
+    compute_dtype: str = _field(
+        "auto", "dtype 4-bit layers compute in. auto: bfloat16 on GPUs that support it, float32 elsewhere.",
+        choices=DTYPES,
     )
-    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = _field(
+    quant_storage: str = _field(
         "auto",
         "dtype the packed 4-bit weights are stored in. auto: the compute dtype under FSDP (which needs one dtype "
         "per sharded block), uint8 otherwise.",
+        choices=STORAGE_DTYPES,
     )
 
 
 @dataclass
 class TrainingConfig:
-    epochs: float = _field(3.0, "Passes over the training data (ignored when `max_steps` is set).")
-    max_steps: int | None = _field(None, "Stop after this many optimizer steps.")
-    learning_rate: float = _field(5e-5, "Peak learning rate.")
+    epochs: float = _field(3.0, "Passes over the training data (ignored when `max_steps` is set).", ge=0)
+    max_steps: int | None = _field(None, "Stop after this many optimizer steps.", ge=1)
+    learning_rate: float = _field(5e-5, "Peak learning rate.", gt=0)
     scheduler: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
         "inverse_sqrt", "reduce_lr_on_plateau",
     ] = _field("linear", "Learning-rate schedule after warm-up.")
-    warmup: float = _field(0.0, "Warm-up length: a fraction of training if below 1, else a number of steps.")
-    batch_size: int = _field(16, "Training examples per device per step.")
-    eval_batch_size: int | None = _field(None, "Examples per device per evaluation step (default: 2 x batch_size).")
-    gradient_accumulation: int = _field(1, "Steps whose gradients are summed before each optimizer step.")
+    warmup: float = _field(0.0, "Warm-up length: a fraction of training if below 1, else a number of steps.", ge=0)
+    batch_size: int = _field(16, "Training examples per device per step.", ge=1)
+    eval_batch_size: int | None = _field(
+        None, "Examples per device per evaluation step (default: 2 x batch_size).", ge=1
+    )
+    gradient_accumulation: int = _field(1, "Steps whose gradients are summed before each optimizer step.", ge=1)
     global_batch_size: int | None = _field(
         None,
         "Examples per optimizer step over all processes. When set, gradient_accumulation is derived from it: "
         "global = batch_size x accumulation x processes, so the recipe trains the same on 1 or 8 GPUs.",
+        ge=1,
     )
-    weight_decay: float = _field(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
+    weight_decay: float = _field(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).", ge=0)
     optimizer: str = _field(
         "adamw",
         "adamw (torch's fused AdamW), adamw_foreach (its multi-tensor form), adamw_8bit (bitsandbytes), "
@@ -203,34 +217,37 @@ class TrainingConfig:
         "saves a checkpoint and exits with code 143. If that takes longer than this many seconds it exits at once "
         "without the new checkpoint (the previous complete one stays). Set it below the scheduler's kill delay. "
         "Empty: no limit.",
+        ge=1,
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = _field(
+    precision: str = _field(
         "auto",
         "Mixed precision (autocast; weights stay fp32). auto: bf16 on GPUs that support it and on CPUs with "
         "native bf16 (avx512_bf16 or AMX), fp32 elsewhere.",
+        choices=PRECISIONS,
     )
     eval_every: int | Literal["epoch", "no"] = _field(
-        "epoch", "Evaluate every N steps, every 'epoch', or 'no'."
+        "epoch", "Evaluate every N steps, every 'epoch', or 'no'.", ge=1
     )
     save_every: int | Literal["epoch", "eval", "no"] = _field(
-        "eval", "Checkpoint every N steps, every 'epoch', with each evaluation ('eval'), or 'no'."
+        "eval", "Checkpoint every N steps, every 'epoch', with each evaluation ('eval'), or 'no'.", ge=1
     )
-    log_every: int = _field(10, "Log the training loss every N steps.")
+    log_every: int = _field(10, "Log the training loss every N steps.", ge=1)
     report_to: list[str] = _field(
         [], "Experiment trackers that receive every logged value, through transformers' integrations: tensorboard "
         "(event files in the run's tensorboard/ folder), trackio, wandb, mlflow, comet_ml, neptune, clearml, dvclive, "
         "swanlab, codecarbon. Each needs its package installed; online trackers follow their own settings (e.g. "
         "WANDB_MODE=offline). Default: none (the run's trainer_state.json always exists, and report.html unless "
         "output.report is false).",
+        choices=TRACKERS,
     )
-    keep_checkpoints: int = _field(2, "Checkpoints kept on disk (the best one is always kept).")
+    keep_checkpoints: int = _field(2, "Checkpoints kept on disk (the best one is always kept).", ge=1)
     metric_for_best: str | None = _field(
         None, "Eval metric that picks the best checkpoint and drives early stopping (default: the task's main metric)."
     )
     early_stopping_patience: int | None = _field(
-        None, "Stop after this many evaluations without improvement of `metric_for_best`."
+        None, "Stop after this many evaluations without improvement of `metric_for_best`.", ge=1
     )
-    dataloader_workers: int = _field(0, "Worker processes feeding batches.")
+    dataloader_workers: int = _field(0, "Worker processes feeding batches.", ge=0)
     compile: bool = _field(
         False,
         "torch.compile the model (opt-in): the first steps pay for compilation, and varying batch shapes "
@@ -252,6 +269,13 @@ class TrainingConfig:
         True,
         "Padded batches: draw samples of similar length together (in shuffled groups), so little compute goes "
         "to padding. Classification batches are padded; causal-LM batches only with lm.padding_free off.",
+    )
+    trainer_args: dict[str, Any] = _field(
+        {},
+        "Extra keyword arguments for transformers' TrainingArguments that llmtune does not map itself, applied "
+        "last, e.g. {adam_beta2: 0.95, lr_scheduler_kwargs: {min_lr: 1e-6}, neftune_noise_alpha: 5, ddp_timeout: "
+        "7200}. Unknown names are refused, and so are arguments a recipe key already sets (learning_rate: use "
+        "training.learning_rate).",
     )
 
 
@@ -298,9 +322,7 @@ class OutputConfig:
 
 @dataclass
 class Recipe:
-    task: Literal[
-        "classification", "image_classification", "distill", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward"
-    ] = _field(
+    task: str = _field(
         "classification",
         "What to train. classification: labelled text -> labels. image_classification: labelled images -> labels. "
         "distill: text classification taught by a finished run (distill.teacher). sft: instructions / chats on a causal LM. "
@@ -308,6 +330,7 @@ class Recipe:
         "dpo: preference pairs (prompt, chosen, rejected) against a reference model. kto: unpaired feedback "
         "(prompt, completion, label true/false). orpo, simpo: preference pairs without a reference model. "
         "reward: a reward model (one score per text) trained on preference pairs.",
+        choices=TASKS,
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -35,11 +35,13 @@ class LMConfig:
     perplexity_file: str | None = _field(
         None, "Text file scored with a sliding window after training (perplexity reported in metrics.json).", path=True
     )
-    stride: int | None = _field(None, "Sliding-window stride for perplexity (default: max_length, no overlap).")
+    stride: int | None = _field(
+        None, "Sliding-window stride for perplexity (default: max_length, no overlap; at most data.max_length).", ge=1
+    )
     generation_prompts: list[str] = _field(
         [], "Prompts whose greedy generations are logged at each evaluation (generations.jsonl)."
     )
-    max_new_tokens: int = _field(64, "Generation length for generation_prompts and `llmtune generate`.")
+    max_new_tokens: int = _field(64, "Generation length for generation_prompts and `llmtune generate`.", ge=1)
 
 
 @dataclass
@@ -63,15 +65,17 @@ class PreferenceConfig:
         0.1,
         "Strength of the preference signal: dpo/kto - how far the policy may move from the reference (higher: "
         "closer); orpo - the odds-ratio term's weight (lambda); simpo - the reward scale.",
+        gt=0,
     )
     label_smoothing: float = _field(
-        0.0, "dpo: assumed share of flipped labels in the data (robust, exo_pair, aot losses), in [0, 0.5)."
+        0.0, "dpo: assumed share of flipped labels in the data (robust, exo_pair, aot losses).", ge=0, lt=0.5
     )
     max_prompt_length: int | None = _field(
         None,
         "Longest prompt in tokens: longer prompts lose their oldest turns first (the last user turn is always "
         "kept). Empty: prompts are kept whole. Either way data.max_length bounds prompt + reply, and a pair whose "
         "prompt leaves no room for a reply is dropped and counted in run.json.",
+        ge=1,
     )
     precompute_reference: Literal["auto", "on", "off"] = _field(
         "auto",
@@ -80,8 +84,10 @@ class PreferenceConfig:
         "model in memory, one extra pass over the data); off - a frozen copy of the model; auto - the copy when "
         "it fits twice in free memory, else precomputed.",
     )
-    desirable_weight: float = _field(1.0, "kto: weight of the losses of desirable (label true) completions.")
-    undesirable_weight: float = _field(1.0, "kto: weight of the losses of undesirable (label false) completions.")
+    desirable_weight: float = _field(1.0, "kto: weight of the losses of desirable (label true) completions.", gt=0)
+    undesirable_weight: float = _field(
+        1.0, "kto: weight of the losses of undesirable (label false) completions.", gt=0
+    )
     simpo_gamma: float = _field(0.5, "simpo: target reward margin (gamma) between chosen and rejected replies.")
     sft_adapter: Literal["merge", "continue"] = _field(
         "merge",
@@ -90,7 +96,7 @@ class PreferenceConfig:
         "is a frozen copy of it).",
     )
     center_rewards: float | None = _field(
-        None, "reward: weight of a penalty on (r_chosen + r_rejected)^2 that keeps rewards centred on 0."
+        None, "reward: weight of a penalty on (r_chosen + r_rejected)^2 that keeps rewards centred on 0.", ge=0
     )
 
 
@@ -102,12 +108,12 @@ class ScratchConfig:
         "(convolution blocks, then a dense layer) or mlp (dense layers on the flattened pixels).",
     )
     layers: int = _field(4, "Transformer blocks; cnn: convolution blocks (32 channels, doubling per block); mlp: "
-                         "hidden layers.")
-    hidden_size: int = _field(256, "Width of the residual stream; cnn / mlp: width of the dense layer(s).")
-    dropout: float = _field(0.1, "cnn / mlp: dropout before each dense layer while training.")
-    heads: int = _field(4, "Attention heads.")
-    vocab_size: int = _field(8000, "Size of the BPE tokenizer trained on the training data.")
-    context_length: int = _field(256, "Longest sequence the model can see (position embeddings).")
+                         "hidden layers.", ge=1)
+    hidden_size: int = _field(256, "Width of the residual stream; cnn / mlp: width of the dense layer(s).", ge=1)
+    dropout: float = _field(0.1, "cnn / mlp: dropout before each dense layer while training.", ge=0, lt=1)
+    heads: int = _field(4, "Attention heads.", ge=1)
+    vocab_size: int = _field(8000, "Size of the BPE tokenizer trained on the training data.", ge=1)
+    context_length: int = _field(256, "Longest sequence the model can see (position embeddings).", ge=1)
 
 
 @dataclass
@@ -121,7 +127,7 @@ class SweepConfig:
     metric: str | None = _field(None, "Evaluation metric to optimise (default: the task's main metric, e.g. accuracy).")
     direction: Literal["auto", "maximize", "minimize"] = _field(
         "auto", "auto: minimize losses and perplexity, maximize everything else.")
-    trials: int = _field(10, "Finished trials (complete or pruned) the sweep runs to; --trials overrides it.")
+    trials: int = _field(10, "Finished trials (complete or pruned) the sweep runs to; --trials overrides it.", ge=1)
     pruning: bool = _field(True, "Stop trials whose evaluations fall below the median of earlier trials at the same "
                            "step (Optuna's median pruner, after 2 finished trials).")
 
@@ -133,6 +139,7 @@ class ImageConfig:
         None,
         "Side length images are resized to (square). Empty: the checkpoint's image-processor size, or for a model "
         "from scratch the size of the first training image.",
+        ge=4,
     )
     channels: Literal["auto", 1, 3] = _field(
         "auto",
@@ -140,9 +147,12 @@ class ImageConfig:
         "for a pretrained checkpoint; from scratch, 1 when the first training image is grayscale, else 3.",
     )
     shift: float = _field(
-        0.0, "Training augmentation: random shift of up to this fraction of the image size each way (0.1 = 10%). 0: off."
+        0.0, "Training augmentation: random shift of up to this fraction of the image size each way (0.1 = 10%). 0: off.",
+        ge=0, le=0.5,
     )
-    rotation: float = _field(0.0, "Training augmentation: random rotation of up to this many degrees either way. 0: off.")
+    rotation: float = _field(
+        0.0, "Training augmentation: random rotation of up to this many degrees either way. 0: off.", ge=0, le=180
+    )
 
 
 @dataclass
@@ -165,8 +175,9 @@ class DistillConfig:
         0.5,
         "Share of the distillation term: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * "
         "cross-entropy with the labels (T = temperature). 1: the teacher only; 0: the labels only.",
+        ge=0, le=1,
     )
     temperature: float = _field(
         2.0, "Softmax temperature T for both models in the distillation term: above 1 shows the student the teacher's "
-        "ranking of the wrong classes too."
+        "ranking of the wrong classes too.", gt=0
     )

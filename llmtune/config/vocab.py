@@ -9,6 +9,12 @@ from __future__ import annotations
 TASKS = ("classification", "image_classification", "distill", "sft", "pretrain", "dpo", "kto", "orpo", "simpo", "reward")
 PREFERENCE_TASKS = ("dpo", "kto", "orpo", "simpo")  # causal LMs trained on preferences
 CAUSAL_LM_TASKS = ("sft", "pretrain", *PREFERENCE_TASKS)
+# Compute precisions (training.precision, and --precision of the commands that use a run; auto = the run's own).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# torch dtypes by name: what weights are loaded in (model.dtype) and 4-bit layers compute in (method.compute_dtype);
+# packed 4-bit weights may also be stored as bytes (method.quant_storage).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STORAGE_DTYPES = (*DTYPES, "uint8")
 
 # trl's DPO losses (trl 1.16); sft is an extra term, only meaningful in a list beside a preference loss.
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",

@@ -115,6 +115,11 @@ class LanguageModel:
     chat: bool
     precision: str
 
+    @property
+    def context(self) -> int:
+        """The longest sequence the model takes (prompt plus reply), in tokens."""
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
+
     @contextmanager
     def computing(self) -> Iterator[None]:
         """Inference in the model's precision (autocast where it is not fp32)."""
