@@ -283,9 +283,10 @@ def sweep(recipe_path: str | Path, overrides: Sequence[str] = (), trials: int | 
     """Optuna search over the recipe's sweep.space (or a `space` YAML file); each trial is `llmtune train` in its
     own process and run directory under `out`, and the same call resumes a stopped sweep. Returns the trials, the
     best trial and the path of its recipe."""
-    from llmtune.observe.sweep import Sweep, run_sweep
+    from llmtune.observe.sweep import Sweep, check_trials, run_sweep
 
-    _at_least("trials", trials, 1)
+    if trials is not None:
+        check_trials(trials)
     overrides = list(overrides) + (_space_overrides(Path(space)) if space else [])
     recipe = load_recipe(recipe_path, overrides)  # a bad recipe or space fails here, before Optuna loads
     folder = Path(out or f"runs/sweep-{Path(recipe_path).stem}")

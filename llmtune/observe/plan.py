@@ -13,6 +13,7 @@ line through the timed steps (fixed cost per batch plus cost per token) prices e
 from __future__ import annotations
 
 import math
+import re
 import resource
 import time
 from collections.abc import Callable
@@ -197,14 +198,16 @@ def format_plan(plan: Plan) -> str:
 
 
 def parse_size(text: str) -> float:
-    """'24GB', '24GiB', '24G', '512MB' -> bytes (powers of 1024, as memory is sold and reported)."""
+    """'24GB', '24GiB', '24G', '512MB' -> bytes (powers of 1024, as memory is sold and reported). ValueError, with
+    a message for the user, for anything else and for sizes of 0 or less."""
     units = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 2**40, "tb": 2**40}
-    number = text.strip().lower()
-    digits = "".join(ch for ch in number if ch.isdigit() or ch == ".")
-    unit = number[len(digits):].strip()
-    if not digits or unit not in units:
+    found = re.fullmatch(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*([a-z]*)\s*", text.lower())
+    if not found or found.group(2) not in units:
         raise ValueError(f"{text!r} is not a size; write e.g. 24GB or 512MB")
-    return float(digits) * units[unit]
+    size = float(found.group(1)) * units[found.group(2)]
+    if size <= 0:
+        raise ValueError(f"device memory must be more than 0; got {text!r} (write e.g. 24GB or 512MB)")
+    return size
 
 
 # --- pieces ------------------------------------------------------------------------------------------------

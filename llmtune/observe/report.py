@@ -8,9 +8,11 @@ overlays several runs' curves and tabulates their final metrics.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import logging
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,12 +41,103 @@ _FINAL = ("after_", "test_")  # evaluations after training: single numbers, in t
 Series = dict[str, tuple[list[float], list[float]]]
 
 
+@dataclasses.dataclass
+class RunFiles:
+    """What a report reads from a run directory (a missing metrics.json / run.json / generations.jsonl: empty)."""
+
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    record: dict[str, Any]
+    generations: list[dict[str, Any]]
+
+
 def log_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / STATE_FILE
-    if not path.is_file():
-        raise LlmtuneError(f"'{run_dir}' has no {STATE_FILE}: it is not a finished llmtune run (runs made before "
-                           "llmtune 0.x wrote it can be reported from their last checkpoint folder).")
-    return json.loads(path.read_text())["log_history"]
+    check_run_folder(Path(run_dir))
+    state = _read_json(Path(run_dir) / STATE_FILE)
+    if not isinstance(state.get("log_history"), list):
+        raise _damaged(Path(run_dir) / STATE_FILE, "it has no 'log_history' list")
+    return state["log_history"]
+
+
+def read_run(run_dir: Path) -> RunFiles:
+    """Every file of a run the report reads; a missing or damaged run is an LlmtuneError naming the file."""
+    run_dir = Path(run_dir)
+    history = log_history(run_dir)
+    return RunFiles(history, _read_json(run_dir / "metrics.json"), _read_json(run_dir / "run.json"),
+                    _generations(run_dir / "generations.jsonl"))
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """The folder exists, is a folder, and holds a finished run (its trainer_state.json)."""
+    if not run_dir.exists():
+        parent = next((p for p in run_dir.absolute().parents if p.is_dir()), Path("."))
+        runs = _runs_in(parent)
+        there = f" Runs in '{parent}': {', '.join(runs)}." if runs else ""
+        raise LlmtuneError(f"'{run_dir}' does not exist: there is no run folder there.{there} Give a run directory "
+                           "as `llmtune train` printed it (\"Run saved in ...\").")
+    if not run_dir.is_dir():
+        raise LlmtuneError(f"'{run_dir}' is a file, not a run folder. Give a run directory: the folder holding the "
+                           f"run's {STATE_FILE}, metrics.json and run.json.")
+    if (run_dir / STATE_FILE).is_file():
+        return
+    if (run_dir / "run.json").is_file():
+        raise LlmtuneError(f"'{run_dir}' has no {STATE_FILE}: the run did not finish (it is written when training "
+                           "ends). Report one of its checkpoint-N folders, which hold the history up to their step, "
+                           "or finish the run with `llmtune train RECIPE --resume`.")
+    runs = _runs_in(run_dir)
+    inside = f" Runs in it: {', '.join(runs)}." if runs else ""
+    raise LlmtuneError(f"'{run_dir}' holds no llmtune run: it has no {STATE_FILE} or run.json.{inside} Give a run "
+                       "directory as `llmtune train` printed it, or one of its checkpoint-N folders.")
+
+
+def _runs_in(folder: Path) -> list[str]:
+    """Up to 8 names of the runs directly in a folder, to suggest."""
+    try:
+        return sorted(child.name for child in folder.iterdir() if (child / STATE_FILE).is_file())[:8]
+    except OSError:
+        return []
+
+
+def check_report_paths(run_dirs: list[Path], out: Path | None = None) -> list[RunFiles]:
+    """Before anything is drawn: every run readable, and the report's folder (`out`, for a comparison; else the
+    one run's own folder) writable. Returns the runs' files as read."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    if out is not None:
+        make_out_folder(Path(out), "--out", "Give a folder that can be created and written, e.g. runs/compare.")
+    else:
+        make_out_folder(Path(run_dirs[0]), "The run folder", "The report is written into the run: copy the run "
+                        "folder somewhere writable and report the copy.")
+    return runs
+
+
+def make_out_folder(out: Path, what: str = "--out", advice: str = "Give a folder that can be created and written.") -> None:
+    """Create the folder results go to and check a file can be written in it, so a bad path is refused in one
+    paragraph before any work rather than with a traceback after it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise LlmtuneError(f"{what} '{out}' cannot be written: {_why_unwritable(out, exc)}. {advice}") from exc
+
+
+def _why_unwritable(out: Path, exc: OSError) -> str:
+    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"'{blocker}' is a file, not a folder"
+    if not out.is_dir():
+        return f"no folder can be made there ({exc.strerror or exc})"
+    return f"no file can be made in it ({exc.strerror or exc})"
+
+
+def _damaged(path: Path, why: str) -> LlmtuneError:
+    if path.name == STATE_FILE:
+        advice = ("Report one of the run's checkpoint-N folders instead (each holds the history up to its step), "
+                  "or train the run again.")
+    else:
+        advice = f"Move it aside (e.g. rename it to {path.name}.damaged) and report again: the report is drawn without it."
+    return LlmtuneError(f"'{path}' is damaged ({why}): the run was probably killed, or its disk filled up, while "
+                        f"writing it. {advice}")
 
 
 def curves(history: Iterable[dict[str, Any]]) -> Series:
@@ -143,10 +236,9 @@ def _file_name(key: str) -> str:
 def write_report(run_dir: Path) -> Path:
     """(Re)build `plots/*.png` and `report.html` in a run directory; returns the report's path."""
     run_dir = Path(run_dir)
-    series = curves(log_history(run_dir))
-    metrics = _read_json(run_dir / "metrics.json")
-    record = _read_json(run_dir / "run.json")
-    pictures = figures({run_dir.name: series})
+    (run,) = check_report_paths([run_dir])
+    metrics, record, generations = run.metrics, run.record, run.generations
+    pictures = figures({run_dir.name: curves(run.history)})
     details = metrics.get("eval_details") or {}
     if details.get("confusion_matrix"):
         pictures["confusion_matrix.png"] = confusion_figure(details["labels"], details["confusion_matrix"])
@@ -155,7 +247,6 @@ def write_report(run_dir: Path) -> Path:
     if details.get("per_class"):
         sections.append(_per_class_section(details["per_class"]))
     sections.append(_images_section(images))
-    generations = _generations(run_dir / "generations.jsonl")
     if generations:
         sections.append(_generations_section(generations))
     sections.append(_run_section(record))
@@ -168,9 +259,10 @@ def write_report(run_dir: Path) -> Path:
 def write_comparison(run_dirs: list[Path], out_dir: Path) -> Path:
     """Overlay the curves of several runs and tabulate their final metrics, in `out_dir`."""
     names = _unique_names(run_dirs)
-    runs = {name: curves(log_history(d)) for name, d in zip(names, run_dirs)}
+    files = dict(zip(names, check_report_paths(run_dirs, Path(out_dir))))
+    runs = {name: curves(run.history) for name, run in files.items()}
     images = _save_figures(figures(runs), Path(out_dir) / PLOTS_DIR)
-    metrics = {name: _read_json(d / "metrics.json") for name, d in zip(names, run_dirs)}
+    metrics = {name: run.metrics for name, run in files.items()}
     sections = [_metrics_section(metrics), _images_section(images)]
     path = Path(out_dir) / REPORT_FILE
     write_text(path, _page(f"llmtune: {len(run_dirs)} runs compared", sections))
@@ -195,13 +287,42 @@ def _save_figures(pictures: dict[str, Any], folder: Path) -> dict[str, Path]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object from a run file; {} when the file is missing."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+    except UnicodeDecodeError as exc:
+        raise _damaged(path, "not text") from exc
+    except OSError as exc:
+        raise LlmtuneError(f"Cannot read '{path}': {exc.strerror or exc}. Check its permissions.") from exc
+    if not isinstance(data, dict):
+        raise _damaged(path, f"it holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _generations(path: Path) -> list[dict[str, Any]]:
+    """The logged generations; a line that is not a whole record (a run killed while appending) is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.warning("Leaving the generations out of the report: cannot read %s (%s).", path, exc)
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and {"prompt", "step", "completion"} <= record.keys():
+            records.append(record)
+    if len(records) < len(lines):
+        logger.warning("Leaving %d damaged line(s) of %s out of the report.", len(lines) - len(records), path)
+    return records
 
 
 def _metrics_section(runs: dict[str, dict[str, Any]]) -> str:

@@ -4,12 +4,16 @@ The study lives in SQLite in the sweep folder, so running the same command again
 running when the sweep was killed is marked failed and a new one takes its place. Trials are launched exactly as
 `llmtune train` would be (with `--accelerate` too); while one runs, its `evaluations.jsonl` is read as it grows
 and each evaluation reported to Optuna; a trial the median pruner stops gets SIGTERM (it saves a checkpoint and
-exits cleanly) and counts as pruned. At the end: a table of the trials, optimisation-history and
+exits cleanly) and counts as pruned. SIGTERM or Ctrl-C to the sweep stops its running trial the same way (then kills
+it if it has not ended in time), and a trial's process gets SIGTERM from the kernel if the sweep dies outright, so
+no trial is left training on its own. At the end: a table of the trials, optimisation-history and
 parameter-importance plots, and the best recipe as YAML.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
@@ -17,15 +21,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from llmtune.config.loader import load_recipe
 from llmtune.config.schema import Recipe
 from llmtune.config.vocab import task_metrics
-from llmtune.errors import LlmtuneError, did_you_mean
-from llmtune.observe.console import EVALUATIONS_FILE
+from llmtune.errors import LlmtuneError, TrainingStopped, did_you_mean
 from llmtune.run.files import write_text
 
 logger = logging.getLogger(__name__)
@@ -33,6 +38,11 @@ logger = logging.getLogger(__name__)
 STUDY_FILE = "study.db"
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "log_int", "choice")
 MINIMIZED = ("loss", "perplexity")
+# How long a trial stopped by the sweep (pruned, or the sweep itself stopping) gets to save its checkpoint before it
+# is killed, when the recipe sets no training.stop_grace_seconds.
+STOP_SECONDS = 120
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 MAIN_METRIC = {"classification": "accuracy", "dpo": "accuracy", "orpo": "accuracy", "simpo": "accuracy",
                "reward": "accuracy"}
 
@@ -44,10 +54,14 @@ class Sweep:
     out: Path
     trials: int
     accelerate: str | None = None
+    # Seconds a trial the sweep stops gets to save its checkpoint before it is killed; None: the recipe's
+    # training.stop_grace_seconds plus a margin, else STOP_SECONDS.
+    stop_seconds: float | None = None
 
 
 def distributions(space: dict[str, dict[str, list]], recipe_path: str, overrides: list[str]) -> dict[str, Any]:
-    """The recipe's `sweep.space` as Optuna distributions, each key checked against the recipe schema."""
+    """The recipe's `sweep.space` as Optuna distributions; every value a trial can be given (each choice, both
+    ends of a range) is checked against the recipe schema, so a bad one fails now rather than as a failed trial."""
     import optuna.distributions as d
 
     if not space:
@@ -55,6 +69,11 @@ def distributions(space: dict[str, dict[str, list]], recipe_path: str, overrides
             "The recipe has no 'sweep.space': name the keys to search, e.g. sweep.space: {training.learning_rate: "
             "{log_uniform: [1e-5, 1e-3]}, method.r: {choice: [8, 16, 32]}}."
         )
+    make = {"log_uniform": lambda v: d.FloatDistribution(float(v[0]), float(v[1]), log=True),
+            "uniform": lambda v: d.FloatDistribution(float(v[0]), float(v[1])),
+            "int": lambda v: d.IntDistribution(int(v[0]), int(v[1])),
+            "log_int": lambda v: d.IntDistribution(int(v[0]), int(v[1]), log=True),
+            "choice": lambda v: d.CategoricalDistribution(list(v))}
     found = {}
     for key, spec in space.items():
         where = f"sweep.space.{key}"
@@ -63,17 +82,39 @@ def distributions(space: dict[str, dict[str, list]], recipe_path: str, overrides
             raise LlmtuneError(f"'{where}' is {spec!r}; give one of {', '.join(DISTRIBUTIONS)} with its values, "
                                f"e.g. {{log_uniform: [1e-5, 1e-3]}}.{did_you_mean(str(kind), DISTRIBUTIONS)}")
         kind, values = next(iter(spec.items()))
-        if kind != "choice" and (len(values) != 2 or not values[0] < values[1]):
-            raise LlmtuneError(f"'{where}.{kind}' is {values!r}; give [low, high] with low < high.")
-        if kind in ("log_uniform", "log_int") and values[0] <= 0:
-            raise LlmtuneError(f"'{where}.{kind}' is {values!r}; a log scale needs low > 0.")
-        found[key] = {"log_uniform": lambda v: d.FloatDistribution(float(v[0]), float(v[1]), log=True),
-                      "uniform": lambda v: d.FloatDistribution(float(v[0]), float(v[1])),
-                      "int": lambda v: d.IntDistribution(int(v[0]), int(v[1])),
-                      "log_int": lambda v: d.IntDistribution(int(v[0]), int(v[1]), log=True),
-                      "choice": lambda v: d.CategoricalDistribution(list(v))}[kind](values)
-        load_recipe(recipe_path, [*overrides, _override(key, values[0])])  # the key exists, the value fits it
+        _check_shape(f"{where}.{kind}", kind, values)
+        for value in values:
+            try:
+                load_recipe(recipe_path, [*overrides, _override(key, value)])  # the key exists, the value fits it
+            except LlmtuneError as exc:
+                raise LlmtuneError(f"'{where}.{kind}' holds {value!r}, which {key} cannot take: {exc}") from exc
+        _check_range(f"{where}.{kind}", kind, values)
+        found[key] = make[kind](values)
     return found
+
+
+def _check_shape(where: str, kind: str, values: list) -> None:
+    if kind == "choice" and not values:
+        raise LlmtuneError(f"'{where}' has no values; give the values to try, e.g. {{choice: [8, 16, 32]}}.")
+    if kind != "choice" and len(values) != 2:
+        raise LlmtuneError(f"'{where}' is {values!r}; give [low, high] with low < high.")
+
+
+def _check_range(where: str, kind: str, values: list) -> None:
+    """[low, high] of numbers, low < high (a log scale: low > 0); the key's schema has accepted both ends."""
+    if kind == "choice":
+        return
+    wrong = next((v for v in values if isinstance(v, bool) or not isinstance(v, int | float)), None)
+    if wrong is not None:
+        raise LlmtuneError(f"'{where}' is {values!r}; {wrong!r} is not a number. Give [low, high] as numbers, "
+                           "low < high, or list the values to try as {choice: [...]}.")
+    if kind in ("int", "log_int") and not all(float(v).is_integer() for v in values):
+        raise LlmtuneError(f"'{where}' is {values!r}; an {kind} range needs whole numbers (use uniform or "
+                           "log_uniform for fractions).")
+    if not values[0] < values[1]:
+        raise LlmtuneError(f"'{where}' is {values!r}; give [low, high] with low < high.")
+    if kind in ("log_uniform", "log_int") and values[0] <= 0:
+        raise LlmtuneError(f"'{where}' is {values!r}; a log scale needs low > 0.")
 
 
 def objective(recipe: Recipe) -> tuple[str, str]:
@@ -89,9 +130,21 @@ def objective(recipe: Recipe) -> tuple[str, str]:
     return metric, direction
 
 
+def check_trials(trials: Any) -> None:
+    """The number of finished trials a sweep runs to: a whole number, 1 or more."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise LlmtuneError(f"--trials (or sweep.trials) is {trials!r}; give the number of finished trials the sweep "
+                           "runs to, 1 or more (a resumed sweep counts the trials it has already finished).")
+
+
 def run_sweep(sweep: Sweep) -> dict[str, Any]:
+    """Run (or resume) a sweep to `sweep.trials` finished trials; SIGTERM or Ctrl-C stop the running trial (it
+    saves a checkpoint) and raise TrainingStopped, and the same call resumes."""
     import optuna
 
+    from llmtune.observe.report import make_out_folder
+
+    check_trials(sweep.trials)
     recipe = load_recipe(sweep.recipe_path, sweep.overrides)
     space = distributions(recipe.sweep.space, sweep.recipe_path, sweep.overrides)
     metric, direction = objective(recipe)
@@ -99,7 +152,10 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
                                                    or recipe.data.validation_fraction or recipe.data.holdout_every):
         raise LlmtuneError("A sweep compares trials by their evaluations: give the recipe evaluation data and "
                            "training.eval_every (a number of steps or 'epoch').")
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    make_out_folder(sweep.out)
+    if sweep.stop_seconds is None and recipe.training.stop_grace_seconds:
+        # the trial exits by itself after its own grace; killing it earlier would lose the checkpoint
+        sweep = dataclasses.replace(sweep, stop_seconds=recipe.training.stop_grace_seconds + 30)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if recipe.sweep.pruning else optuna.pruners.NopPruner()
     study = optuna.create_study(storage=f"sqlite:///{sweep.out / STUDY_FILE}", study_name="llmtune",
@@ -111,50 +167,155 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         logger.warning("Trial %d was running when the sweep stopped; marking it failed, a new trial replaces it.",
                        trial.number)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    with _stopping_on_signals(sweep.out):
+        _run_trials(study, sweep, space, metric, _logged_as(recipe.task, metric))
+        return summarize(study, sweep, metric, direction)
+
+
+def _run_trials(study: Any, sweep: Sweep, space: dict[str, Any], metric: str, logged_as: str) -> None:
+    from optuna.trial import TrialState
+
     failures = 0
     while (done := _finished(study)) < sweep.trials:
         trial = study.ask(space)
         logger.info("Trial %d (%d of %d): %s", trial.number, done + 1, sweep.trials, _describe(trial.params))
-        state, value, seconds = run_trial(sweep, trial, metric, _logged_as(recipe.task, metric))
-        study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+        state, value, seconds = run_trial(sweep, trial, metric, logged_as)
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         logger.info("Trial %d %s%s after %.0f s", trial.number, state.name.lower(),
                     f": {metric} {value:.4f}" if value is not None else "", seconds)
-        failures = failures + 1 if state == optuna.trial.TrialState.FAIL else 0
+        failures = failures + 1 if state == TrialState.FAIL else 0
         if failures == 3:
             raise LlmtuneError(f"Three trials in a row failed; see the .log files in {sweep.out}.")
-    return summarize(study, sweep, metric, direction)
+
+
+@contextlib.contextmanager
+def _stopping_on_signals(out: Path) -> Iterator[None]:
+    """SIGTERM and Ctrl-C raise TrainingStopped, so that run_trial stops its trial on the way out: Python's
+    default SIGTERM ends the process on the spot and leaves the trial training with no sweep to report to. A
+    signal the process was started ignoring (e.g. SIGINT in a background job) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread; the caller handles its own signals
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise TrainingStopped(
+            f"Sweep stopped by {SIGNAL_NAMES[signum]}; a running trial was sent SIGTERM to save a checkpoint and stop. "
+            f"Run the same command to resume: the finished trials are kept in {out / STUDY_FILE} and a new trial "
+            "replaces the stopped one.", 128 + signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in SIGNAL_NAMES}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_trial(sweep: Sweep, trial: Any, metric: str, logged_as: str) -> tuple[Any, float | None, float]:
     """Train one trial in its own process, reporting each evaluation (where the metric is logged under
-    `logged_as`); (state, final metric from metrics.json, seconds)."""
+    `logged_as`); (state, final metric from metrics.json, seconds). However this returns or raises, the trial's
+    process is not left running."""
     from optuna.trial import TrialState
 
     run_dir = sweep.out / f"trial-{trial.number:03d}"
+    log_path = sweep.out / f"trial-{trial.number:03d}.log"
+    command = trial_command(sweep, trial, run_dir)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        # Its own session: Ctrl-C at the terminal reaches the sweep only, which stops the trial with SIGTERM (a
+        # checkpoint) rather than the trainer's Ctrl-C; and one killpg reaches an accelerate launch's workers too.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_stop_with_parent())
+        try:
+            pruned = _watch(process, trial, run_dir, logged_as)
+        finally:
+            if process.poll() is None:  # pruned, or the sweep is stopping (a signal, an error)
+                stop_trial(process, STOP_SECONDS if sweep.stop_seconds is None else sweep.stop_seconds)
+    seconds = time.perf_counter() - start
+    if pruned:
+        return TrialState.PRUNED, None, seconds
+    value = _final_metric(run_dir / "metrics.json", metric) if process.returncode == 0 else None
+    if value is None:
+        logger.warning("Trial %d failed (exit %d); its output is in %s", trial.number, process.returncode, log_path)
+        return TrialState.FAIL, None, seconds
+    return TrialState.COMPLETE, value, seconds
+
+
+def _watch(process: subprocess.Popen, trial: Any, run_dir: Path, logged_as: str) -> bool:
+    """Report the trial's evaluations while it runs; whether the pruner stopped it (then it is still running)."""
+    # Imported only now: the console module pulls in transformers (seconds), which the sweep process never uses.
+    from llmtune.observe.console import EVALUATIONS_FILE
+
+    evaluations, seen = run_dir / EVALUATIONS_FILE, 0
+    while process.poll() is None:
+        time.sleep(1.0)
+        seen, pruned = _report(trial, evaluations, logged_as, seen)
+        if pruned:
+            return True
+    _report(trial, evaluations, logged_as, seen)
+    return False
+
+
+def stop_trial(process: subprocess.Popen, grace_seconds: float) -> None:
+    """SIGTERM to the trial's process group (llmtune train saves a checkpoint and exits 143); SIGKILL when it
+    has not ended after `grace_seconds`, or at once on a second signal or any other exception meanwhile."""
+    logger.info("Stopping the running trial: SIGTERM sent, waiting up to %.0f s for it to save a checkpoint.",
+                grace_seconds)
+    try:
+        _signal_group(process, signal.SIGTERM)
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        logger.warning("The trial did not stop within %.0f s of SIGTERM; killing it.", grace_seconds)
+    finally:
+        if process.poll() is None:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:  # it ended between the check and the signal
+        pass
+
+
+def _stop_with_parent() -> Callable[[], None] | None:
+    """On Linux, what the trial's process runs before it starts: the kernel then sends it SIGTERM when the sweep
+    dies, even by SIGKILL, which no handler in the sweep can see."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # Looked up here, in the sweep: the forked child should only call it, not load anything.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, term = os.getpid(), int(signal.SIGTERM)
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, term)
+        if os.getppid() != parent:  # the sweep died before the signal was armed
+            os._exit(128 + term)
+
+    return arm
+
+
+def _final_metric(path: Path, metric: str) -> float | None:
+    """The trial's metric after training, from its metrics.json; None when it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text()).get("after", {}).get(metric)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def trial_command(sweep: Sweep, trial: Any, run_dir: Path) -> list[str]:
+    """The trial's `llmtune train` command line, exactly as a user would type it."""
     command = [sys.executable, "-m", "llmtune", "train", sweep.recipe_path, *sweep.overrides,
                *(_override(k, v) for k, v in trial.params.items()), f"output.dir={run_dir}"]
-    if sweep.accelerate:
-        command += ["--accelerate", sweep.accelerate]
-    start = time.perf_counter()
-    with open(sweep.out / f"trial-{trial.number:03d}.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        seen, pruned = 0, False
-        while process.poll() is None:
-            time.sleep(1.0)
-            seen, pruned = _report(trial, run_dir / EVALUATIONS_FILE, logged_as, seen)
-            if pruned:
-                os.killpg(process.pid, signal.SIGTERM)  # llmtune saves a checkpoint and stops cleanly
-                process.wait()
-                return TrialState.PRUNED, None, time.perf_counter() - start
-        _report(trial, run_dir / EVALUATIONS_FILE, logged_as, seen)
-    seconds = time.perf_counter() - start
-    metrics_file = run_dir / "metrics.json"
-    if process.returncode != 0 or not metrics_file.is_file():
-        logger.warning("Trial %d failed (exit %d); its output is in %s", trial.number, process.returncode,
-                       sweep.out / f"trial-{trial.number:03d}.log")
-        return TrialState.FAIL, None, seconds
-    value = json.loads(metrics_file.read_text()).get("after", {}).get(metric)
-    return (TrialState.COMPLETE, float(value), seconds) if value is not None else (TrialState.FAIL, None, seconds)
+    return command + ["--accelerate", sweep.accelerate] if sweep.accelerate else command
 
 
 def _report(trial: Any, evaluations: Path, metric: str, seen: int) -> tuple[int, bool]:
