@@ -30,6 +30,27 @@ def pretrained_arguments(recipe: Recipe, model_path: str, keep_unquantized: list
             **quantized_loading(recipe.method, model_path, keep_unquantized=keep_unquantized, **source)}
 
 
+# Classification head names across encoders and decoders; kept out of quantization and trained in full precision.
+CLASSIFIER_HEADS = ["classifier", "score"]
+
+
+def label_arguments(labels: list[str]) -> dict[str, Any]:
+    """The config keywords that size a classifier's head to `labels` and name its outputs."""
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def pretrained_classifier(recipe: Recipe, model_path: str, labels: list[str], auto_class: Any,
+                          keep_unquantized: list[str] | None = CLASSIFIER_HEADS, **loading: Any) -> Any:
+    """A pretrained body with a new head sized to `labels` (text or image classifier, student or not), pruned as
+    model.keep_layers / num_layers ask; the method (full / LoRA / DoRA) is the caller's next step."""
+    from llmtune.models.pruning import prune_layers
+
+    model = auto_class.from_pretrained(model_path, **label_arguments(labels), **loading,
+                                       **pretrained_arguments(recipe, model_path, keep_unquantized=keep_unquantized))
+    return prune_layers(model, recipe.model)
+
+
 def load_tokenizer(path: str, recipe: Recipe) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path, **source_arguments(recipe))
     ensure_pad_token(tokenizer)

@@ -25,8 +25,7 @@ from llmtune.data.loading import load_splits, require_columns
 from llmtune.errors import LlmtuneError
 from llmtune.metrics import MetricComputer, class_report, softmax
 from llmtune.models.adapters import apply_method
-from llmtune.models.loading import load_tokenizer, pretrained_arguments
-from llmtune.models.pruning import prune_layers
+from llmtune.models.loading import load_tokenizer, pretrained_classifier
 from llmtune.models.sources import ResolvedModel
 from llmtune.run.distributed import main_process_first
 from llmtune.run.files import write_text
@@ -36,7 +35,6 @@ from llmtune.tasks.job import Job
 logger = logging.getLogger(__name__)
 
 MAIN_METRIC = "accuracy"
-CLASSIFIER_HEADS = ["classifier", "score"]  # head names across encoders and decoders; trained in full precision
 UNLABELED = (-1, None, "")  # how unlabeled test rows are marked (GLUE test splits use -1)
 
 
@@ -56,15 +54,8 @@ def build(recipe: Recipe, source: ResolvedModel, run_dir: Path, resume: bool = F
         )
 
     # 3. Model: pretrained body (quantized for QLoRA), fresh head sized to the label set, then full / LoRA / DoRA
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source.path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        **pretrained_arguments(recipe, source.path, keep_unquantized=CLASSIFIER_HEADS),
-    )
+    model = pretrained_classifier(recipe, source.path, labels, AutoModelForSequenceClassification)
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders need it to find the last real token
-    model = prune_layers(model, recipe.model)  # model.keep_layers / num_layers
     model = apply_method(model, recipe.method, TaskType.SEQ_CLS, recipe.training.gradient_checkpointing)
 
     # 4. Trainer

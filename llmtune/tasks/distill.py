@@ -30,13 +30,12 @@ from llmtune.errors import LlmtuneError
 from llmtune.inference.classifier import Classifier
 from llmtune.metrics import MetricComputer
 from llmtune.models.adapters import apply_method
-from llmtune.models.loading import load_tokenizer, pretrained_arguments
-from llmtune.models.pruning import prune_layers
+from llmtune.models.loading import load_tokenizer, pretrained_classifier
 from llmtune.models.sources import ResolvedModel
 from llmtune.run.distributed import main_process_first
 from llmtune.run.files import sha256
 from llmtune.run.training import early_stopping, training_arguments
-from llmtune.tasks.classification import CLASSIFIER_HEADS, after_training, check_data, encode, strip_prefix
+from llmtune.tasks.classification import after_training, check_data, encode, strip_prefix
 from llmtune.tasks.distillation import DistillationTrainer
 from llmtune.tasks.job import Job
 
@@ -76,16 +75,10 @@ def build(recipe: Recipe, source: ResolvedModel, run_dir: Path, resume: bool = F
     del teacher  # the student trains alone
 
     # 4. Student: model.name (with model.keep_layers / num_layers), a head for the teacher's labels; full / LoRA
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source.path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a student from another checkpoint brings a head of another size
-        **pretrained_arguments(recipe, source.path, keep_unquantized=CLASSIFIER_HEADS),
-    )
+    # ignore_mismatched_sizes: a student from another checkpoint brings a head of another size
+    model = pretrained_classifier(recipe, source.path, labels, AutoModelForSequenceClassification,
+                                  ignore_mismatched_sizes=True)
     model.config.pad_token_id = tokenizer.pad_token_id
-    model = prune_layers(model, recipe.model)
     model = apply_method(model, recipe.method, TaskType.SEQ_CLS, recipe.training.gradient_checkpointing)
 
     # 5. Trainer: the distillation loss on training batches, plain cross-entropy on evaluation

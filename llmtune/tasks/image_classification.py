@@ -25,8 +25,7 @@ from llmtune.data.loading import load_splits, require_columns
 from llmtune.errors import LlmtuneError
 from llmtune.metrics import MetricComputer, class_report, softmax
 from llmtune.models.adapters import apply_method
-from llmtune.models.loading import pretrained_arguments
-from llmtune.models.pruning import prune_layers
+from llmtune.models.loading import label_arguments, pretrained_classifier
 from llmtune.models.sources import ResolvedModel
 from llmtune.models.vision import SCRATCH_MODELS
 from llmtune.run.distributed import main_process_first
@@ -62,16 +61,13 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
         spec.mean, spec.std = channel_stats(pixels["train"], spec)
 
     # 4. Model: the checkpoint with a new head, or a CNN / MLP from zero; then full / LoRA / DoRA
-    names = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-             "label2id": {name: i for i, name in enumerate(labels)}}
     if source is None:
         config_class, model_class = SCRATCH_MODELS[recipe.scratch.architecture]
         model = model_class(config_class(layers=recipe.scratch.layers, hidden_size=recipe.scratch.hidden_size,
-                                         dropout=recipe.scratch.dropout, **names))
+                                         dropout=recipe.scratch.dropout, **label_arguments(labels)))
     else:
-        model = AutoModelForImageClassification.from_pretrained(
-            source.path, ignore_mismatched_sizes=True, **names, **pretrained_arguments(recipe, source.path))
-        model = prune_layers(model, recipe.model)  # model.keep_layers / num_layers
+        model = pretrained_classifier(recipe, source.path, labels, AutoModelForImageClassification,
+                                      keep_unquantized=None, ignore_mismatched_sizes=True)
     spec.save_to(model.config)  # the saved model carries its preprocessing (llmtune predict --image reads it)
     method = recipe.method
     if method.type != "full" and method.modules_to_save is None:
