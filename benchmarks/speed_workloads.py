@@ -273,10 +273,11 @@ def sft_preprocessing_seconds(system: str, args, work: Path, train_file: Path) -
         f"output.dir={work / 'run'}"])
     if system == "llmtune":
         from llmtune.models.sources import resolve_source
+        from llmtune.models.tokenizers import load_lm_tokenizer
         from llmtune.tasks import causal_lm
 
         path = resolve_source(recipe).path
-        loaded = causal_lm.load_lm_tokenizer(recipe, True, path)
+        loaded = load_lm_tokenizer(recipe, True, path)
         start = time.perf_counter()
         causal_lm.prepare_data(recipe, path, loaded)
         return time.perf_counter() - start

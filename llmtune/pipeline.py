@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from llmtune.config.renames import rename_keys
 from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError
+from llmtune.hub.model_card import write_run_card
 from llmtune.models.adapters import is_adapter, parameter_summary
 from llmtune.models.loading import check_max_length
 from llmtune.models.sources import ResolvedModel, hub_base_model, resolve_source
@@ -113,6 +114,7 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
     if not trainer.is_world_process_zero():
         return metrics
     write_json(run_dir / METRICS_FILE, metrics)  # one writer, one report, one push
+    write_run_card(run_dir)  # README.md: llmtune's card, not a library's draft
     trainer.save_state()  # trainer_state.json: the log history the report plots
     if recipe.output.report:
         report(run_dir)

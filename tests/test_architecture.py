@@ -128,3 +128,26 @@ def test_the_check_itself_sees_lazy_and_relative_imports(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("def f():\n    from llmtune.cli import main\n    from . import errors\n")
     assert imports_of("llmtune.pipeline", source) == {"llmtune.cli", "llmtune.errors"}
+
+
+def test_every_task_has_a_module_that_fills_in_the_task_protocol():
+    import inspect
+
+    from llmtune.config.vocab import TASKS
+    from llmtune.tasks import TASK_MODULES, Task, task_module
+
+    assert set(TASK_MODULES) == set(TASKS)
+    for task in TASKS:
+        module = task_module(task)
+        for name in ("build", "validate"):
+            wanted = list(inspect.signature(getattr(Task, name)).parameters)[1:]  # without self
+            assert list(inspect.signature(getattr(module, name)).parameters) == wanted, (task, name)
+
+
+def test_the_tokenized_cache_keys_on_the_code_of_the_load_tokenize_path():
+    from llmtune.data.tokenized_cache import code_files
+
+    names = {"/".join(path.parts[-2:]) for path in code_files()}
+    assert {"tasks/causal_lm.py", "data/lm_data.py", "data/lm_tokenize.py", "data/formats.py", "models/tokenizers.py",
+            "models/loading.py", "models/scratch.py"} <= names
+    assert not any(name.startswith(("run/", "ship/", "observe/")) for name in names)

@@ -339,12 +339,13 @@ def test_a_second_run_reuses_the_tokenized_splits_and_any_change_tokenizes_again
     same; a changed setting, data file or tokenizer file tokenizes again into a new entry."""
     import shutil
 
+    from llmtune.data import lm_data
     from llmtune.tasks import causal_lm
 
     monkeypatch.setenv("LLMTUNE_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "chats.jsonl", chats(24))
     calls = []
-    tokenize = causal_lm.tokenize_splits
+    tokenize = lm_data.tokenize_splits
     monkeypatch.setattr(causal_lm, "tokenize_splits", lambda *a: calls.append(1) or tokenize(*a))
 
     def prepared(model: str = tiny_llama, *extra: str):

@@ -7,11 +7,13 @@ and a real SST-2 classifier."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, run_cli
+from conftest import REPO, SHARED_DATA, require_shared, run_cli
 from go_template import render_ollama
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -122,6 +124,59 @@ def test_export_refuses_what_it_cannot_write_before_writing_anything(tiny_bert, 
     assert not (gpt2 / "export").exists() and not (classifier / "export").exists()
 
 
+def config_only_model(folder: Path, architecture: str) -> Path:
+    """A model folder with a config and no weights: anything that tried to load it would fail with another error,
+    so a test that gets the --out message proves the check ran before loading."""
+    folder.mkdir()
+    model_type = "bert" if architecture.startswith("Bert") else "llama"
+    (folder / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": model_type}))
+    return folder
+
+
+def read_only_folder(folder: Path) -> Path | None:
+    """A folder no file can be created in: a read-only tmpfs mounted there as root (root writes through chmod),
+    else a chmod 0o555 folder. None when neither is possible here."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return folder
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    return folder if mounted.returncode == 0 else None
+
+
+@pytest.mark.parametrize(("fmt", "architecture"), [("gguf", "LlamaForCausalLM"), ("onnx", "BertForSequenceClassification")])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_loading(tmp_path, fmt, architecture):
+    from llmtune.ship.export import check_output_folder, export
+
+    model = config_only_model(tmp_path / "model", architecture)
+    (tmp_path / "file.txt").write_text("not a folder")
+    for out, why in ((tmp_path / "file.txt" / "out", r"file\.txt' is a file"),
+                     (tmp_path / "file.txt", r"file\.txt' is a file"),
+                     (Path("/proc/llmtune-out"), r"no file can be created in '/proc'")):
+        with pytest.raises(LlmtuneError, match=rf"^--out is '{out}', but .*{why}.*Give --out a folder you can write"):
+            export(model, fmt, out=out)
+    assert not (model / "export").exists() and not Path("/proc/llmtune-out").exists()
+    check_output_folder(tmp_path / "new" / "deeper")  # a missing folder under a writable one is fine
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_an_out_folder_on_a_read_only_filesystem_is_refused(tmp_path):
+    from llmtune.ship.export import check_output_folder
+
+    folder = read_only_folder(tmp_path / "ro")
+    if folder is None:
+        pytest.skip("running as root without permission to mount a read-only tmpfs: root writes into chmod-0555 "
+                    "folders, so there is no read-only folder to test with")
+    try:
+        with pytest.raises(LlmtuneError, match=r"--out is '.*ro/exports', but no file can be created in '.*ro'"):
+            check_output_folder(folder / "exports")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+        else:
+            folder.chmod(0o755)
+
+
 @pytest.mark.slow  # torch.export of a model (~10 s)
 def test_a_decoder_classifier_exports_to_onnx_too(tiny_llama, tmp_path):
     """Classification heads on decoders (last-token pooling over padded batches) export as encoders do."""
@@ -150,9 +205,7 @@ def sft_run(tmp_path_factory) -> Path:
     """A real SmolLM2-135M-Instruct LoRA SFT run on Alpaca (a few steps: enough to move the weights)."""
     from llmtune import load_recipe, train
 
-    source = SHARED_DATA / "alpaca" / "alpaca_5000.json"
-    if not source.exists():
-        pytest.skip(f"Alpaca data not found at {source}")
+    source = require_shared(SHARED_DATA / "alpaca" / "alpaca_5000.json")
     rows = [r for r in json.loads(source.read_text()) if len(r["output"]) < 300][:32]
     data = tmp_path_factory.mktemp("alpaca") / "train.json"
     data.write_text(json.dumps(rows))
@@ -202,9 +255,7 @@ def test_q8_0_changes_the_top_token_only_where_the_model_was_torn_on_wikitext(sm
     every position it changes is one where full precision's top two tokens were within 0.2 logits."""
     from llmtune.ship.gguf_file import _rounded_like_file, load_gguf, write_gguf
 
-    source = SHARED_DATA / "wikitext-2" / "valid.txt"
-    if not source.exists():
-        pytest.skip(f"WikiText-2 not found at {source}")
+    source = require_shared(SHARED_DATA / "wikitext-2" / "valid.txt")
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     path = tmp_path / "smol-q8_0.gguf"
@@ -232,9 +283,7 @@ def test_a_real_sst2_classifier_in_onnx_predicts_as_pytorch_does_on_200_dev_sent
     from llmtune.inference.onnx_classifier import load_onnx_classifier
     from llmtune.ship.export import export
 
-    dev = SHARED_DATA / "sst2" / "dev.tsv"
-    if not dev.exists():
-        pytest.skip(f"SST-2 not found at {dev}")
+    dev = require_shared(SHARED_DATA / "sst2" / "dev.tsv")
     run_dir = tmp_path / "sst2"
     api.train(load_recipe("recipes/sst2_minilm_lora.yaml", [
         "data.dataset=null", f"data.train_file={SHARED_DATA / 'sst2' / 'train.tsv'}", f"data.eval_file={dev}",

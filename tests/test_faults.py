@@ -90,6 +90,36 @@ def test_a_signal_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_r
     assert record["resumes"][0]["from_checkpoint"] == f"checkpoint-{stopped_at}"
 
 
+def test_sigterm_during_a_long_evaluation_ends_it_and_saves_the_checkpoint(reviews_files, tmp_path):
+    """MiniLM evaluating 300 rows of 512 tokens (minutes on a CPU) after step 2. The signal lands in that
+    evaluation: it must end at the next batch, and the checkpoint of step 2 be saved well inside the grace period
+    - without that, the evaluation runs past the grace and the process is ended with no checkpoint at all."""
+    sentences = [json.loads(line)["text"] for line in reviews_files["eval"].read_text().splitlines()]
+    long_text = " ".join(sentences * 20)  # far past 512 tokens: every row is cut to max_length
+    eval_file = write_jsonl(tmp_path / "long_eval.jsonl",
+                            [{"text": long_text[i:], "label": ["negative", "positive"][i % 2]} for i in range(300)])
+    run_dir = tmp_path / "run"
+    grace = 60
+    process = start(["train", "recipes/quickstart.yaml", f"data.train_file={reviews_files['train']}",
+                     f"data.eval_file={eval_file}", "data.test_file=null", "data.max_length=512",
+                     f"output.dir={run_dir}", "training.max_steps=50", "training.batch_size=4",
+                     "training.eval_batch_size=2", "training.log_every=2", "training.eval_every=2",
+                     "training.save_every=1000", "eval.before_training=false", f"training.stop_grace_seconds={grace}"])
+    output = wait_for_output(process, "step 2/50")  # logged just before the evaluation at step 2 starts
+    time.sleep(3)  # well inside it: each batch of two rows takes about a second
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=300)
+    log = "".join(output) + rest
+    assert process.returncode == 143, log[-3000:]
+    assert "Evaluation at step 2 interrupted" in log and "grace of" not in log, log[-3000:]
+    checkpoints = sorted(run_dir.glob("checkpoint-*"))
+    assert [p.name for p in checkpoints] == ["checkpoint-2"], log[-3000:]
+    assert why_incomplete(checkpoints[0]) is None
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert not any(key.startswith("eval_") for entry in state["log_history"] for key in entry)  # no partial scores
+    assert "checkpoint is" in log and "--resume" in log
+
+
 def test_resume_refuses_changed_training_settings_unless_forced(tiny_bert, reviews_files, tmp_path):
     args = tiny_args(tiny_bert, reviews_files, tmp_path / "run", "training.max_steps=4", "training.save_every=2",
                      "training.eval_every=no")
@@ -185,7 +215,8 @@ def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint
         message = next((line for line in result.stderr.splitlines() if line.startswith("error:")), "")
         assert result.returncode == 2, result.stderr[-3000:]
         assert "Traceback" not in result.stderr
-        assert message.startswith("error: Saving checkpoint checkpoint-4") and "the disk is full" in message, message
+        assert message.startswith("error: Saving checkpoint checkpoint-4"), message
+        assert f"the disk holding '{run_dir}' is full (" in message, message
         assert "checkpoint-4 was removed" in message and "checkpoint-2, is intact" in message and "--resume" in message
         state = json.loads(result.stdout.split("STATE", 1)[1])
         assert state == {"checkpoint-2": None}  # complete, and the half-written checkpoint-4 is gone

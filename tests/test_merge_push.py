@@ -77,6 +77,13 @@ def outputs(model, tokenizer) -> torch.Tensor:
 # --- merge --------------------------------------------------------------------------------------------------
 
 
+def test_the_run_folder_holds_llmtunes_card_not_a_library_draft(lora_run, tiny_llama):
+    """The base is a local folder (no Hub id): trl's and peft's drafts name it as [None] or not at all."""
+    card = (lora_run / "README.md").read_text()
+    assert "trained with llmtune" in card and f"the local checkpoint `{tiny_llama}`" in card
+    assert "[None]" not in card and "| loss |" in card  # with the run's results
+
+
 def test_merge_matches_adapter_on_base_and_saves_a_plain_model(lora_run, tiny_llama, tmp_path):
     result = run_cli("merge", str(lora_run), "--out", str(tmp_path / "merged"), cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -93,8 +93,42 @@ def test_unusable_pairs_are_dropped_and_counted_and_an_all_dropped_file_is_an_er
 
 
 def test_missing_columns_name_the_data_and_suggest_the_column():
-    with pytest.raises(LlmtuneError, match=r"train\.jsonl has columns prompt, chosen, rejcted.*Did you mean"):
+    expected = r"train\.jsonl has columns 'prompt', 'chosen', 'rejcted'.*no column 'rejected' \(Did you mean \"rejcted\"\?\)"
+    with pytest.raises(LlmtuneError, match=expected):
         detect_layout(["prompt", "chosen", "rejcted"], {}, True, "train.jsonl")
+
+
+def test_a_csv_header_with_spaces_is_named_as_the_problem(tmp_path):
+    """'prompt, chosen, rejected' as a CSV header gives columns ' chosen' and ' rejected': the message must not read
+    'has columns chosen, rejected, but ... needs chosen and rejected'."""
+    from datasets import load_dataset
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt, chosen, rejected\n2+2?, 4, 5\n")
+    columns = load_dataset("csv", data_files=str(path), split="train").column_names
+    with pytest.raises(LlmtuneError) as caught:
+        detect_layout(columns, {}, True, "pairs.csv")
+    message = str(caught.value)
+    assert "pairs.csv has columns 'prompt', ' chosen', ' rejected'" in message
+    assert "' chosen' has a space before or after its name" in message and "' rejected' has a space" in message
+    assert "data.columns={chosen: ' chosen', rejected: ' rejected'}" in message
+
+
+def test_a_mapping_to_absent_columns_names_the_mapping_not_the_standard_names():
+    with pytest.raises(LlmtuneError) as caught:
+        detect_layout(["chosen", "rejected"], {"chosen": "good", "rejected": "bad"}, True, "train.jsonl")
+    message = str(caught.value)
+    assert "train.jsonl has columns 'chosen', 'rejected'" in message
+    assert "data.columns maps chosen to 'good' and rejected to 'bad', but the data has no such column" in message
+    assert "needs columns 'good' and 'bad' (chosen and rejected, as data.columns names them)" in message
+    assert "remove those entries from data.columns" in message
+
+
+def test_a_case_difference_is_named_and_kto_names_the_missing_label():
+    with pytest.raises(LlmtuneError, match=r"no column 'chosen' \('Chosen' differs only in case"):
+        detect_layout(["prompt", "Chosen", "rejected"], {}, True, "train.jsonl")
+    with pytest.raises(LlmtuneError, match=r"has columns 'prompt', 'completion'.*no column 'label'"):
+        detect_layout(["prompt", "completion"], {}, False, "feedback.jsonl")
 
 
 def test_columns_can_be_mapped():

@@ -48,15 +48,50 @@ def detect_layout(columns: list[str], mapping: dict[str, str], paired: bool, whe
     for layout, needed in PAIRED_LAYOUTS.items():
         if all(col(c) in columns for c in needed):
             return layout
-    wanted = "prompt/completion/label (or paired chosen/rejected columns)" if not paired else "chosen and rejected"
-    missing = [col(c) for c in ("chosen", "rejected") if col(c) not in columns]
-    hint = "".join(did_you_mean(m, columns) for m in missing)
+    pair = " and ".join(repr(col(c)) for c in ("chosen", "rejected"))
+    if pair != "'chosen' and 'rejected'":
+        pair += " (chosen and rejected, as data.columns names them)"
+    wanted = f"columns {pair}" if paired else f"columns 'prompt', 'completion' and 'label' (or paired columns {pair})"
+    # kto data that has begun the unpaired layout is told what that layout lacks; all other data, the pair's
+    feedback = not paired and any(col(c) in columns for c in ("prompt", "completion")) and col("chosen") not in columns
+    standard = UNPAIRED_LAYOUT if feedback else ("chosen", "rejected")
+    missing = [name for name in standard if col(name) not in columns]
+    problems = "; ".join([*(_missing_column(name, columns) for name in missing if col(name) == name),
+                          *_unmapped([name for name in missing if col(name) != name], col, columns)])
+    mappable = [(name, found) for name in missing if (found := _near_match(col(name), columns))]
+    fix = (f"data.columns={{{', '.join(f'{name}: {found!r}' for name, found in mappable)}}}" if mappable else
+           "data.columns={chosen: better, rejected: worse}")
     raise LlmtuneError(
-        f"{where} has columns {', '.join(columns)}, but preference training needs {wanted}.{hint} Layouts: "
-        "prompt/chosen/rejected, messages/chosen/rejected, chosen/rejected whole transcripts"
-        f"{', prompt/completion/label' if not paired else ''}. Map other names with data.columns, e.g. "
-        "data.columns={chosen: better, rejected: worse}."
+        f"{where} has columns {', '.join(repr(c) for c in columns)}, but preference training needs {wanted}: "
+        f"{problems}. Layouts: prompt/chosen/rejected, messages/chosen/rejected, chosen/rejected whole transcripts"
+        f"{', prompt/completion/label' if not paired else ''}. Map other names with data.columns, e.g. {fix}."
     )
+
+
+def _near_match(name: str, columns: list[str]) -> str | None:
+    """A column that is `name` but for spaces around it or letter case (a CSV header written 'a, b' gives ' b')."""
+    return next((c for c in columns if c != name and c.strip().casefold() == name.strip().casefold()), None)
+
+
+def _missing_column(name: str, columns: list[str]) -> str:
+    """Why the standard column `name` is not found: a near miss in spaces or case, a typo, or simply absent."""
+    near = _near_match(name, columns)
+    if near is None:
+        hint = did_you_mean(name, columns).strip()
+        return f"no column {name!r}" + (f" ({hint})" if hint else "")
+    why = "differs only in case" if near.strip() == near else "has a space before or after its name"
+    return f"no column {name!r} ({near!r} {why}: rename it, or map it)"
+
+
+def _unmapped(names: list[str], col: Callable[[str], str], columns: list[str]) -> list[str]:
+    """Why standard columns that data.columns maps to other names are not found (at most one sentence)."""
+    if not names:
+        return []
+    maps = " and ".join(f"{name} to {col(name)!r}" for name in names)
+    there = [name for name in names if name in columns]
+    own = (f"; the data has {' and '.join(repr(name) for name in there)} under the standard name: remove those "
+           "entries from data.columns to use them" if there else "")
+    return [f"data.columns maps {maps}, but the data has no such column{own}"]
 
 
 def to_pairs(rows: Dataset, layout: str, mapping: dict[str, str], system_prompt: str | None,

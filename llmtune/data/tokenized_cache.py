@@ -18,6 +18,7 @@ rely on datasets' own.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -41,8 +42,45 @@ logger = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
 SMALL_FILE = 64 << 20  # tokenizer files are at most tens of MB; anything bigger is not one
 PACKAGE = Path(__file__).resolve().parents[1]
-CODE = ("data/formats.py", "data/lm_tokenize.py", "data/loading.py", "data/files.py", "data/tokenized_cache.py",
-        "tasks/causal_lm.py", "models/loading.py")
+# The code that decides what the tokenized splits hold: the load -> tokenize path and every data / models module it
+# imports, found by reading their imports (a new helper module is covered without a list to keep up to date).
+CODE_ROOTS = ("llmtune.tasks.causal_lm", "llmtune.data.lm_data", "llmtune.models.tokenizers", __name__)
+CODE_ROOMS = ("data", "models")
+
+
+def code_files() -> list[Path]:
+    """The source files of CODE_ROOTS and of the data / models modules they import, directly or not."""
+    found: dict[str, Path] = {}
+    todo = list(CODE_ROOTS)
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in found or path is None:
+            continue
+        found[name] = path
+        for imported in _llmtune_imports(path):
+            if imported.split(".")[1] in CODE_ROOMS:
+                todo.append(imported)
+    return sorted(found.values())
+
+
+def _module_file(name: str) -> Path | None:
+    relative = Path(*name.split(".")[1:])
+    for candidate in (PACKAGE / relative.with_suffix(".py"), PACKAGE / relative / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _llmtune_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmtune."):
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from llmtune.data import x`
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("llmtune."))
+    return names
 
 
 @dataclass
@@ -74,7 +112,7 @@ def cache_key(recipe: Any, model_path: str | None) -> str | None:
         "files": {str(f): sha256(f) for f in files},
         "tokenizer_files": _tokenizer_files_hash(Path(model_path)),
         "settings": [dataclasses.asdict(data), recipe.lm.loss_on, template, recipe.task, recipe.training.seed],
-        "code": [source_fingerprint(str(PACKAGE / name)) for name in CODE],
+        "code": [source_fingerprint(str(path)) for path in code_files()],
         "versions": [importlib.metadata.version(p) for p in ("datasets", "tokenizers", "transformers")],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]

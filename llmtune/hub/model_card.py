@@ -12,6 +12,8 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 from llmtune.models.sources import hub_base_model, installed_checkpoint
+from llmtune.run.files import read_json, write_text
+from llmtune.run.run_dir import METRICS_FILE, RUN_RECORD
 
 TASK_NAMES = {"classification": "text classification", "sft": "instruction tuning (SFT)",
               "pretrain": "language modelling", "dpo": "preference tuning (DPO)", "kto": "preference tuning (KTO)",
@@ -26,11 +28,12 @@ AUTO_FOR_PIPELINE = {"text-classification": "AutoModelForSequenceClassification"
 AUTO_CLASS_NAMES = {task: AUTO_FOR_PIPELINE[pipeline] for task, pipeline in PIPELINES.items()}
 
 
-def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
-    """README.md text for a run pushed as `kind` ('adapter', 'merged' or 'full')."""
+def render(record: dict, metrics: dict | None, repo_id: str, kind: str) -> str:
+    """README.md text for a run pushed as `kind` ('adapter', 'merged' or 'full'); `metrics` None for a run that
+    has not finished."""
     recipe = record["recipe"]
     task, method, training = recipe["task"], recipe["method"], recipe["training"]
-    base = hub_base_model(recipe)
+    base = hub_base_model(recipe) if recipe["model"].get("name") else None
     quantized = method["type"] != "full" and method.get("quantization", "none") != "none"
     tags = ["llmtune", task, method["type"]]
     if quantized:
@@ -49,18 +52,10 @@ def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
         adapter_name += f" (trained on a {method['quantization']} base)"
     what = {"adapter": f"a {adapter_name} adapter", "merged": f"a model with a {adapter_name} adapter merged in",
             "full": "a fully fine-tuned model"}[kind]
-    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{recipe['model']['name']}`"
-    if recipe["model"].get("init") == "scratch":
-        base_text = "a model trained from scratch"
-    parent = record.get("sft_parent")
-    if parent:
-        parent_base = hub_base_model({"model": {"name": parent.get("base_name") or ""}}) or parent.get("base_name")
-        base_text = (f"an SFT model (llmtune run `{Path(parent['run_dir']).name}`, task {parent.get('task')}) "
-                     f"built on `{parent_base}`")
     sections = [
         f"---\n{metadata.to_yaml()}\n---\n",
         f"# {repo_id.split('/')[-1]}\n",
-        f"This is {what} for {TASK_NAMES[task]}, starting from {base_text}, trained with llmtune.\n",
+        _opening(what, TASK_NAMES[task], record, base),
         "## How to use\n",
         _usage(repo_id, base, kind, task, recipe),
         "## Training\n",
@@ -73,9 +68,47 @@ def render(record: dict, metrics: dict, repo_id: str, kind: str) -> str:
         "## Framework versions\n",
         "\n".join(f"- {name}: {version}" for name, version in record.get("versions", {}).items()) + "\n",
         "## License\n",
-        f"{_license(recipe)}" + ("" if recipe["output"].get("license") else ", the license of the base model") + ".\n",
+        _license_line(recipe),
     ]
     return "\n".join(sections)
+
+
+def write_run_card(run_dir: Path) -> Path:
+    """Write llmtune's card as the run's own README.md and return its path.
+
+    It replaces the drafts libraries leave there: trl writes one at every checkpoint that names the base model
+    only by Hub id - "a fine-tuned version of [None](https://huggingface.co/None)" for a local, installed or
+    from-scratch model - and peft adds its own to an adapter. The card names the run folder where a pushed card
+    names the Hub repository; without metrics.json (a run not finished) it says so instead of giving results."""
+    record = read_json(run_dir / RUN_RECORD)
+    metrics = read_json(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else None
+    kind = "adapter" if (run_dir / "adapter_config.json").is_file() else \
+        "merged" if (run_dir / "adapter").is_dir() else "full"
+    path = run_dir / "README.md"
+    write_text(path, render(record, metrics, str(run_dir.resolve()), kind))
+    return path
+
+
+def _opening(what: str, task_name: str, record: dict, base: str | None) -> str:
+    """The card's first sentence: what the model is and what it started from, true also without a Hub id (a link
+    only to a real Hub model)."""
+    if record["recipe"]["model"].get("init") == "scratch" and not record.get("sft_parent"):
+        return f"This is a model for {task_name}, trained from scratch (random initial weights) with llmtune.\n"
+    return f"This is {what} for {task_name}, starting from {_base_text(record, base)}, trained with llmtune.\n"
+
+
+def _base_text(record: dict, base: str | None) -> str:
+    model = record["recipe"]["model"]
+    parent = record.get("sft_parent")
+    if parent:
+        parent_base = hub_base_model({"model": {"name": parent.get("base_name") or ""}}) or parent.get("base_name")
+        return (f"an SFT model (llmtune run `{Path(parent['run_dir']).name}`, task {parent.get('task')})"
+                + (f" built on `{parent_base}`" if parent_base else ""))
+    if base:
+        return f"[{base}](https://huggingface.co/{base})"
+    if model.get("name"):
+        return f"the local checkpoint `{model['name']}` (not a Hugging Face Hub model)"
+    return "a base model whose name the run did not record"
 
 
 def _exports(record: dict) -> list[str]:
@@ -99,8 +132,18 @@ def _exports(record: dict) -> list[str]:
 def _license(recipe: dict) -> str:
     if recipe["output"].get("license"):
         return recipe["output"]["license"]
-    known = installed_checkpoint(recipe["model"]["name"])
+    if recipe["model"].get("init") == "scratch":
+        return "other"  # model.name only lent the tokenizer: its license is not the weights'
+    known = installed_checkpoint(recipe["model"].get("name") or "")
     return known.license if known else "other"
+
+
+def _license_line(recipe: dict) -> str:
+    if recipe["output"].get("license"):
+        return f"{recipe['output']['license']}.\n"
+    if recipe["model"].get("init") == "scratch":
+        return "other: not chosen (set output.license); there is no base model whose license applies.\n"
+    return f"{_license(recipe)}, the license of the base model.\n"
 
 
 def _hub_datasets(data: dict) -> list[str]:
@@ -155,7 +198,9 @@ def _data(record: dict) -> str:
     return "\n".join(lines) + "\n" if lines else "Not recorded.\n"
 
 
-def _results(metrics: dict) -> str:
+def _results(metrics: dict | None) -> str:
+    if metrics is None:
+        return "The run has not finished: its results are added to this card when it does.\n"
     before, after, test = metrics.get("before", {}), metrics.get("after", {}), metrics.get("test", {})
     names = [n for n in after if isinstance(after[n], (int, float)) and not n.endswith(("runtime", "per_second"))
              and n not in ("epoch",)]

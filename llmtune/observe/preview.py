@@ -15,6 +15,7 @@ OPEN, CLOSE = "[[", "]]"  # marks trained tokens when the output is not a colour
 
 def preview(recipe: Recipe, samples: int = 3, colour: bool | None = None) -> str:
     """Render `samples` tokenized training samples and the training split's token statistics."""
+    from llmtune.data.lm_data import packing_efficiency
     from llmtune.models.sources import resolve_source
     from llmtune.tasks import causal_lm
 
@@ -25,16 +26,14 @@ def preview(recipe: Recipe, samples: int = 3, colour: bool | None = None) -> str
         )
     if colour is None:
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    lm_data = causal_lm.load_data(recipe)
     source = resolve_source(recipe)
-    tokenizer, _ = causal_lm.load_lm_tokenizer(recipe, lm_data.chat, source.path if source else None, lm_data)
-    encoded, stats = causal_lm.tokenize_splits(recipe, lm_data, tokenizer)
-    train_stats: dict[str, Any] = stats["train"]
-    if lm_data.chat and recipe.lm.packing:
-        train_stats["packing_efficiency"] = causal_lm.packing_efficiency(encoded["train"], recipe.data.max_length)
+    tokenizer, _, prepared = causal_lm.load_and_tokenize(recipe, source.path if source else None)
+    encoded, train_stats = prepared.splits, prepared.stats["train"]
+    if prepared.chat and recipe.lm.packing:
+        train_stats["packing_efficiency"] = packing_efficiency(encoded["train"], recipe.data.max_length)
 
     legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if colour else f"{OPEN}trained{CLOSE} masked"
-    lines = [f"format: {lm_data.fmt}, loss on: {lm_data.loss_on}, max_length: {recipe.data.max_length}   ({legend})"]
+    lines = [f"format: {prepared.fmt}, loss on: {prepared.loss_on}, max_length: {recipe.data.max_length}   ({legend})"]
     for index in range(min(samples, len(encoded["train"]))):
         row = encoded["train"][index]
         lines += ["", f"--- sample {index} ({len(row['input_ids'])} tokens, {sum(row['assistant_masks'])} trained) ---",

@@ -11,6 +11,7 @@ upgrade tells us which workaround to drop or adapt:
 - `trl_labelled_logits`: trl's SFTTrainer scoring only the positions that carry loss (off CUDA).
 - `trl_compact_lm_head`: trl's fused LM head (DPO) projecting only the labelled positions on a CPU too.
 - `fsdp_full_state_dict`: gathering FSDP shards for the final save through accelerate's plugin object.
+- `interruptible_evaluation`: a stop signal ends an evaluation inside training; then the checkpoint is saved.
 - `length_grouped_order`: a seeded generator for transformers' length-grouped sampler, so resumed runs see the
   same batches.
 

@@ -13,10 +13,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from llmtune.patches.interruptible_evaluation import EvaluationInterrupted, interruptible_evaluations
 from llmtune.run.distributed import any_rank, launched_with
 
 logger = logging.getLogger(__name__)
@@ -27,17 +30,23 @@ SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 class StopOnSignal(TrainerCallback):
     """First Ctrl-C or SIGTERM: finish the current step, save a resumable checkpoint, stop.
 
-    A second Ctrl-C aborts at once. After SIGTERM, `grace_seconds` (when set) bounds the wait: a step and save that
-    take longer end the process anyway (exit 143), leaving the previous complete checkpoint. Under a multi-process
-    launch the ranks agree at every step end whether any of them was signalled, so they stop at the same step.
+    A signal during an evaluation inside training ends the evaluation at the next batch (given the `trainer`, see
+    patches/interruptible_evaluation.py), then the checkpoint is saved: an evaluation can take longer than a
+    scheduler's grace period. A second Ctrl-C aborts at once. After SIGTERM, `grace_seconds` (when set) bounds the
+    wait: a step and save that take longer end the process anyway (exit 143), leaving the previous complete
+    checkpoint. Under a multi-process launch the ranks agree at every step end (and evaluation batch) whether any
+    of them was signalled, so they stop at the same point.
     """
 
-    def __init__(self, grace_seconds: int | None = None) -> None:
+    def __init__(self, grace_seconds: int | None = None, trainer: Any = None) -> None:
         self.grace_seconds = grace_seconds
+        self.trainer = trainer
         self.signum: int | None = None  # the signal this process received
         self.requested = False  # whether training stopped because some process was signalled
         self._previous: dict[int, object] = {}
         self._timer: threading.Timer | None = None
+        self._undo_patch: Callable[[], None] | None = None
+        self._saved_step: int | None = None  # the step of the checkpoint saved since the stop request
 
     @property
     def exit_code(self) -> int:
@@ -47,12 +56,17 @@ class StopOnSignal(TrainerCallback):
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNAL_NAMES:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self.trainer is not None:
+            self._undo_patch = interruptible_evaluations(self.trainer, lambda step: step == self._saved_step)
         return self
 
     def __exit__(self, *exc_info) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._undo_patch is not None:
+            self._undo_patch()
+            self._undo_patch = None
         if self._timer is not None:
             self._timer.cancel()
 
@@ -80,6 +94,25 @@ class StopOnSignal(TrainerCallback):
             self.requested = True
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False  # an evaluation now would only delay the save the signal asked for
+            control.should_log = True  # the loss since the last log goes into the checkpoint, as at every save
+        return control
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.trainer is not None and any_rank(self.signum is not None):
+            self.requested = True
+            raise EvaluationInterrupted
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.requested:
+            self._saved_step = state.global_step
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.requested:  # the epoch's end after a stop: its evaluation and save are not wanted, or were done
+            control.should_evaluate = False
+            control.should_save = control.should_save and self._saved_step != state.global_step
         return control
 
 

@@ -177,14 +177,16 @@ class CompleteCheckpoints(TrainerCallback):
 def save_failure(exc: BaseException, run_dir: Path, step: int) -> LlmtuneError:
     """Explain a checkpoint save that failed: why, what was cleaned up, and where to resume from.
 
-    The half-written checkpoint is removed (it is not resumable and takes the space that is missing)."""
+    The half-written checkpoint is removed (it is not resumable and takes the space that is missing). The reason
+    is worked out first: removing the checkpoint frees space, and the free space the message reports must be
+    what the save met, or a full disk reads as one with room."""
+    reason = describe_write_error(exc, run_dir)
     partial = run_dir / f"{PREFIX}{step}"
     removed = ""
     if partial.is_dir() and why_incomplete(partial) is not None and is_main_process():
         shutil.rmtree(partial, ignore_errors=True)
         removed = f" The unfinished {PREFIX}{step} was removed."
     newest, _ = newest_complete(run_dir)
-    reason = describe_write_error(exc, run_dir)
     resume = (f"The newest complete checkpoint, {newest.name}, is intact: once there is room, continue with the "
               "same command plus --resume." if newest else
               "There is no complete checkpoint yet; once there is room, run the same command again with "
@@ -192,8 +194,18 @@ def save_failure(exc: BaseException, run_dir: Path, step: int) -> LlmtuneError:
     return LlmtuneError(f"Saving checkpoint {PREFIX}{step} in '{run_dir}' failed: {reason}.{removed} {resume}")
 
 
+# How each writer says the disk is full: errno 28 in Python, Rust's io::Error (safetensors) in words.
+OUT_OF_SPACE = ("No space left", "os error 28", "StorageFull")
+OUT_OF_QUOTA = ("Disk quota exceeded", "os error 122", "QuotaExceeded")
+# torch.save's C++ zip writer reports a short write only as a stream failure or a position mismatch, without
+# the errno; the usual cause is a full disk or quota.
+SHORT_WRITE = ("unexpected pos", "file write failed", "iostream error")
+LITTLE_ROOM = 2**30  # below this, a short write is the disk filling up (a checkpoint file is typically larger)
+
+
 def describe_write_error(exc: BaseException, folder: Path) -> str:
-    """'the disk is full (...)' when the error or the filesystem says so, else the error itself."""
+    """'the disk holding '<folder>' is full (N MiB free)' when the error or the filesystem says so, else the
+    error itself with the free space there."""
     chain, current = [], exc
     while current is not None and len(chain) < 5:
         chain.append(current)
@@ -204,14 +216,16 @@ def describe_write_error(exc: BaseException, folder: Path) -> str:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    full = (
-        bool(codes & {errno.ENOSPC, errno.EDQUOT})
-        or "No space left" in text
-        or ("unexpected pos" in text and free is not None and free < 64 * 2**20)  # torch.save's way of saying it
-    )
-    where = f"{free / 2**20:,.0f} MiB free there" if free is not None else "free space unknown"
-    if full:
-        return f"the disk is full (no space left on the device holding '{folder}'; {where})"
+    room = f"{free / 2**20:,.0f} MiB free" if free is not None else "free space unknown"
+    if errno.ENOSPC in codes or any(words in text for words in OUT_OF_SPACE):
+        return f"the disk holding '{folder}' is full ({room})"
+    if errno.EDQUOT in codes or any(words in text for words in OUT_OF_QUOTA):
+        return f"your disk quota on the disk holding '{folder}' is used up ({room} on the disk)"
+    if any(words in text for words in SHORT_WRITE):
+        if free is None or free < LITTLE_ROOM:
+            return f"the disk holding '{folder}' is full ({room})"
+        return (f"a file was written short ({str(exc).strip()}) although the disk holding '{folder}' has {room}: "
+                "most likely your disk quota there is used up, or the disk was full and space has been freed since")
     if errno.EFBIG in codes:
-        return f"a file grew past the size limit for this process or filesystem ({exc}; {where})"
-    return f"{type(exc).__name__}: {exc} ({where})"
+        return f"a file grew past the size limit for this process or filesystem ({exc}; {room} there)"
+    return f"{type(exc).__name__}: {exc} ({room} there)"

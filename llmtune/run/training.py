@@ -20,6 +20,7 @@ from transformers.integrations import TensorBoardCallback
 from llmtune.config.schema import Recipe, TrainingConfig
 from llmtune.config.vocab import OPTIMIZERS
 from llmtune.errors import LlmtuneError, TrainingStopped
+from llmtune.patches.interruptible_evaluation import EvaluationInterrupted
 from llmtune.patches.length_grouped_order import SeededLengthGroupedOrder
 from llmtune.run.callbacks import ReleaseFreedMemory, StopOnSignal, TrainingSanity
 from llmtune.run.checkpoints import CompleteCheckpoints, newest_complete, save_failure
@@ -59,29 +60,47 @@ def training_arguments(
     evaluates once before the first step (eval.before_training) - also with eval_every=no, which only turns off
     evaluations during training; a resumed run already did. `metric_keys` maps llmtune's metric names to the ones
     the Trainer logs, where they differ (trl's 'rewards/accuracies' for 'accuracy'); `task_arguments` are added
-    to, or replace, the arguments built here.
+    to, or replace, the arguments built here, and the recipe's `training.trainer_args` come last of all.
     """
+    arguments = recipe_arguments(recipe, output_dir, main_metric, eval_set, resume, padded, metric_keys)
+    extra = recipe.training.trainer_args
+    if extra:
+        logger.info("training.trainer_args: %s", ", ".join(f"{key}={value!r}" for key, value in extra.items()))
+    try:
+        return args_class(**{**arguments, **task_arguments, **extra})
+    except (TypeError, ValueError) as exc:
+        if not extra:
+            raise
+        # The names were checked with the recipe; the values only transformers can judge.
+        raise LlmtuneError(
+            f"transformers refused the training arguments with 'training.trainer_args' {extra}: {exc}. Fix the "
+            "values in training.trainer_args (or drop them)."
+        ) from exc
+
+
+def recipe_arguments(
+    recipe: Recipe,
+    output_dir: str,
+    main_metric: str,
+    eval_set: bool,
+    resume: bool = False,
+    padded: bool = True,
+    metric_keys: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The TrainingArguments llmtune sets from the recipe (their names are config.trainer_args.MAPPED, which
+    training.trainer_args may not set)."""
     cfg = recipe.training
     has_eval = eval_set and cfg.eval_every != "no"
     evaluate_first = eval_set and recipe.eval.before_training and not resume
     check_launch_environment()
-    processes = world_size()
-    accumulation = cfg.gradient_accumulation
-    if cfg.global_batch_size:
-        accumulation = accumulation_for(cfg.global_batch_size, cfg.batch_size, processes)
-    logger.info("Global batch: %d per device x %d accumulation x %d processes = %d examples per optimizer step",
-                cfg.batch_size, accumulation, processes, cfg.batch_size * accumulation * processes)
+    accumulation = _accumulation(cfg)
     precision = resolved_precision(cfg.precision)
     logger.info("Training precision: %s%s", precision, " (auto)" if cfg.precision == "auto" else "")
-    eval_strategy, eval_steps = ("no", None) if not has_eval else _cadence(cfg.eval_every)
-    if cfg.save_every == "eval":
-        save_strategy, save_steps = (eval_strategy, eval_steps) if eval_strategy != "no" else ("epoch", None)
-    else:
-        save_strategy, save_steps = _cadence(cfg.save_every)
+    eval_strategy, eval_steps, save_strategy, save_steps = _checkpoint_cadence(cfg, has_eval)
     metric = cfg.metric_for_best or main_metric
     metric = (metric_keys or {}).get(metric, metric)
     keep_best = eval_strategy != "no" and (save_strategy, save_steps) == (eval_strategy, eval_steps)
-    arguments = dict(
+    return dict(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
@@ -120,7 +139,27 @@ def training_arguments(
         report_to=cfg.report_to or "none",
         ddp_find_unused_parameters=False,  # frozen base weights are not "unused"; searching for them costs a pass
     )
-    return args_class(**{**arguments, **task_arguments})
+
+
+def _accumulation(cfg: TrainingConfig) -> int:
+    """Gradient accumulation steps: the recipe's, or what training.global_batch_size needs on these processes."""
+    processes = world_size()
+    accumulation = cfg.gradient_accumulation
+    if cfg.global_batch_size:
+        accumulation = accumulation_for(cfg.global_batch_size, cfg.batch_size, processes)
+    logger.info("Global batch: %d per device x %d accumulation x %d processes = %d examples per optimizer step",
+                cfg.batch_size, accumulation, processes, cfg.batch_size * accumulation * processes)
+    return accumulation
+
+
+def _checkpoint_cadence(cfg: TrainingConfig, has_eval: bool) -> tuple[str, int | None, str, int | None]:
+    """(eval_strategy, eval_steps, save_strategy, save_steps); save_every=eval saves with each evaluation."""
+    eval_strategy, eval_steps = ("no", None) if not has_eval else _cadence(cfg.eval_every)
+    if cfg.save_every == "eval":
+        save_strategy, save_steps = (eval_strategy, eval_steps) if eval_strategy != "no" else ("epoch", None)
+    else:
+        save_strategy, save_steps = _cadence(cfg.save_every)
+    return eval_strategy, eval_steps, save_strategy, save_steps
 
 
 def _cadence(value: int | str) -> tuple[str, int | None]:
@@ -179,26 +218,8 @@ def train_and_evaluate(
     prefixed metrics into the task's own names. Raises TrainingStopped after a signal (a checkpoint is saved),
     and LlmtuneError when a checkpoint could not be written.
     """
-    checkpoints, sanity = _callback(trainer, CompleteCheckpoints), _callback(trainer, TrainingSanity)
-    stop = StopOnSignal(cfg.stop_grace_seconds)
-    trainer.add_callback(stop)
-    try:
-        with stop:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        step = checkpoints.saving_step
-        if step is not None and (run_dir / f"checkpoint-{step}").exists():
-            raise save_failure(exc, run_dir, step) from exc
-        raise
-    finally:
-        trainer.remove_callback(stop)
-    if stop.requested:
-        newest, _ = newest_complete(run_dir)
-        raise TrainingStopped(
-            f"Training stopped at step {trainer.state.global_step}; the checkpoint is {newest}. "
-            "Continue with the same command plus --resume.", stop.exit_code,
-        )
-
+    sanity = _callback(trainer, TrainingSanity)
+    result = _train_or_stop(trainer, cfg, run_dir, resume_from)
     history = trainer.state.log_history
     metrics: dict[str, Any] = {}
     before = next((h for h in history if h.get("step") == 0 and any(k.startswith("eval_") for k in h)), None)
@@ -221,6 +242,37 @@ def train_and_evaluate(
         trainer.remove_callback(EarlyStoppingCallback)
         metrics["after"] = summarize(trainer.evaluate(metric_key_prefix="after"), "after_")
     return metrics
+
+
+def _train_or_stop(trainer: Any, cfg: TrainingConfig, run_dir: Path, resume_from: Path | None) -> Any:
+    """trainer.train() under StopOnSignal: the TrainOutput, or TrainingStopped once a signal's checkpoint is saved."""
+    checkpoints = _callback(trainer, CompleteCheckpoints)
+    stop = StopOnSignal(cfg.stop_grace_seconds, trainer)
+    trainer.add_callback(stop)
+    try:
+        with stop:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except EvaluationInterrupted:  # only the evaluation before the first step ends this way: nothing to save
+        raise TrainingStopped(
+            "Training stopped during the evaluation before its first step; nothing was trained, so no checkpoint "
+            "was saved. Start again with the same command plus output.overwrite=true.", stop.exit_code,
+        ) from None
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        # A stop's save is decided after CompleteCheckpoints has looked at the step, so it is not its saving_step.
+        step = checkpoints.saving_step if checkpoints.saving_step is not None else \
+            (trainer.state.global_step if stop.requested else None)
+        if step is not None and (run_dir / f"checkpoint-{step}").exists():
+            raise save_failure(exc, run_dir, step) from exc
+        raise
+    finally:
+        trainer.remove_callback(stop)
+    if stop.requested:
+        newest, _ = newest_complete(run_dir)
+        raise TrainingStopped(
+            f"Training stopped at step {trainer.state.global_step}; the checkpoint is {newest}. "
+            "Continue with the same command plus --resume.", stop.exit_code,
+        )
+    return result
 
 
 def whole_run_loss(history: list[dict[str, Any]], fallback: float | None) -> float | None:

@@ -8,6 +8,7 @@ and the run's run.json lists what was exported with the check's numbers (the mod
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -68,6 +69,7 @@ def export(run: str | Path, fmt: str, quant: str | None = None, out: str | Path 
                            f"{kind.replace('_', ' ')} model. Use --format {' or '.join(fits)}.")
     run_dir = find_run_dir(source)
     out_dir = Path(out) if out else (run_dir or source) / "export"
+    check_output_folder(out_dir, "--out" if out else "--out (default RUN/export)")
     # A checkpoint's export is named apart from the final model's, so neither replaces the other.
     name = source.name if run_dir in (None, source) else f"{run_dir.name}-{source.name}"
     if fmt == "onnx":
@@ -80,6 +82,39 @@ def export(run: str | Path, fmt: str, quant: str | None = None, out: str | Path 
     if run_dir is not None:
         _record(run_dir, source, fmt, quant, result)
     return result
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> None:
+    """Refuse, before any model loads, an output folder that cannot be created or written (under a file, on a
+    read-only filesystem, in /proc). It tries to create a file where the folder would be made, rather than asking
+    os.access: root passes every permission check yet cannot write to a read-only mount or to /proc."""
+    folder = Path(path)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"'{existing}' is a file, so no folder can be made " + ("there" if existing == folder else "under it")
+    else:
+        try:
+            tempfile.TemporaryFile(dir=existing).close()  # an unnamed file, gone when closed: the check leaves nothing
+        except OSError as exc:
+            problem = f"no file can be created in '{existing}' ({_why_unwritable(exc)})"
+    if problem:
+        raise LlmtuneError(f"{option} is '{path}', but {problem}. Give --out a folder you can write to (it is "
+                           "created if missing), e.g. --out ./exports.")
+
+
+def _why_unwritable(exc: OSError) -> str:
+    if exc.errno == errno.EROFS:
+        return "it is on a read-only filesystem"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.ENOSPC:
+        return "its disk is full"
+    if exc.errno == errno.ENOENT:  # /proc says this of a folder that exists: name what it is instead
+        return "the filesystem there holds no ordinary files"
+    return str(exc.strerror or exc)
 
 
 def _export_gguf(source: Path, out_dir: Path, name: str, quant: str, ollama: bool, overwrite: bool) -> Exported:
