@@ -17,6 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`-n N`), each worker - and every process a test starts, which inherits this - computes with its
+# share of the cores: N workers each running a core count of OpenMP threads would oversubscribe them (up to 10x
+# slower on 2 cores). Set before torch is imported anywhere.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 # A private HF cache and llmtune cache per session, deleted when it ends: a full run derives several GB (datasets
 # caches, merged adapters) that must not pile up on the machine. GGUF conversions are a pure function of the
