@@ -29,6 +29,7 @@ from llmtune.models.loading import check_max_length
 from llmtune.models.sources import ResolvedModel, hub_base_model, resolve_source
 from llmtune.observe.console import attach_console, quiet_libraries, summary_table
 from llmtune.observe.report import write_report
+from llmtune.patches import in_use
 from llmtune.run.checkpoints import MARKER, describe_write_error, prepare_resume
 from llmtune.run.distributed import barrier
 from llmtune.run.files import make_public, write_json
@@ -226,6 +227,7 @@ def run_record(run: Run, overrides: list[str] | None) -> dict[str, Any]:
         **run.job.record,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "checkpoint_marker": MARKER,  # checkpoints count only with it (llmtune/run/checkpoints.py)
+        "patches": in_use(),  # hooks into libraries' internals this run's build used (llmtune/patches/)
     }
 
 

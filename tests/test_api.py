@@ -74,6 +74,8 @@ def test_validate_and_plan_leave_the_recipe_and_its_output_folder_untouched(clas
 
 def test_evaluate_reproduces_the_runs_own_metrics_and_predict_agrees_with_it(classifier_run):
     run, eval_file = classifier_run["run"], classifier_run["files"]["eval"]
+    record = json.loads((run / "run.json").read_text())
+    assert "peft_custom_module" in record["patches"]  # the fused LoRA layer went in through peft's hook
     metrics = llmtune.evaluate(run, eval_file)
     assert metrics["accuracy"] == pytest.approx(classifier_run["metrics"]["after"]["accuracy"], abs=1e-6)
     rows = [json.loads(line) for line in eval_file.read_text().splitlines()]
@@ -125,7 +127,21 @@ def test_merge_export_and_serve_give_the_runs_own_predictions(classifier_run, tm
     assert page.is_file() and page.parent == run
 
 
-def test_serve_refuses_a_busy_port_before_loading_the_model(tmp_path):
+def test_cli_reads_a_negative_device_memory_as_a_value_and_refuses_it_in_its_own_words(capsys):
+    from llmtune.cli import main
+
+    assert main(["plan", "recipes/quickstart.yaml", "--device-memory", "-5GB"]) == 2
+    assert "device memory must be more than 0; got '-5GB'" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_missing_run_and_a_busy_port_before_loading_a_model(tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(LlmtuneError, match="does not exist") as caught:
+        llmtune.serve(tmp_path / "runs" / "typo", port=port)
+    assert "hf download" not in str(caught.value)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from llmtune.errors import LlmtuneError, TrainingStopped
-from llmtune.observe import sweep as sweeping
+from llmtune.observe import sweep_trials as sweeping
 from llmtune.observe.plan import parse_size
 from llmtune.observe.report import write_comparison, write_report
 from llmtune.observe.sweep import Sweep, run_sweep, run_trial
@@ -156,7 +156,7 @@ def test_a_trial_is_stopped_when_its_sweep_is_killed_outright(tmp_path):
 import sys, time
 from types import SimpleNamespace
 from pathlib import Path
-from llmtune.observe import sweep as s
+from llmtune.observe import sweep_trials as s
 s.trial_command = lambda sweep, trial, run_dir: [sys.executable, "-c", {FAKE_TRIAL!r}, {str(tmp_path)!r}, "obedient"]
 s._report = lambda trial, evaluations, metric, seen: (seen, False)
 out = Path({str(tmp_path / "sweep")!r})

@@ -194,61 +194,89 @@ def _describe(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check value against type tp and convert the harmless cases (1 -> 1.0, '5e-5' -> 5e-05, 'x' -> ['x'])."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, where)
-            except LlmtuneError:
-                continue
-        raise _type_error(where, value, tp)
     if tp is Any:  # training.trainer_args values: checked by transformers when the arguments are built
         return value
+    if origin in (Union, types.UnionType):
+        return _coerce_union(value, tp, where)
     if origin is Literal:
-        if isinstance(value, bool):
-            value = _yaml_bool_spelling(value, args)
-        if value in args and not isinstance(value, bool):
-            return value
-        hint = did_you_mean(str(value), [str(a) for a in args])
-        raise LlmtuneError(f"'{where}' is {value!r}; valid values are {_describe(tp)}.{hint}")
+        return _coerce_literal(value, tp, where)
     if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _type_error(where, value, tp)
-        if not args:
-            return dict(value)
-        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        return _coerce_dict(value, tp, where)
     if origin is list:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):
             raise _type_error(where, value, tp)
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:  # YAML 1.1 reads 5e-5 (no dot) as a string
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):
-            return number
-        if number is not None:
-            raise LlmtuneError(f"'{where}' is {value!r}; it must be a finite number.")
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+        return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(items)]
+    scalar = _SCALARS.get(tp)
+    converted = scalar(value, where) if scalar else None
+    if converted is None:
+        raise _type_error(where, value, tp)
+    return converted
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for option in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(value, option, where)
+        except LlmtuneError:
+            continue
     raise _type_error(where, value, tp)
+
+
+def _coerce_literal(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if isinstance(value, bool):
+        value = _yaml_bool_spelling(value, args)
+    if value in args and not isinstance(value, bool):
+        return value
+    hint = did_you_mean(str(value), [str(a) for a in args])
+    raise LlmtuneError(f"'{where}' is {value!r}; valid values are {_describe(tp)}.{hint}")
+
+
+def _coerce_dict(value: Any, tp: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _type_error(where, value, tp)
+    args = typing.get_args(tp)
+    if not args:
+        return dict(value)
+    return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+
+
+def _as_bool(value: Any, where: str) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _as_int(value: Any, where: str) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _as_float(value: Any, where: str) -> float | None:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-5 (no dot) as a string
+            number = float(value)
+        except ValueError:
+            return None
+    if number is not None and not math.isfinite(number):
+        raise LlmtuneError(f"'{where}' is {value!r}; it must be a finite number.")
+    return number
+
+
+def _as_str(value: Any, where: str) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# Scalar types -> a converter that returns the value as that type, or None when it is not one.
+_SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
 
 
 def _type_error(where: str, value: Any, tp: Any) -> LlmtuneError:

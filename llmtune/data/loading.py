@@ -34,42 +34,11 @@ FILE_FORMATS = {
 
 def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
     """The recipe's splits, with sample limits applied; 'train' first, then 'eval' and 'test' if set."""
-    if cfg.dataset:
-        source = _load_dataset_source(cfg)
-        splits = {"train": _pick_split(source, cfg.train_split, "data.train_split", cfg.dataset)}
-        if cfg.eval_split:
-            splits["eval"] = _pick_split(source, cfg.eval_split, "data.eval_split", cfg.dataset)
-        if cfg.test_split:
-            splits["test"] = _pick_split(source, cfg.test_split, "data.test_split", cfg.dataset)
-    else:
-        splits = {"train": load_file(cfg.train_file, "data.train_file")}
-    if cfg.eval_file:
-        splits["eval"] = load_file(cfg.eval_file, "data.eval_file")
-    if cfg.test_file:
-        splits["test"] = load_file(cfg.test_file, "data.test_file")
-
+    splits = _source_splits(cfg)
     if cfg.holdout_every:
-        rows = splits["train"]
-        every = cfg.holdout_every
-        if len(rows) < every:
-            raise LlmtuneError(
-                f"'data.holdout_every' is {every}, but the training data has only {len(rows)} rows "
-                f"({describe_source(cfg, 'train')}), so nothing would be held out. Lower it or give more rows."
-            )
-        splits["eval"] = rows.select(range(every - 1, len(rows), every))
-        splits["train"] = rows.select([i for i in range(len(rows)) if i % every != every - 1])
+        _hold_out_every(splits, cfg)
     if cfg.validation_fraction:
-        rows = len(splits["train"])
-        held_out = math.ceil(rows * cfg.validation_fraction)  # how datasets counts the eval rows
-        if held_out < 1 or held_out >= rows:
-            raise LlmtuneError(
-                f"'data.validation_fraction' is {cfg.validation_fraction}, which holds out {held_out} of the "
-                f"{rows} training rows ({describe_source(cfg, 'train')}): both parts need at least one row. "
-                "Give more rows, change the fraction, or set data.eval_file instead."
-            )
-        parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
-        splits["train"], splits["eval"] = parts["train"], parts["test"]
-
+        _hold_out_fraction(splits, cfg, seed)
     if cfg.max_train_samples is not None:
         # A random subset, not the file's first rows. Without a limit the order stays that of the file, so
         # that errors can name rows by their place there (the Trainer shuffles every epoch anyway).
@@ -84,6 +53,47 @@ def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
                 "or check the max_*_samples and validation_fraction settings."
             )
     return DatasetDict(splits)
+
+
+def _source_splits(cfg: DataConfig) -> dict[str, Dataset]:
+    """The splits as the data source has them: a Hub / local dataset's named splits, or the data files."""
+    if cfg.dataset:
+        source = _load_dataset_source(cfg)
+        named = {"train": cfg.train_split, "eval": cfg.eval_split, "test": cfg.test_split}
+        splits = {split: _pick_split(source, name, f"data.{split}_split", cfg.dataset)
+                  for split, name in named.items() if name}
+    else:
+        splits = {"train": load_file(cfg.train_file, "data.train_file")}
+    for split, path in (("eval", cfg.eval_file), ("test", cfg.test_file)):
+        if path:
+            splits[split] = load_file(path, f"data.{split}_file")
+    return splits
+
+
+def _hold_out_every(splits: dict[str, Dataset], cfg: DataConfig) -> None:
+    """data.holdout_every: every n-th training row becomes the eval split (a fixed, spread-out selection)."""
+    rows, every = splits["train"], cfg.holdout_every
+    if len(rows) < every:
+        raise LlmtuneError(
+            f"'data.holdout_every' is {every}, but the training data has only {len(rows)} rows "
+            f"({describe_source(cfg, 'train')}), so nothing would be held out. Lower it or give more rows."
+        )
+    splits["eval"] = rows.select(range(every - 1, len(rows), every))
+    splits["train"] = rows.select([i for i in range(len(rows)) if i % every != every - 1])
+
+
+def _hold_out_fraction(splits: dict[str, Dataset], cfg: DataConfig, seed: int) -> None:
+    """data.validation_fraction: a seeded random share of the training rows becomes the eval split."""
+    rows = len(splits["train"])
+    held_out = math.ceil(rows * cfg.validation_fraction)  # how datasets counts the eval rows
+    if held_out < 1 or held_out >= rows:
+        raise LlmtuneError(
+            f"'data.validation_fraction' is {cfg.validation_fraction}, which holds out {held_out} of the "
+            f"{rows} training rows ({describe_source(cfg, 'train')}): both parts need at least one row. "
+            "Give more rows, change the fraction, or set data.eval_file instead."
+        )
+    parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
+    splits["train"], splits["eval"] = parts["train"], parts["test"]
 
 
 def load_file(path: str | None, key: str) -> Dataset:

@@ -132,26 +132,35 @@ def model_kind(path: str | Path) -> str | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
+    return _kind_from_run_record(folder) or _kind_from_model_files(folder)
+
+
+def _kind_from_run_record(folder: Path) -> str | None:
     run_dir = find_run_dir(folder)
-    if run_dir is not None:
-        try:
-            task = read_json(run_dir / RUN_RECORD).get("recipe", {}).get("task")
-        except (OSError, ValueError, AttributeError):
-            task = None  # a damaged run.json: tell by the model's own config below
-        if task:
-            return "causal_lm" if task in CAUSAL_LM_TASKS else "classification" if task == "distill" else task
+    if run_dir is None:
+        return None
+    try:
+        task = read_json(run_dir / RUN_RECORD).get("recipe", {}).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None  # a damaged run.json: tell by the model's own config
+    if not task:
+        return None
+    return "causal_lm" if task in CAUSAL_LM_TASKS else "classification" if task == "distill" else task
+
+
+def _kind_from_model_files(folder: Path) -> str | None:
     for candidate in (folder, folder / ADAPTER_SUBDIR):
         if (candidate / "adapter_config.json").is_file():
             task_type = json.loads((candidate / "adapter_config.json").read_text()).get("task_type")
             return {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(task_type)
-    if (folder / "config.json").is_file():
-        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-        if any(a.endswith("ForSequenceClassification") for a in architectures):
-            return "classification"
-        if any(a.endswith("ForImageClassification") for a in architectures):
-            return "image_classification"
-        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-            return "causal_lm"
+    if not (folder / "config.json").is_file():
+        return None
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    endings = {"ForSequenceClassification": "classification", "ForImageClassification": "image_classification",
+               "ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm"}
+    for ending, kind in endings.items():  # heads first: a checkpoint may list more than one architecture
+        if any(a.endswith(ending) for a in architectures):
+            return kind
     return None
 
 

@@ -15,6 +15,23 @@ upgrade tells us which workaround to drop or adapt:
 - `length_grouped_order`: a seeded generator for transformers' length-grouped sampler, so resumed runs see the
   same batches.
 
+Each hook calls `applied(__name__)` when it acts, so run.json lists the patches a run used (`patches`): a result
+can be traced to the workarounds behind it.
+
 llmtune's own kernels (frozen bf16 weights packed once, the fused LoRA matmul, the blockwise head cross entropy,
 per-sample SDPA) live in llmtune/kernels/; the modules here only plug them, or a fix, into a library.
 """
+
+from __future__ import annotations
+
+_APPLIED: set[str] = set()
+
+
+def applied(module: str) -> None:
+    """Called by each patch module's hook when it acts: run.json lists the patches a run used (`patches`)."""
+    _APPLIED.add(module.rsplit(".", 1)[-1])
+
+
+def in_use() -> list[str]:
+    """The patches this process has used so far, by module name."""
+    return sorted(_APPLIED)

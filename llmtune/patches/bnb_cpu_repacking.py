@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import torch
 
+from llmtune.patches import applied
+
 
 def keep_4bit_weights_in_training_layout(model: torch.nn.Module) -> int:
     """Turn bitsandbytes' CPU repacking off on every 4-bit layer of the model; return how many layers."""
+    applied(__name__)
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

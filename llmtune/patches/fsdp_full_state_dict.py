@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmtune.patches import applied
+
 
 def gather_full_state_dict_for_saving(trainer: Any) -> None:
+    applied(__name__)
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")

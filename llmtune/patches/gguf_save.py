@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from llmtune.patches import applied
+
 
 def make_gguf_model_savable(model: torch.nn.Module) -> None:
+    applied(__name__)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from llmtune.patches import applied
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ class EvaluationInterrupted(Exception):
 def interruptible_evaluations(trainer: Any, saved_at: Callable[[int], bool]) -> Callable[[], None]:
     """Let EvaluationInterrupted end an evaluation during `trainer.train()`; then save a checkpoint (unless
     `saved_at(step)` says this step's is already saved) and stop. Returns the function that undoes this."""
+    applied(__name__)
     original = trainer._maybe_log_save_evaluate
 
     def log_save_evaluate(*args: Any, **kwargs: Any) -> None:

@@ -16,6 +16,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from llmtune.patches import applied
+
 
 def train_sampler(loader) -> object | None:
     """The sampler inside a (possibly accelerate-wrapped, possibly sharded) training DataLoader."""
@@ -29,6 +31,7 @@ def train_sampler(loader) -> object | None:
 
 class SeededLengthGroupedOrder(TrainerCallback):
     def __init__(self, seed: int):
+        applied(__name__)
         self.seed = seed
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmtune.patches import applied
+
 
 def use_lora_layer(config: Any, base_type: type, lora_type: type) -> None:
     """Have peft build `lora_type` (a subclass of its LoRA layer) for every adapted `base_type` module."""
+    applied(__name__)
     config._register_custom_module({base_type: lora_type})

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from llmtune.patches import applied
+
 
 def adapters_back_to_float32(model: torch.nn.Module) -> int:
     """Cast trainable bf16/fp16 weights to float32 in place; return how many were cast."""
+    applied(__name__)
     cast = 0
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):

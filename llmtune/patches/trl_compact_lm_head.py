@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from trl.trainer import utils as trl_utils
 
+from llmtune.patches import applied
+
 _trl_choice = trl_utils._use_triton
 
 
@@ -54,6 +56,7 @@ _HEAD_METHODS = ("compute_loss", "compute_ref_log_probs")
 def project_labelled_positions_only_on_cpu(trainer: Any) -> None:
     """Scope the swap to this trainer: each of its methods that runs the fused head enters
     `labelled_positions_only_on_cpu` for the call (the results are the same either way; only the work differs)."""
+    applied(__name__)
     for name in _HEAD_METHODS:
         method = getattr(trainer, name, None)
         if method is not None:

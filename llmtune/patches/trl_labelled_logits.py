@@ -29,6 +29,7 @@ from trl import SFTTrainer
 
 from llmtune.kernels.frozen_linear import FrozenLinear
 from llmtune.kernels.head_loss import IGNORE, HeadWorkspace, head_cross_entropy
+from llmtune.patches import applied
 from llmtune.patches.trl_compact_lm_head import fused_head_breaks_fsdp2
 
 # Causal LMs whose forward returns the head's output unchanged (Gemma 2 soft-caps it, Granite scales it).
@@ -37,6 +38,7 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smoll
 
 class LMTrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
+        applied(__name__)
         super().__init__(*args, **kwargs)
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.labelled_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters and (

@@ -84,17 +84,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
 
     # 2. Model (pretrained, or built from scratch) with the attention kernel for its batches
     padding_free = chat and (lm.padding_free or lm.packing)  # text blocks are all max_length: nothing to remove
-    attention = attention_for(recipe.model.attention, padding_free, resolved_precision(recipe.training.precision))
-    if model_path is None:
-        model = build_model(recipe.scratch, tokenizer)
-        model.set_attn_implementation(attention)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attention,
-                                                     **pretrained_arguments(recipe, model_path))
-        model = prune_layers(model, recipe.model)  # model.keep_layers / num_layers
-    if added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
-    set_generation_eos(model, tokenizer, chat)
+    model = load_model(recipe, model_path, tokenizer, added_tokens, chat, padding_free)
 
     # 3. Method: full, LoRA or DoRA (QLoRA: on the quantized base)
     model = apply_method(model, recipe.method, TaskType.CAUSAL_LM, recipe.training.gradient_checkpointing)
@@ -137,6 +127,24 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
                record={"token_stats": stats, "format": prepared.fmt, "loss_on": prepared.loss_on},
                metrics={"data": stats},
                after_training=score_perplexity_file if lm.perplexity_file else None)
+
+
+def load_model(recipe: Recipe, model_path: str | None, tokenizer: Any, added_tokens: bool, chat: bool,
+               padding_free: bool) -> Any:
+    """The pretrained checkpoint (pruned as model.keep_layers / num_layers ask) or a model built from scratch, with
+    the attention kernel for its batches, room for added tokens, and the template's end-of-turn as eos."""
+    attention = attention_for(recipe.model.attention, padding_free, resolved_precision(recipe.training.precision))
+    if model_path is None:
+        model = build_model(recipe.scratch, tokenizer)
+        model.set_attn_implementation(attention)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attention,
+                                                     **pretrained_arguments(recipe, model_path))
+        model = prune_layers(model, recipe.model)
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    set_generation_eos(model, tokenizer, chat)
+    return model
 
 
 def validate(recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:
