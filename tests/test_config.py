@@ -343,3 +343,11 @@ def test_loading_a_recipe_imports_no_training_library():
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_trainer_args_read_exponent_numbers_as_numbers_at_any_depth():
+    """YAML 1.1 reads 1e-6 as a string; passed through untyped it would reach the scheduler as one."""
+    recipe = load_recipe("recipes/quickstart.yaml", [
+        "training.trainer_args={lr_scheduler_kwargs: {min_lr: 1e-6}, adam_epsilon: 1E-8, run_name: 5e5-run}"])
+    assert recipe.training.trainer_args == {"lr_scheduler_kwargs": {"min_lr": 1e-6}, "adam_epsilon": 1e-8,
+                                            "run_name": "5e5-run"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -195,7 +196,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check value against type tp and convert the harmless cases (1 -> 1.0, '5e-5' -> 5e-05, 'x' -> ['x'])."""
     origin = typing.get_origin(tp)
     if tp is Any:  # training.trainer_args values: checked by transformers when the arguments are built
-        return value
+        return _exponent_numbers(value)
     if origin in (Union, types.UnionType):
         return _coerce_union(value, tp, where)
     if origin is Literal:
@@ -212,6 +213,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if converted is None:
         raise _type_error(where, value, tp)
     return converted
+
+
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _exponent_numbers(value: Any) -> Any:
+    """YAML 1.1 reads 1e-6 (no dot) as a string; in values passed through untyped, such strings are the numbers
+    their writer meant (lr_scheduler_kwargs: {min_lr: 1e-6})."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: _exponent_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_exponent_numbers(item) for item in value]
+    return value
 
 
 def _coerce_union(value: Any, tp: Any, where: str) -> Any:
