@@ -55,6 +55,19 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# The files with the longest slow tests, longest first (measured on a CI run). pytest-xdist hands out files in
+# collection order, so these start first and the short ones fill in around them, instead of one long file
+# starting last and running alone at the end.
+LONGEST_FIRST = ("test_readme.py", "test_faults.py", "test_distributed.py", "test_export.py", "test_real_sst2.py",
+                 "test_real_smollm2_sft.py", "test_observe.py", "test_merge_push.py", "test_preference.py",
+                 "test_real_decoder.py", "test_real_qlora.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 def pytest_configure(config):
     mode = config.getoption("--cpu-bf16")
     if mode == "auto":
