@@ -38,6 +38,11 @@ __all__ = [
 ]
 
 
+def _listed(value: Any) -> list:
+    """A sequence argument as a list; one string is one item (not a list of its characters)."""
+    return [value] if isinstance(value, str | Path) else list(value)
+
+
 def _at_least(name: str, value: int | float | None, minimum: int | float) -> None:
     if value is not None and value < minimum:
         raise LlmtuneError(f"{name} must be at least {minimum}; got {value}.")
@@ -103,7 +108,8 @@ def launch(recipe_path: str | Path, overrides: Sequence[str] = (), accelerate: s
     from llmtune.run.distributed import relaunch
 
     _at_least("num_processes", num_processes, 1)
-    recipe = load_recipe(recipe_path, list(overrides))  # a bad recipe fails here, before any process starts
+    overrides = _listed(overrides)
+    recipe = load_recipe(recipe_path, overrides)  # a bad recipe fails here, before any process starts
     flags = [flag for flag, on in (("--resume", resume), ("--force", force)) if on]
     return relaunch(accelerate, [str(recipe_path), *overrides, *flags], num_processes,
                     recipe.training.stop_grace_seconds)
@@ -154,14 +160,15 @@ def predict(run: str | Path, texts: Sequence[str] = (), file: str | Path | None 
     from llmtune.inference.loading import is_image_run
 
     _at_least("batch_size", batch_size, 1)
+    texts, images = _listed(texts), _listed(images)
     if images or is_image_run(run):
-        return _predict_images(run, list(images), file, texts, precision)
+        return _predict_images(run, images, file, texts, precision)
     from llmtune.data.loading import load_file, require_columns
     from llmtune.inference.loading import load_classifier
 
     rows = load_file(str(file), "--file") if file else None
     classifier = load_classifier(run, "predict", precision, {"text": text_column, "text_pair": text_pair_column})
-    texts, pairs = list(texts), None
+    pairs = None
     if rows is not None:
         columns = classifier.columns
         require_columns(rows, "input", {"--text-column": columns["text"], "--text-pair-column": columns["text_pair"]})
@@ -205,10 +212,10 @@ def generate(run: str | Path | LanguageModel, prompts: Sequence[str | list[dict[
     """Greedy replies of a causal-LM run or model (a run directory, checkpoint, Hub id, .gguf, or a model from
     `load_language_model`), with its chat template unless `raw`. A prompt is a user message or a message list."""
     _at_least("max_new_tokens", max_new_tokens, 1)
+    prompts = _listed(prompts)
     if not prompts:
         raise LlmtuneError("generate needs at least one prompt (--prompt).")
-    lm = run if isinstance(run, LanguageModel) else load_language_model(run, "generate", precision, raw)
-    return lm.generate(list(prompts), max_new_tokens)
+    return _language_model(run, "generate", precision, raw).generate(prompts, max_new_tokens)
 
 
 def perplexity(run: str | Path | LanguageModel, text_file: str | Path, max_length: int = 1024,
@@ -223,9 +230,19 @@ def perplexity(run: str | Path | LanguageModel, text_file: str | Path, max_lengt
         raise LlmtuneError(f"stride is {stride}, longer than max_length {max_length}: tokens between windows would "
                            "never be scored. Give a stride of at most max_length.")
     text = read_text_file(text_file, "--text-file")
-    lm = run if isinstance(run, LanguageModel) else load_language_model(run, "eval --text-file", precision)
+    lm = _language_model(run, "eval --text-file", precision)
     return {"text_file": str(text_file), "max_length": max_length, "stride": stride or max_length,
             **lm.perplexity(text, max_length, stride)}
+
+
+def _language_model(run: str | Path | LanguageModel, command: str, precision: str, raw: bool = False
+                    ) -> LanguageModel:
+    if not isinstance(run, LanguageModel):
+        return load_language_model(run, command, precision, raw)
+    if precision != "auto" or raw:
+        raise LlmtuneError("precision and raw are chosen when a model is loaded: pass them to "
+                           "llmtune.load_language_model(run, command, precision, raw), not with the loaded model.")
+    return run
 
 
 # --- shipping ----------------------------------------------------------------------------------------------------
@@ -237,10 +254,14 @@ def merge(run: str | Path, out: str | Path, base: str | None = None, dtype: str 
     logits before it is kept."""
     from llmtune.inference.loading import check_run_argument
     from llmtune.inference.merge import merge_adapter
+    from llmtune.ship.export import check_output_folder
 
     check_run_argument(run)
     if not tolerance > 0:
         raise LlmtuneError(f"tolerance must be more than 0; got {tolerance}.")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise LlmtuneError(f"--out is '{out}', which is a file; give a folder (new or empty) for the merged model.")
+    check_output_folder(out)
     return merge_adapter(run, out, base=base, dtype=dtype, tolerance=tolerance, overwrite=overwrite)
 
 
@@ -271,9 +292,9 @@ def report(runs: Sequence[str | Path], out: str | Path = "runs/compare") -> Path
     """Rebuild one run's report.html and plots, or compare several runs in `out`; returns the page's path."""
     from llmtune.observe.report import write_comparison, write_report
 
-    if not runs:
+    folders = [Path(run) for run in _listed(runs)]
+    if not folders:
         raise LlmtuneError("report needs one or more run directories.")
-    folders = [Path(run) for run in runs]
     return write_report(folders[0]) if len(folders) == 1 else write_comparison(folders, Path(out))
 
 
@@ -287,7 +308,11 @@ def sweep(recipe_path: str | Path, overrides: Sequence[str] = (), trials: int | 
 
     if trials is not None:
         check_trials(trials)
-    overrides = list(overrides) + (_space_overrides(Path(space)) if space else [])
+    if accelerate:
+        from llmtune.run.distributed import config_path
+
+        config_path(accelerate)  # a bad config name is refused now, not by every trial in turn
+    overrides = _listed(overrides) + (_space_overrides(Path(space)) if space else [])
     recipe = load_recipe(recipe_path, overrides)  # a bad recipe or space fails here, before Optuna loads
     folder = Path(out or f"runs/sweep-{Path(recipe_path).stem}")
     count = recipe.sweep.trials if trials is None else trials

@@ -29,7 +29,7 @@ from llmtune.models.loading import check_max_length
 from llmtune.models.sources import ResolvedModel, hub_base_model, resolve_source
 from llmtune.observe.console import attach_console, quiet_libraries, summary_table
 from llmtune.observe.report import write_report
-from llmtune.patches import in_use
+from llmtune.patches import forget_applied, in_use
 from llmtune.run.checkpoints import MARKER, describe_write_error, prepare_resume
 from llmtune.run.distributed import barrier
 from llmtune.run.files import make_public, write_json
@@ -76,6 +76,7 @@ def build(recipe: Recipe, resume: bool = False, force: bool = False) -> Run:
     """Check the run directory, then let the task build its ready-to-train job (nothing is written yet)."""
     seed_everything(recipe)
     quiet_libraries()
+    forget_applied()  # run.json lists the patches of this run only
     source = resolve_source(recipe)
     name = source.short_name if source else f"scratch-{recipe.scratch.architecture}"
     run_dir = run_dir_for(recipe.output.dir, recipe.task, name, resume)
@@ -115,7 +116,7 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
     if not trainer.is_world_process_zero():
         return metrics
     write_json(run_dir / METRICS_FILE, metrics)  # one writer, one report, one push
-    write_run_card(run_dir)  # README.md: llmtune's card, not a library's draft
+    finish_records(run_dir)
     trainer.save_state()  # trainer_state.json: the log history the report plots
     if recipe.output.report:
         report(run_dir)
@@ -254,6 +255,16 @@ def save(run: Run) -> None:
     if trainer.is_world_process_zero():
         make_public(run_dir)
         logger.info("Saved the %s to %s", "adapter" if kind == "adapter" else f"{kind} model", run_dir)
+
+
+def finish_records(run_dir: Path) -> None:
+    """The run's README.md (llmtune's card, not a library's draft) and run.json's list of the patches used while
+    training too; a failure here is reported, never fatal: the trained model and metrics are already saved."""
+    try:
+        write_run_card(run_dir)
+        write_run_record(run_dir, {**read_run_record(run_dir), "patches": in_use()})
+    except Exception as exc:  # noqa: BLE001 - any failure here must not cost the user the finished run
+        logger.warning("Could not finish the run's card and records (%s: %s).", type(exc).__name__, exc)
 
 
 def report(run_dir: Path) -> None:

@@ -217,3 +217,24 @@ def test_push_from_python_publishes_the_run(lm_run, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         assert "tester/api-push" in result.stdout and "adapter_model.safetensors" in hub.repos["tester/api-push"].files
         assert "secret-token" not in result.stdout + result.stderr
+
+
+def test_api_calls_leave_the_callers_warning_filters_environment_and_trl_as_they_were(classifier_run, tmp_path):
+    """Global state is the caller's: only the CLI silences the libraries' warnings, and trl's head choice is
+    swapped only inside a preference trainer's own calls."""
+    import os
+    import warnings
+
+    from trl.trainer import utils as trl_utils
+
+    filters, environment, trl_choice = list(warnings.filters), dict(os.environ), trl_utils._use_triton
+    recipe = llmtune.load_recipe("recipes/quickstart.yaml", [
+        f"model.name={classifier_run['recipe'].model.name}", f"data.train_file={classifier_run['files']['train']}",
+        f"data.eval_file={classifier_run['files']['eval']}", "data.test_file=null", f"output.dir={tmp_path / 'run'}",
+        "training.max_steps=2", NO_REPORT,
+    ])
+    llmtune.train(recipe)
+    llmtune.predict(tmp_path / "run", ["Fine."])
+    assert warnings.filters == filters
+    assert dict(os.environ) == environment
+    assert trl_utils._use_triton is trl_choice

@@ -14,8 +14,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from transformers import AutoModelForCausalLM
 
 from llmtune import build_trainer, load_recipe
-from llmtune.kernels import frozen_linear as onednn_packed_linear
-from llmtune.kernels import lora_linear
+from llmtune.kernels import frozen_linear, lora_linear
 from llmtune.kernels.lora_linear import FusedLoraLinear
 from llmtune.patches.peft_custom_module import use_lora_layer
 
@@ -204,7 +203,7 @@ def test_disabled_adapters_under_autocast_give_the_base_output_autocast_gives():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not onednn_packed_linear.packs(torch.bfloat16), reason="no packed bf16 weights here (this "
+@pytest.mark.skipif(not frozen_linear.packs(torch.bfloat16), reason="no packed bf16 weights here (this "
                     "CPU's oneDNN has no bf16, or torch lacks the ops): the plain matmuls are tested above")
 def test_training_under_bf16_autocast_uses_packed_weights_and_unpacked_ones_give_the_same_step(fused_calls):
     """Packed where oneDNN runs bf16; preference training keeps them unpacked (packing cost DPO time and memory)."""
@@ -228,7 +227,7 @@ def test_disabled_adapters_under_autocast_take_batches_of_any_shape(packs, monke
     """DPO's reference pass hands the layer (batch x positions x features), packed or not (a GPU, a CPU without
     bf16 in oneDNN)."""
     if not packs:
-        monkeypatch.setattr(onednn_packed_linear, "packs", lambda dtype: False)
+        monkeypatch.setattr(frozen_linear, "packs", lambda dtype: False)
     base, x = TwoLinears(bias=True), torch.randn(2, 5, 24)
     model = adapted(base, fused=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -174,7 +174,7 @@ def test_plan_says_plainly_when_a_recipe_will_not_fit_and_what_helps(tiny_bert, 
 def test_the_median_pruner_stops_a_trial_whose_evaluations_lag_behind(tmp_path):
     import optuna
 
-    from llmtune.observe.sweep import _report
+    from llmtune.observe.sweep_trials import _report
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
     for good in (0.8, 0.9):

@@ -247,7 +247,7 @@ def test_a_comparison_whose_out_folder_cannot_be_made_is_refused_before_any_work
     assert "\n" not in str(caught.value)
     if where == "under_a_file":
         assert (tmp_path / "file").read_text() == "keep me"
-    assert not (a / "plots").exists() and not (b / "plots").exists()
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.html"))  # nothing was drawn
 
 
 # --- plan --------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""`llmtune` command line: train, validate, eval, predict, generate, chat, data preview, merge, push, serve, export.
+"""`llmtune` command line: train, validate, data preview (train_commands.py); eval, predict, generate, chat
+(use_commands.py); report, plan, sweep (observe_commands.py); merge, push, serve, export (ship_commands.py). Each
+handler parses its arguments, calls one function of llmtune.api and prints the result.
 
 Errors the user can fix are printed as one paragraph (no traceback) with exit code 2; a training run stopped by
 Ctrl-C or SIGTERM saves a resumable checkpoint and exits with 130 or 143.

@@ -1,4 +1,4 @@
-"""The commands that look at runs rather than make them: report, plan (and their argument parsers)."""
+"""The commands that look at runs rather than make them: report, plan, sweep (and their argument parsers)."""
 
 from __future__ import annotations
 

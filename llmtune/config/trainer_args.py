@@ -38,6 +38,8 @@ MAPPED = {
     "group_by_length": "training.group_by_length", "report_to": "training.report_to",
     "push_to_hub": "output.push_to_hub", "hub_model_id": "output.push_to_hub", "hub_private_repo": "output.hub_private",
     # Decided by llmtune itself rather than by one recipe key:
+    "remove_unused_columns": "the task (it keeps the columns its collator or trainer reads)",
+    "average_tokens_across_devices": "the task (a classification loss is a mean over examples, not tokens)",
     "use_cpu": "the machine (llmtune trains on the GPU when there is one; CUDA_VISIBLE_DEVICES= hides it)",
     "resume_from_checkpoint": "the --resume flag of llmtune train",
     "fsdp": "an accelerate config (llmtune train --accelerate fsdp)",

@@ -151,17 +151,23 @@ def _kind_from_run_record(folder: Path) -> str | None:
 def _kind_from_model_files(folder: Path) -> str | None:
     for candidate in (folder, folder / ADAPTER_SUBDIR):
         if (candidate / "adapter_config.json").is_file():
-            task_type = json.loads((candidate / "adapter_config.json").read_text()).get("task_type")
+            task_type = _json_field(candidate / "adapter_config.json", "task_type")
             return {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(task_type)
-    if not (folder / "config.json").is_file():
-        return None
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    architectures = _json_field(folder / "config.json", "architectures") or []
     endings = {"ForSequenceClassification": "classification", "ForImageClassification": "image_classification",
                "ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm"}
     for ending, kind in endings.items():  # heads first: a checkpoint may list more than one architecture
         if any(a.endswith(ending) for a in architectures):
             return kind
     return None
+
+
+def _json_field(path: Path, key: str) -> Any:
+    """A field of a JSON file, or None when the file is missing or damaged (the loader then names the problem)."""
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def find_base(adapter_dir: Path, adapter: dict, record: dict, base: str | None) -> str:

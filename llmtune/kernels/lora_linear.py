@@ -84,7 +84,7 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def _frozen_base_in(self, dtype: torch.dtype) -> FrozenLinear:
         """The frozen base weight and bias in the autocast dtype; on a CPU cast once, packed for oneDNN where it
-        can be (patches/onednn_packed_linear.py), and kept until they change.
+        can be (kernels/frozen_linear.py), and kept until they change.
 
         Autocast would cast them again in every forward pass, a read and write of every frozen weight per step.
         Without activation checkpointing a plain copy is the very tensor autocast would have made and saved for the

@@ -12,14 +12,13 @@ import dataclasses
 import html
 import json
 import logging
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from llmtune.errors import LlmtuneError
 from llmtune.observe.console import is_timing
-from llmtune.run.files import write_text
+from llmtune.run.files import why_unwritable, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -111,23 +110,12 @@ def check_report_paths(run_dirs: list[Path], out: Path | None = None) -> list[Ru
 
 
 def make_out_folder(out: Path, what: str = "--out", advice: str = "Give a folder that can be created and written.") -> None:
-    """Create the folder results go to and check a file can be written in it, so a bad path is refused in one
-    paragraph before any work rather than with a traceback after it."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise LlmtuneError(f"{what} '{out}' cannot be written: {_why_unwritable(out, exc)}. {advice}") from exc
-
-
-def _why_unwritable(out: Path, exc: OSError) -> str:
-    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        return f"'{blocker}' is a file, not a folder"
-    if not out.is_dir():
-        return f"no folder can be made there ({exc.strerror or exc})"
-    return f"no file can be made in it ({exc.strerror or exc})"
+    """Create the folder results go to, after checking it can be, so a bad path is refused in one paragraph before
+    any work rather than with a traceback after it."""
+    problem = why_unwritable(out)
+    if problem:
+        raise LlmtuneError(f"{what} '{out}' cannot be written: {problem}. {advice}")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _damaged(path: Path, why: str) -> LlmtuneError:

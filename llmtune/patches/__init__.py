@@ -1,8 +1,8 @@
 """Every place llmtune relies on a library's private API or overrides its internals - and nowhere else.
 
 Each module holds one such use, says why it is needed (a documented bug, a missing public hook), and is pinned by
-a canary test in tests/test_patches.py that fails when the upstream behaviour it relies on changes, so a library
-upgrade tells us which workaround to drop or adapt:
+a canary test (in tests/test_patches.py unless the module names another) that fails when the upstream behaviour it
+relies on changes, so a library upgrade tells us which workaround to drop or adapt:
 
 - `bnb_cpu_repacking`: bitsandbytes repacks 4-bit weights for CPU inference for good (gradients stop).
 - `peft_custom_module`: peft's (underscored) hook that swaps in llmtune's fused LoRA layer.
@@ -30,6 +30,11 @@ _APPLIED: set[str] = set()
 def applied(module: str) -> None:
     """Called by each patch module's hook when it acts: run.json lists the patches a run used (`patches`)."""
     _APPLIED.add(module.rsplit(".", 1)[-1])
+
+
+def forget_applied() -> None:
+    """Start a new record (a new run in the same process)."""
+    _APPLIED.clear()
 
 
 def in_use() -> list[str]:

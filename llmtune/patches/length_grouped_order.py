@@ -31,11 +31,11 @@ def train_sampler(loader) -> object | None:
 
 class SeededLengthGroupedOrder(TrainerCallback):
     def __init__(self, seed: int):
-        applied(__name__)
         self.seed = seed
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         sampler = train_sampler(train_dataloader) if train_dataloader is not None else None
         if sampler is not None:
+            applied(__name__)
             sampler.generator = torch.Generator().manual_seed(self.seed + int(state.epoch or 0))
         return control

@@ -8,6 +8,7 @@ user's umask (typically 0644 / 0755), so a shared group or a serving account can
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -93,3 +94,27 @@ def replace_folder(staging: Path, target: Path) -> None:
         import shutil
 
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def why_unwritable(folder: Path) -> str | None:
+    """Why no folder can be made at `folder`, or no file written in it - under a file, a read-only filesystem,
+    /proc, a full disk, no permission - or None when both can. It tries to create an unnamed file (gone when
+    closed) in the nearest existing folder rather than asking os.access: root passes every permission check yet
+    cannot write to a read-only mount or to /proc."""
+    existing = Path(folder)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"'{existing}' is a file, so no folder can be made " + ("there" if existing == Path(folder) else "under it")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        return f"no file can be created in '{existing}' ({_os_reason(exc)})"
+    return None
+
+
+def _os_reason(exc: OSError) -> str:
+    reasons = {errno.EROFS: "it is on a read-only filesystem", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.ENOSPC: "its disk is full",
+               errno.ENOENT: "the filesystem there holds no ordinary files"}  # what /proc says of its folders
+    return reasons.get(exc.errno, str(exc.strerror or exc))

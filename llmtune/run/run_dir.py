@@ -12,14 +12,13 @@ import logging
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from llmtune.config.vocab import RESUME_SAFE_KEYS
 from llmtune.errors import LlmtuneError
-from llmtune.run.files import read_json, write_json
+from llmtune.run.files import read_json, why_unwritable, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +60,7 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def check_writable(run_dir: Path) -> None:
     """Fail now, not after loading a model, when the run directory cannot be created or written."""
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
-    problem = None
-    if not existing.is_dir():
-        problem = f"'{existing}' is a file, so no folder can be made under it"
-    else:
-        try:
-            probe = tempfile.TemporaryFile(dir=existing)
-            probe.close()
-        except OSError as exc:
-            problem = f"'{existing}' cannot be written ({exc.strerror or exc})"
+    problem = why_unwritable(run_dir)
     if problem:
         raise LlmtuneError(
             f"'output.dir' is '{run_dir}', but {problem}. Choose an output.dir in a folder you can write to, "

@@ -8,7 +8,6 @@ and the run's run.json lists what was exported with the check's numbers (the mod
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -21,7 +20,16 @@ from typing import Any
 import torch
 
 from llmtune.errors import LlmtuneError
-from llmtune.run.files import file_mode, make_public, read_json, replace_folder, sha256, write_json, write_text
+from llmtune.run.files import (
+    file_mode,
+    make_public,
+    read_json,
+    replace_folder,
+    sha256,
+    why_unwritable,
+    write_json,
+    write_text,
+)
 from llmtune.run.run_dir import RUN_RECORD
 
 logger = logging.getLogger(__name__)
@@ -85,36 +93,11 @@ def export(run: str | Path, fmt: str, quant: str | None = None, out: str | Path 
 
 
 def check_output_folder(path: str | Path, option: str = "--out") -> None:
-    """Refuse, before any model loads, an output folder that cannot be created or written (under a file, on a
-    read-only filesystem, in /proc). It tries to create a file where the folder would be made, rather than asking
-    os.access: root passes every permission check yet cannot write to a read-only mount or to /proc."""
-    folder = Path(path)
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    problem = None
-    if not existing.is_dir():
-        problem = f"'{existing}' is a file, so no folder can be made " + ("there" if existing == folder else "under it")
-    else:
-        try:
-            tempfile.TemporaryFile(dir=existing).close()  # an unnamed file, gone when closed: the check leaves nothing
-        except OSError as exc:
-            problem = f"no file can be created in '{existing}' ({_why_unwritable(exc)})"
+    """Refuse, before any model loads, an output folder that cannot be created or written."""
+    problem = why_unwritable(Path(path))
     if problem:
-        raise LlmtuneError(f"{option} is '{path}', but {problem}. Give --out a folder you can write to (it is "
+        raise LlmtuneError(f"{option} is '{path}', but {problem}. Give {option} a folder you can write to (it is "
                            "created if missing), e.g. --out ./exports.")
-
-
-def _why_unwritable(exc: OSError) -> str:
-    if exc.errno == errno.EROFS:
-        return "it is on a read-only filesystem"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if exc.errno == errno.ENOSPC:
-        return "its disk is full"
-    if exc.errno == errno.ENOENT:  # /proc says this of a folder that exists: name what it is instead
-        return "the filesystem there holds no ordinary files"
-    return str(exc.strerror or exc)
 
 
 def _export_gguf(source: Path, out_dir: Path, name: str, quant: str, ollama: bool, overwrite: bool) -> Exported:
