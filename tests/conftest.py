@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import runpy
 import shutil
@@ -143,6 +145,23 @@ def write_reviews(folder: Path) -> dict[str, Path]:
         files[name] = folder / f"{name}.jsonl"
         files[name].write_text("\n".join(lines) + "\n")
     return files
+
+
+def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`llmtune ARGS` through the CLI's own entry point in this process - the code a shell runs, without ten
+    seconds of library imports per call - with what it printed. Log lines are not in it (the logging handler keeps
+    the stream it was made with): tests that read the log use run_cli."""
+    from llmtune.cli import main
+
+    out, err, previous = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["llmtune", *args], code, out.getvalue(), err.getvalue())
 
 
 def run_cli(*args: str, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED_DATA, require_shared, run_cli
+from conftest import REPO, SHARED_DATA, require_shared, run_cli, run_main
 from safetensors.torch import load_file
 
 from llmtune.cli import main
@@ -162,7 +162,7 @@ def test_two_process_classification_trains_together_and_evaluates_every_sample_o
 
     # The 2-process evaluation (121 sentences, split 61/60 plus a padded duplicate) equals a single-process
     # evaluation of the saved model: every sentence counted once.
-    single = run_cli("eval", str(run_dir), "--data", str(sst2_files / "dev.tsv"), "--metrics", "accuracy", "f1",
+    single = run_main("eval", str(run_dir), "--data", str(sst2_files / "dev.tsv"), "--metrics", "accuracy", "f1",
                      cwd=REPO)
     assert single.returncode == 0, single.stderr[-2000:]
     alone = json.loads(single.stdout)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, require_shared, run_cli
+from conftest import REPO, SHARED_DATA, require_shared, run_main
 from go_template import render_ollama
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -222,7 +222,7 @@ def sft_run(tmp_path_factory) -> Path:
 def test_a_real_sft_run_exported_for_ollama_reloads_as_the_same_model_and_talks_the_same(sft_run, smollm2_path):
     from llmtune.inference.trained import load_trained
 
-    result = run_cli("export", str(sft_run), "--format", "ollama", "--quant", "f16", cwd=REPO)
+    result = run_main("export", str(sft_run), "--format", "ollama", "--quant", "f16", cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     gguf_path, modelfile_path = sft_run / "export" / "smol-sft-f16.gguf", sft_run / "export" / "smol-sft-f16.Modelfile"
     assert f"Wrote {gguf_path}" in result.stdout and modelfile_path.is_file()
@@ -303,7 +303,7 @@ def test_a_real_sst2_classifier_in_onnx_predicts_as_pytorch_does_on_200_dev_sent
     assert len(sentences) == 200 and abs(expected - got).max() <= 1e-4
 
     texts = sentences[:3]
-    predicted = run_cli("predict", str(folder), *sum((["--text", t] for t in texts), []), cwd=REPO)
+    predicted = run_main("predict", str(folder), *sum((["--text", t] for t in texts), []), cwd=REPO)
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     lines = [json.loads(line) for line in predicted.stdout.strip().splitlines()]
     assert [line["text"] for line in lines] == texts

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_main
 
 from llmtune import load_recipe, train
 from llmtune.errors import LlmtuneError
@@ -95,7 +95,7 @@ def test_several_runs_are_compared_in_one_report(tiny_bert, reviews_files, tmp_p
                            f"output.report={report}")
         train(load_recipe(argv[0], argv[1:]))
     assert not (tmp_path / "fast" / "report.html").exists()  # output.report=false: drawn later, on request
-    done = run_cli("report", str(tmp_path / "fast"), timeout=120)
+    done = run_main("report", str(tmp_path / "fast"))
     assert done.returncode == 0 and (tmp_path / "fast" / "report.html").is_file(), done.stderr
     page = write_comparison([tmp_path / "slow", tmp_path / "fast"], tmp_path / "both").read_text()
     assert page.count("<td>slow</td>") >= 5 and page.count("<td>fast</td>") >= 5

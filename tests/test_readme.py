@@ -9,7 +9,8 @@ is parsed by llmtune's own argument parser. What the trainings achieve is the ot
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -111,10 +112,13 @@ def as_run(argv: list[str], real: bool) -> list[str] | None:
     return [*argv, *SMALL] if argv[0] == "train" else argv
 
 
-def test_readme_commands_run_as_written(tmp_path):
-    from llmtune.cli import _attach_dashed_values, _parser
+def test_readme_commands_run_as_written(tmp_path, monkeypatch):
+    """Through llmtune's own CLI entry point, in this process: the same code a shell runs, without paying ten
+    seconds of library imports for each of the two dozen commands."""
+    from llmtune.cli import _attach_dashed_values, _parser, main
 
     require_shared(SHARED_DATA / "alpaca")
+    monkeypatch.chdir(REPO)
     small_text = tmp_path / "valid.txt"
     small_text.write_text((SHARED_DATA / "wikitext-2" / "valid.txt").read_text()[:4000])
     commands = readme_commands()
@@ -122,21 +126,19 @@ def test_readme_commands_run_as_written(tmp_path):
     for line in commands:  # every line, run or not, is a valid command line
         _parser().parse_known_args(_attach_dashed_values(readme_argv(line, tmp_path, small_text)))
 
-    def run_chain(chain: list[str]) -> list[str]:
+    failures = []
+    for chain in chains(commands):
         for line in chain:
             argv = as_run(readme_argv(line, tmp_path, small_text), line in real)
             if argv is None:
                 continue
-            # two chains side by side on two cores: one compute thread each instead of two fighting for both
-            result = subprocess.run([sys.executable, "-m", "llmtune", *argv], cwd=REPO, capture_output=True,
-                                    text=True, input="Hello!\n\n" if argv[0] == "chat" else None, timeout=900,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if result.returncode != 0:  # the rest of this chain needs what this command makes
-                return [f"README command failed: {line}\n{result.stderr[-3000:]}"]
-        return []
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        failures = [f for found in pool.map(run_chain, chains(commands)) for f in found]
+            monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n\n"))  # what `chat` reads
+            errors = io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+                code = main(argv)
+            if code != 0:  # the rest of this chain needs what this command makes
+                failures.append(f"README command failed (exit {code}): {line}\n{errors.getvalue()[-3000:]}")
+                break
     assert not failures, "\n\n".join(failures)
 
 

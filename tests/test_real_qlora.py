@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_main
 from hub_server import LocalHub
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -61,7 +61,7 @@ def test_qlora_adapter_keeps_changing_after_every_evaluation(qlora_run):
 
 def test_qlora_merge_into_full_precision_base_matches_adapter_on_base(qlora_run, smollm2_path, tmp_path):
     run_dir, _ = qlora_run
-    result = run_cli("merge", str(run_dir), "--out", str(tmp_path / "merged"), cwd=REPO)
+    result = run_main("merge", str(run_dir), "--out", str(tmp_path / "merged"), cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     merged_dir = tmp_path / "merged"
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())

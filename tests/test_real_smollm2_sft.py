@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, SHARED_DATA, check_report, require_shared, run_cli
+from conftest import REPO, SHARED_DATA, check_report, require_shared, run_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune import load_recipe, train
@@ -36,7 +36,7 @@ def test_lora_sft_lowers_held_out_loss_and_generations_end_with_end_of_turn(alpa
     metrics = train(recipe)
     assert metrics["after"]["loss"] < metrics["before"]["loss"], metrics
 
-    generated = run_cli("generate", str(run_dir), *sum((["--prompt", p] for p in UNSEEN_PROMPTS), []),
+    generated = run_main("generate", str(run_dir), *sum((["--prompt", p] for p in UNSEEN_PROMPTS), []),
                         "--max-new-tokens", "48", cwd=REPO)
     assert generated.returncode == 0, generated.stderr[-2000:]
     records = [json.loads(line) for line in generated.stdout.strip().splitlines()]
@@ -53,7 +53,7 @@ def test_wikitext2_perplexity_through_llmtune_eval_matches_an_independent_loop(s
     text = source.read_text()[:8_000]  # about 2k tokens, 7 overlapping windows: a CI-sized slice of the split
     sample = tmp_path / "wikitext_valid_slice.txt"
     sample.write_text(text)
-    result = run_cli("eval", "smollm2-135m-instruct", "--text-file", str(sample), "--max-length", "512",
+    result = run_main("eval", "smollm2-135m-instruct", "--text-file", str(sample), "--max-length", "512",
                      "--stride", "256", cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     ours = json.loads(result.stdout)["perplexity"]
