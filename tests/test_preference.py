@@ -107,7 +107,7 @@ def test_dpo_reference_is_the_policy_with_adapters_off_and_padding_changes_no_lo
     mask = batch["completion_mask"][:, 1:].bool()
     per_token = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     expected = (per_token * mask).sum(-1)  # chosen and rejected of the first pair, by the base model
-    assert torch.allclose(batched[:, 0], expected, atol=1e-4, rtol=0)
+    assert torch.allclose(batched[:, 0], expected, atol=1e-4, rtol=1e-6)  # float32 sums of ~1,000 in other orders
 
 
 def assert_plain_peft_loads_the_dpo_adapter(tiny_llama: str, out: Path) -> None:
