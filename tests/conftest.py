@@ -65,9 +65,19 @@ LONGEST_FIRST = ("test_readme.py", "test_faults.py", "test_distributed.py", "tes
                  "test_real_decoder.py", "test_real_qlora.py", "test_serve.py")
 
 
+# Files whose long tests share no module fixture between different test functions: each function is a unit of
+# work of its own (its parametrized cases stay together), so the two workers share the file instead of one
+# worker running all of it last.
+SPLIT_FILES = ("test_faults.py",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+    for item in items:  # a file is one unit of work (its module fixtures are made once), unless it is split
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(f"{name}::{item.originalname}" if name in SPLIT_FILES else name))
 
 
 def pytest_configure(config):
