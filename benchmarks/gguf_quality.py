@@ -33,10 +33,10 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmtune.inference.generation import stop_token_ids
-    from llmtune.models.sources import resolve_model
+    from llmtune.models.sources import load_gguf, resolve_model
     from llmtune.run.run_dir import _cpu_name
     from llmtune.ship.export import _probe_text
-    from llmtune.ship.gguf_file import load_gguf, verify_gguf, write_gguf
+    from llmtune.ship.gguf_file import verify_gguf, write_gguf
 
     path = resolve_model("smollm2-135m-instruct").path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

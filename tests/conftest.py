@@ -19,6 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest caches its assertion-rewritten test modules only where bytecode may be written; an environment with
+# PYTHONDONTWRITEBYTECODE=1 would otherwise rewrite all of them in every run (~4 s of each fast-tier worker's start).
+sys.dont_write_bytecode = False
 # Under pytest-xdist (`-n N`), each worker - and every process a test starts, which inherits this - computes with its
 # share of the cores: N workers each running a core count of OpenMP threads would oversubscribe them (up to 10x
 # slower on 2 cores). Set before torch is imported anywhere.

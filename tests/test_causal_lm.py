@@ -237,6 +237,7 @@ def test_chat_command_answers_until_an_empty_line(tiny_llama, tmp_path):
     assert result.stdout.count("model>") == 1 and "you>" in result.stdout
 
 
+@pytest.mark.slow  # two trainings and trl's own loss (~5 s)
 def test_scoring_only_labelled_positions_matches_trl_loss_gradient_and_accuracy(tiny_llama, tmp_path):
     """llmtune projects only labelled positions through the LM head off CUDA, with a frozen head in blocks whose
     gradient is made in the forward pass (`head_cross_entropy`); trl scores every position. Same loss (1e-5), same
@@ -334,6 +335,7 @@ def test_tokenized_cache_keys_change_with_every_setting_and_the_tokenizer(tiny_l
     assert key != derived_fingerprint(rows, "conversations", "llmtune/data/lm_tokenize.py", other, max_length=64)
 
 
+@pytest.mark.slow  # several tokenizations and trainings (~3 s)
 def test_a_second_run_reuses_the_tokenized_splits_and_any_change_tokenizes_again(tiny_llama, tmp_path, monkeypatch):
     """The finished splits are reused (memory-mapped, nothing tokenized) when data, tokenizer and settings are the
     same; a changed setting, data file or tokenizer file tokenizes again into a new entry."""

@@ -49,7 +49,8 @@ def test_a_recipe_typo_is_reported_fast_and_without_loading_libraries(tmp_path):
     assert seconds < 5, f"a typo took {seconds:.1f} s to report"  # 0.2 s measured; generous for a busy machine
 
 
-@pytest.mark.parametrize("umask", [0o022, pytest.param(0o077, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a training and a merge per umask (~3 s each)
+@pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_run_files_and_merged_folders_get_the_umask_modes(tiny_bert, reviews_files, tmp_path, umask):
     """Files llmtune writes atomically are as readable as files written with open() (0644 under umask 022), not
     private to the user as temporary files are; folders likewise (0755)."""

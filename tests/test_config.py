@@ -351,3 +351,14 @@ def test_trainer_args_read_exponent_numbers_as_numbers_at_any_depth():
         "training.trainer_args={lr_scheduler_kwargs: {min_lr: 1e-6}, adam_epsilon: 1E-8, run_name: 5e5-run}"])
     assert recipe.training.trainer_args == {"lr_scheduler_kwargs": {"min_lr": 1e-6}, "adam_epsilon": 1e-8,
                                             "run_name": "5e5-run"}
+
+
+def test_a_path_starting_with_tilde_and_no_such_user_stays_as_written(tmp_path):
+    """`~0` (no user named 0): a folder of that name, as a shell reads it - not pathlib's RuntimeError."""
+    from llmtune.config.loader import expand_home
+
+    assert expand_home("~/x") == Path.home() / "x"
+    assert expand_home("~no-such-user-here/x") == Path("~no-such-user-here/x")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: '~no-such-user-here/model'}\ndata: {train_file: train.jsonl}\n")
+    assert load_recipe(recipe).model.name.endswith("~no-such-user-here/model")

@@ -253,7 +253,8 @@ def test_a_real_sft_run_exported_for_ollama_reloads_as_the_same_model_and_talks_
 def test_q8_0_changes_the_top_token_only_where_the_model_was_torn_on_wikitext(smollm2_path, tmp_path):
     """Measured on SmolLM2-135M: q8_0 keeps the top token on 97.9% of 2,000 WikiText-2 tokens (f16 99.9%), and
     every position it changes is one where full precision's top two tokens were within 0.2 logits."""
-    from llmtune.ship.gguf_file import _rounded_like_file, load_gguf, write_gguf
+    from llmtune.models.sources import load_gguf
+    from llmtune.ship.gguf_file import _rounded_like_file, write_gguf
 
     source = require_shared(SHARED_DATA / "wikitext-2" / "valid.txt")
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, write_jsonl, write_reviews
+from conftest import REPO, run_cli, run_main, write_jsonl, write_reviews
 
 from llmtune.run.checkpoints import why_incomplete
 
@@ -52,7 +52,7 @@ def metrics_of(run_dir: Path) -> dict:
 def uninterrupted_run(tiny_bert, tmp_path_factory) -> dict:
     """The metrics of the 200-step run the signal tests resume to, trained once for both signals."""
     folder = tmp_path_factory.mktemp("uninterrupted")
-    whole = run_cli(*tiny_args(tiny_bert, write_reviews(folder), folder / "whole", "training.max_steps=200",
+    whole = run_main(*tiny_args(tiny_bert, write_reviews(folder), folder / "whole", "training.max_steps=200",
                                "training.eval_every=200", "training.save_every=1000"), cwd=REPO)
     assert whole.returncode == 0, whole.stderr[-3000:]
     return metrics_of(folder / "whole")
@@ -123,15 +123,15 @@ def test_sigterm_during_a_long_evaluation_ends_it_and_saves_the_checkpoint(revie
 def test_resume_refuses_changed_training_settings_unless_forced(tiny_bert, reviews_files, tmp_path):
     args = tiny_args(tiny_bert, reviews_files, tmp_path / "run", "training.max_steps=4", "training.save_every=2",
                      "training.eval_every=no")
-    first = run_cli(*args, "training.max_steps=2", cwd=REPO)  # stops after its first checkpoint
+    first = run_main(*args, "training.max_steps=2", cwd=REPO)  # stops after its first checkpoint
     assert first.returncode == 0, first.stderr[-2000:]
-    changed = run_cli(*args, "--resume", "training.learning_rate=0.5", "output.report=false", cwd=REPO)
+    changed = run_main(*args, "--resume", "training.learning_rate=0.5", "output.report=false", cwd=REPO)
     assert changed.returncode == 2
     message = next(line for line in changed.stderr.splitlines() if line.startswith("error:"))
     assert "training.learning_rate: 0.0001 -> 0.5" in message and "training.max_steps: 2 -> 4" in message
     assert "output.report" not in message  # what a run writes at its end, not what it trains
     assert "--force" in message
-    forced = run_cli(*args, "--resume", "--force", "training.learning_rate=0.5", cwd=REPO)
+    forced = run_main(*args, "--resume", "--force", "training.learning_rate=0.5", cwd=REPO)
     assert forced.returncode == 0, forced.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["resumes"][0]["changed"]["training.learning_rate"] == {"from": 0.0001, "to": 0.5}
@@ -150,7 +150,7 @@ def test_kill_9_while_saving_a_checkpoint_never_costs_more_than_that_checkpoint(
                 "training.save_every=2", "training.eval_every=6", "training.batch_size=8",
                 "training.keep_checkpoints=1"]  # the previous checkpoint is the only one: it must survive
 
-    reference = run_cli(*args(tmp_path / "whole"), cwd=REPO)
+    reference = run_main(*args(tmp_path / "whole"), cwd=REPO)
     assert reference.returncode == 0, reference.stderr[-2000:]
     expected = metrics_of(tmp_path / "whole")
     hit_mid_save = 0
@@ -167,7 +167,7 @@ def test_kill_9_while_saving_a_checkpoint_never_costs_more_than_that_checkpoint(
         hit_mid_save += why_incomplete(second) is not None
         assert why_incomplete(run_dir / "checkpoint-2") is None or why_incomplete(second) is None
 
-        resumed = run_cli(*args(run_dir), "--resume", cwd=REPO)
+        resumed = run_main(*args(run_dir), "--resume", cwd=REPO)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         got = metrics_of(run_dir)
         assert got["train"]["global_step"] == 6

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli, write_jsonl
+from conftest import REPO, run_cli, run_main, write_jsonl
 from hub_server import LocalHub
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +85,7 @@ def test_the_run_folder_holds_llmtunes_card_not_a_library_draft(lora_run, tiny_l
 
 
 def test_merge_matches_adapter_on_base_and_saves_a_plain_model(lora_run, tiny_llama, tmp_path):
-    result = run_cli("merge", str(lora_run), "--out", str(tmp_path / "merged"), cwd=REPO)
+    result = run_main("merge", str(lora_run), "--out", str(tmp_path / "merged"), cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["max_logit_difference"] <= 1e-4
     merged_dir = tmp_path / "merged"
@@ -107,7 +107,7 @@ def test_merge_refuses_to_overwrite_and_explains_a_missing_base(lora_run, tmp_pa
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
-    result = run_cli("merge", str(lora_run), "--out", str(occupied), cwd=REPO)
+    result = run_main("merge", str(lora_run), "--out", str(occupied), cwd=REPO)
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (occupied / "keep.txt").read_text() == "mine"
 
@@ -120,7 +120,7 @@ def test_merge_refuses_to_overwrite_and_explains_a_missing_base(lora_run, tmp_pa
     config = json.loads((orphan / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "deleted-base")
     (orphan / "adapter_config.json").write_text(json.dumps(config))
-    result = run_cli("merge", str(orphan), "--out", str(tmp_path / "m2"), cwd=REPO)
+    result = run_main("merge", str(orphan), "--out", str(tmp_path / "m2"), cwd=REPO)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "base model of the adapter" in result.stderr and "--base" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "m2").exists()

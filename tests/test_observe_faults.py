@@ -130,6 +130,7 @@ def test_ctrl_c_in_a_sweep_kills_a_trial_that_ignores_sigterm(fake_trials, tmp_p
     assert _gone(int((tmp_path / "ready").read_text()))
 
 
+@pytest.mark.slow  # three trial processes (~4 s)
 def test_trials_that_finish_are_told_to_the_study_and_the_best_recipe_is_written(monkeypatch, tmp_path):
     finish = ("import json, pathlib, sys; run = pathlib.Path(sys.argv[1]); run.mkdir(parents=True); "
               "(run / 'metrics.json').write_text(json.dumps({'after': {'accuracy': 0.75}}))")

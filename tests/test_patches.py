@@ -288,3 +288,35 @@ def test_torch_still_has_onednn_packed_linear_giving_the_plain_matmuls_results(b
     assert not FrozenLinear.cast(weight, bias_, torch.bfloat16).packed  # already bf16: the cast is free, no pair
     with torch.backends.mkldnn.flags(enabled=False):
         assert not packs(torch.bfloat16)
+
+
+@pytest.mark.slow  # parses a 49k-token vocabulary three times (~15 s)
+def test_transformers_still_opens_a_gguf_reader_per_load_call(tiny_llama, tmp_path, monkeypatch):
+    """patches/gguf_read_once.py: transformers builds a new gguf.GGUFReader on each load_gguf_checkpoint call
+    (when it reuses one, the patch can go); within the patch a model and its tokenizer come from one reader and
+    hold exactly the weights written."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmtune.models.sources import load_gguf
+    from llmtune.ship.gguf_file import write_gguf
+
+    source = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(source, tokenizer, path, "f32", "tiny", {tokenizer.eos_token_id})
+    opened = []
+    reader_class = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kwargs: opened.append(args) or reader_class(*args, **kwargs))
+    for _ in range(2):
+        AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert len(opened) == 2, "transformers now reuses a GGUF reader: patches/gguf_read_once.py can go"
+
+    opened.clear()
+    model, loaded_tokenizer = load_gguf(path)
+    assert len(opened) == 1
+    assert gguf.get_tensor_name_map.__module__ == "gguf.tensor_mapping"  # restored after
+    ids = tokenizer("Some probe text, 12 + 30 = 42.", return_tensors="pt")["input_ids"]
+    assert torch.equal(loaded_tokenizer("Some probe text, 12 + 30 = 42.", return_tensors="pt")["input_ids"], ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source(ids).logits)

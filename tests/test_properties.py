@@ -195,7 +195,7 @@ def valid_recipes(draw) -> dict:
     return raw
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(valid_recipes())
 def test_the_recipe_recorded_in_run_json_loads_back_unchanged(raw):
     """--resume compares the command's recipe with the one run.json recorded (dataclasses.asdict, as JSON): that

@@ -27,7 +27,7 @@ def recipe_for(model: str, tmp_path, *overrides: str):
     ])
 
 
-@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+@pytest.mark.parametrize("quantization", ["4bit", pytest.param("8bit", marks=pytest.mark.slow)])
 def test_quantized_lora_trains_and_only_adapters_change(tiny_llama, tmp_path, quantization):
     import bitsandbytes as bnb
 

@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, check_report, run_cli
+from conftest import REPO, check_report, run_main
 
 from llmtune import load_recipe, train
 from llmtune.models.sources import resolve_model
@@ -72,7 +72,7 @@ def test_adapter_loads_with_plain_peft_and_matches_llmtune_predict(lora_run, sha
     inputs = tmp_path / "sentences.json"
     inputs.write_text(json.dumps(sentences))
 
-    llmtune_out = run_cli("predict", str(run_dir), "--precision", "fp32", *sum((["--text", s] for s in sentences), []),
+    llmtune_out = run_main("predict", str(run_dir), "--precision", "fp32", *sum((["--text", s] for s in sentences), []),
                           cwd=REPO)
     assert llmtune_out.returncode == 0, llmtune_out.stderr[-2000:]
     ours = [json.loads(line) for line in llmtune_out.stdout.strip().splitlines()]

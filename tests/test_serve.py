@@ -21,7 +21,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_main
 
 slow = pytest.mark.slow  # a server process on a real checkpoint
 
@@ -89,7 +89,7 @@ def client(url: str, key: str = KEY) -> openai.OpenAI:
 @slow
 def test_greedy_chat_replies_equal_llmtune_generate_and_streams_concatenate_to_them(lm_server):
     url, _, model = lm_server
-    done = run_cli("generate", model, *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens",
+    done = run_main("generate", model, *sum((["--prompt", p] for p in PROMPTS), []), "--max-new-tokens",
                    str(MAX_TOKENS), cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     expected = [json.loads(line)["completion"] for line in done.stdout.splitlines() if line.startswith("{")]

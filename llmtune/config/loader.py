@@ -159,6 +159,15 @@ def _yaml_bool_spelling(value: bool, options: Any) -> Any:
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt", ".gguf", ".arrow")
 
 
+def expand_home(path: str | Path) -> Path:
+    """`~` and `~user` expanded as a shell does; `~name` of no user on this machine stays as written (a folder of
+    that name), as in a shell, instead of pathlib's RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def _resolve_path(value: Any, base_dir: Path) -> Any:
     """Anchor a relative path at base_dir; Hub ids (org/name) and absolute paths pass unchanged."""
     if isinstance(value, list):  # data.mixture: each source's own paths
@@ -170,7 +179,7 @@ def _resolve_path(value: Any, base_dir: Path) -> Any:
     if not isinstance(value, str) or not value or "\n" in value or len(value) > 255:
         return value  # not a path (e.g. an inline chat template)
     if value.startswith("~"):
-        return str(Path(value).expanduser())
+        return str(expand_home(value))
     if Path(value).is_absolute():
         return value
     candidate = base_dir / value

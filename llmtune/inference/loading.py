@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtune.config.loader import expand_home
 from llmtune.config.vocab import PRECISIONS
 from llmtune.errors import LlmtuneError
 
@@ -17,7 +18,7 @@ def check_run_argument(run: str | Path) -> None:
     """A RUN that reads as a local path (`runs/x`, `./x`, `/abs/x`) but is not there is refused here, naming the
     runs that are, instead of being looked up on the Hub. A bare `owner/name` whose first part is no local
     folder stays a Hub id."""
-    path = Path(str(run)).expanduser()
+    path = expand_home(str(run))
     if path.exists():
         return
     text = str(run)

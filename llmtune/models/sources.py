@@ -14,7 +14,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from llmtune.config.loader import expand_home
 from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError
 from llmtune.patches.gguf_save import make_gguf_model_savable
@@ -83,7 +85,7 @@ def resolve_model(name: str, revision: str | None = None, trust_remote_code: boo
             return ResolvedModel(str(gguf_to_safetensors(location)), "installed", key)
         return ResolvedModel(str(location), "installed", key)
 
-    path = Path(name).expanduser()
+    path = expand_home(name)
     if path.is_file() and path.suffix == ".gguf":
         return ResolvedModel(str(gguf_to_safetensors(path)), "gguf", path.stem)
     if path.is_dir():
@@ -166,13 +168,8 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
         return target
     check_gguf_file(gguf_path)
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.info("Converting %s to safetensors once (cached in %s)", gguf_path.name, target)
-    folder, file = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model, tokenizer = load_gguf(gguf_path)
     make_gguf_model_savable(model)  # the weights are dense float32 by now (patches/gguf_save.py)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
@@ -188,6 +185,19 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def load_gguf(path: Path) -> tuple[Any, Any]:
+    """A GGUF file read by transformers (dequantized to float32), with its tokenizer; the file is parsed once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmtune.patches.gguf_read_once import gguf_read_once
+
+    with gguf_read_once():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.eval(), tokenizer
 
 
 GGUF_MAGIC = b"GGUF"

@@ -12,6 +12,7 @@ relies on changes, so a library upgrade tells us which workaround to drop or ada
 - `trl_compact_lm_head`: trl's fused LM head (DPO) projecting only the labelled positions on a CPU too.
 - `fsdp_full_state_dict`: gathering FSDP shards for the final save through accelerate's plugin object.
 - `interruptible_evaluation`: a stop signal ends an evaluation inside training; then the checkpoint is saved.
+- `gguf_read_once`: one parse of a GGUF file while transformers loads a model and its tokenizer from it.
 - `length_grouped_order`: a seeded generator for transformers' length-grouped sampler, so resumed runs see the
   same batches.
 

@@ -19,6 +19,7 @@ from llmtune.data.lm_tokenize import end_of_turn_token
 from llmtune.errors import LlmtuneError
 from llmtune.inference.generation import generate
 from llmtune.inference.merge import allowed_difference
+from llmtune.models.sources import load_gguf
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA}
 GREEDY_TOKENS = 32  # new tokens per reply when the check compares greedy replies
@@ -209,15 +210,6 @@ def _pre_tokenizer_shape(pre_tokenizer: dict | None) -> str:
     if pre_tokenizer.get("type") == "Sequence":
         return json.dumps([essential(s) for s in pre_tokenizer["pretokenizers"]], sort_keys=True)
     return json.dumps(essential(pre_tokenizer), sort_keys=True)
-
-
-def load_gguf(path: Path) -> tuple[torch.nn.Module, Any]:
-    """The GGUF file read back by transformers (dequantized to float32) with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.eval(), tokenizer
 
 
 def verify_gguf(path: Path, model: torch.nn.Module, tokenizer: Any, quant: str, probe: str,
