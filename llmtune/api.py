@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "load_recipe", "validate", "plan", "build_trainer", "train", "launch", "preview", "evaluate", "predict",
-    "generate", "perplexity", "load_language_model", "LanguageModel", "merge", "export", "push", "report", "sweep",
+    "generate", "perplexity", "benchmark", "load_language_model", "LanguageModel", "merge", "export", "push", "report", "sweep",
     "serve_app", "serve",
 ]
 
@@ -233,6 +233,32 @@ def perplexity(run: str | Path | LanguageModel, text_file: str | Path, max_lengt
     lm = _language_model(run, "eval --text-file", precision)
     return {"text_file": str(text_file), "max_length": max_length, "stride": stride or max_length,
             **lm.perplexity(text, max_length, stride)}
+
+
+def benchmark(run: str | Path | LanguageModel, tasks: Sequence[str], limit: int | None = None,
+              num_fewshot: int | None = None, batch_size: int = 8, data_dir: str | Path | None = None,
+              precision: str = "auto", out: str | Path | None = None, log_samples: bool = False,
+              chat_template: bool = False) -> dict[str, Any]:
+    """Standard benchmarks (lm-evaluation-harness tasks: arc_easy, piqa, hellaswag, mmlu, gsm8k, ...) on a causal-LM
+    run or model exactly as llmtune loads it - an adapter unmerged on its (possibly 4-bit) base, in the run's
+    precision. Offline the tasks read the benchmark files in `data_dir` (or $LLMTUNE_BENCHMARK_DATA). A run
+    directory keeps a results file in its benchmarks/ folder; `out` names one for any model."""
+    from llmtune.measure.benchmark import benchmark as score
+    from llmtune.measure.benchmark import results_path_for
+    from llmtune.measure.harness import BenchmarkSettings, check_benchmarks
+
+    settings = BenchmarkSettings(_listed(tasks), limit, num_fewshot, batch_size,
+                                 str(data_dir) if data_dir is not None else None, log_samples, chat_template)
+    check_benchmarks(settings)
+    if out is not None:
+        from llmtune.run.files import why_unwritable
+
+        if problem := why_unwritable(Path(out).parent):
+            raise LlmtuneError(f"--out is '{out}', but {problem}. Give a results file in a folder you can write to.")
+    source = str(run) if not isinstance(run, LanguageModel) else "a loaded model"
+    lm = _language_model(run, "eval --tasks", precision)
+    path = results_path_for(run, out) if not isinstance(run, LanguageModel) else (Path(out) if out else None)
+    return score(lm, settings, source, path)
 
 
 def _language_model(run: str | Path | LanguageModel, command: str, precision: str, raw: bool = False

@@ -109,12 +109,17 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
         write_run_record(run_dir, run_record(run, overrides))
     barrier()  # nobody trains into the directory before it is claimed
 
+    before = benchmarks_before(run)
     metrics = {**job.metrics, **train_and_evaluate(trainer, recipe.training, run_dir, run.resume_from, job.summarize)}
     if job.after_training:
         metrics |= job.after_training(run_dir)
     save(run)
     if not trainer.is_world_process_zero():
         return metrics
+    if recipe.eval.benchmarks:
+        from llmtune.measure.benchmark import benchmark_in_run, forgetting_metrics
+
+        metrics["benchmarks"] = forgetting_metrics(before, benchmark_in_run(trainer, recipe, run_dir, "after"))
     write_json(run_dir / METRICS_FILE, metrics)  # one writer, one report, one push
     finish_records(run_dir)
     trainer.save_state()  # trainer_state.json: the log history the report plots
@@ -126,6 +131,24 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
 
         push(run_dir, recipe.output.push_to_hub, recipe.output.hub_private)
     return metrics
+
+
+def benchmarks_before(run: Run) -> dict[str, Any] | None:
+    """eval.benchmarks before training, on the main process (the others wait): the forgetting check's baseline.
+    A resumed run reads the first start's scores back."""
+    recipe, trainer = run.recipe, run.job.trainer
+    if not recipe.eval.benchmarks:
+        return None
+    from llmtune.measure.benchmark import benchmark_in_run, check_model_is_whole, saved_benchmarks
+
+    check_model_is_whole(trainer)
+    before = None
+    if run.resume_from:
+        before = saved_benchmarks(run.run_dir, "before")
+    elif trainer.is_world_process_zero() and recipe.eval.before_training:
+        before = benchmark_in_run(trainer, recipe, run.run_dir, "before")
+    barrier()
+    return before
 
 
 def validate(recipe: Recipe) -> dict[str, Any]:
@@ -154,6 +177,11 @@ def check_before_loading(recipe: Recipe, source: ResolvedModel | None, run_dir: 
     liger_kernels_on(recipe.training.liger_kernels)  # 'on' without CUDA or the package likewise
     if source:
         check_max_length(recipe, source.path)
+    if recipe.eval.benchmarks:
+        from llmtune.measure.benchmark import recipe_settings
+        from llmtune.measure.harness import check_benchmarks
+
+        check_benchmarks(recipe_settings(recipe), "eval.benchmarks")
 
 
 # --- steps ----------------------------------------------------------------------------------------------------

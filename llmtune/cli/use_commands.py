@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,19 @@ def add_use_commands(commands: Any) -> None:
         sub.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
         sub.set_defaults(handler=_generate if name == "generate" else _chat)
 
-    for name, helptext in (("eval", "Evaluate a run on labelled data (classification) or a text file (perplexity)."),
+    for name, helptext in (("eval", "Evaluate a run: labelled data (classification), a text file (perplexity) or "
+                                    "standard benchmarks through lm-evaluation-harness (--tasks)."),
                            ("predict", "Predict labels (with probabilities) for texts or a file.")):
         sub = commands.add_parser(name, help=helptext, description=helptext)
-        sub.add_argument("run", help="A run directory, or one of its checkpoint-N folders.")
+        sub.add_argument("run", help="A run directory, or one of its checkpoint-N folders" + (
+            " (with --tasks, also a model: Hub id, folder, .gguf, installed name)." if name == "eval" else "."))
         sub.add_argument("--data" if name == "eval" else "--file", dest="data",
                          help="Data file (.jsonl, .json, .csv, .tsv, .parquet, .txt).")
         if name == "eval":
             sub.add_argument("--text-file", help="Causal LMs: a text file scored with sliding-window perplexity.")
             sub.add_argument("--max-length", type=int, default=1024, help="Perplexity window in tokens.")
             sub.add_argument("--stride", type=int, help="Perplexity window stride (default: --max-length).")
+            _benchmark_arguments(sub)
         if name == "predict":
             sub.add_argument("--text", action="append", default=[], help="A text to classify (repeatable).")
             sub.add_argument("--image", action="append", default=[],
@@ -58,15 +62,49 @@ def add_use_commands(commands: Any) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from llmtune import api
 
-    if args.text_file:
+    if args.tasks:
+        result = api.benchmark(args.run, args.tasks.split(","), args.limit, args.num_fewshot, args.batch_size or 8,
+                               args.data_dir, args.precision, args.out, args.log_samples, args.chat_template)
+        print(benchmark_table(result), file=sys.stderr)
+    elif args.text_file:
         result = api.perplexity(args.run, args.text_file, args.max_length, args.stride, args.precision)
     elif args.data:
         result = api.evaluate(args.run, args.data, args.metrics, args.text_column, args.text_pair_column,
                               args.label_column, args.batch_size, args.precision)
     else:
-        raise LlmtuneError("eval needs --data (labelled file, classification runs) or --text-file (perplexity).")
+        raise LlmtuneError("eval needs --data (labelled file, classification runs), --text-file (perplexity) or "
+                           "--tasks (benchmarks, causal LMs).")
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _benchmark_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--tasks", help="Causal LMs: benchmark tasks, comma-separated (arc_easy,arc_challenge,piqa,"
+                     "hellaswag,boolq,winogrande,mmlu,gsm8k offline; any lm-eval task with the Hub).")
+    sub.add_argument("--limit", type=int, help="Benchmarks: the first N items of each task (default: all).")
+    sub.add_argument("--num-fewshot", type=int, help="Benchmarks: few-shot examples (default: each task's own).")
+    sub.add_argument("--data-dir", help="Benchmarks: the folder of benchmark files (default: "
+                     "$LLMTUNE_BENCHMARK_DATA; without it, the Hub).")
+    sub.add_argument("--out", help="Benchmarks: the results file (default: RUN/benchmarks/eval-<time>.json for a run).")
+    sub.add_argument("--log-samples", action="store_true",
+                     help="Benchmarks: also write every item's prompt, choices, scores and answer beside the results.")
+    sub.add_argument("--chat-template", action="store_true",
+                     help="Benchmarks: put each question through the model's chat template (few-shot as turns).")
+
+
+def benchmark_table(result: dict) -> str:
+    """Each task's scores with their standard errors, one line per metric."""
+    from llmtune.measure.forgetting import stderr_name
+
+    lines = [f"{'task':<28} {'metric':<28} {'score':>8} {'stderr':>8}"]
+    for task, row in result["scores"].items():
+        for metric, value in row.items():
+            if "_stderr" in metric:
+                continue
+            error = row.get(stderr_name(metric))
+            lines.append(f"{task:<28} {metric:<28} {value:8.4f} " + (f"{error:8.4f}" if error is not None else ""))
+    files = result.get("files") or []
+    return "\n".join(lines + ([f"Results: {files[0]}"] if files else []))
 
 
 def _predict(args: argparse.Namespace) -> int:

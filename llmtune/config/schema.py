@@ -287,6 +287,24 @@ class EvalConfig:
         "averages), roc_auc (binary only). sft / pretrain: loss, perplexity and token accuracy are always reported.",
     )
     before_training: bool = _field(True, "Evaluate once before training so the run shows what fine-tuning changed.")
+    benchmarks: list[str] = _field(
+        [],
+        "sft / pretrain / dpo / kto / orpo / simpo: standard benchmarks (lm-evaluation-harness task names) scored "
+        "before and after training on the model in memory - the forgetting check: the report, metrics.json and the "
+        "console flag a score that fell by more than its 95% interval. Offline, from `benchmark_data_dir`: "
+        "arc_easy, arc_challenge, piqa, hellaswag, boolq, winogrande, mmlu (or mmlu_<subject>), gsm8k; any other "
+        "lm-eval task when the Hub is reachable.",
+    )
+    benchmark_limit: int | None = _field(
+        None, "Items per benchmark (the first N of each task; null: all). A few hundred keep the check quick on a "
+        "CPU; the stderr columns say how precise the scores are.", ge=1)
+    benchmark_num_fewshot: int | None = _field(None, "Few-shot examples per benchmark question (null: each task's "
+                                               "default: 0, GSM8K 5).", ge=0)
+    benchmark_batch_size: int = _field(8, "Benchmark requests per forward pass.", ge=1)
+    benchmark_data_dir: str | None = _field(
+        None, "Folder with the benchmark files in their published layouts (arc_easy/ARC-Easy-Test.jsonl, "
+        "piqa/valid.jsonl, hellaswag/hellaswag_val_full.txt.bz2, mmlu/test/*.csv, ...). Default: "
+        "$LLMTUNE_BENCHMARK_DATA; without either, tasks come from the Hub.", path=True)
 
 
 @dataclass

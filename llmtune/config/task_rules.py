@@ -33,6 +33,14 @@ def max_length_fits_the_scratch_context(recipe: Recipe) -> list[str]:
     return []
 
 
+def benchmarks_score_causal_lms(recipe: Recipe) -> list[str]:
+    if recipe.eval.benchmarks and recipe.task not in CAUSAL_LM_TASKS:
+        return [f"'eval.benchmarks' is set for task {recipe.task}; benchmarks score causal language models "
+                f"({', '.join(CAUSAL_LM_TASKS)}). Remove it, or benchmark a causal LM run with "
+                "`llmtune eval RUN --tasks ...`."]
+    return []
+
+
 def pretrain_reads_plain_text(recipe: Recipe) -> list[str]:
     if recipe.task == "pretrain" and recipe.data.format not in ("auto", "text"):
         return [f"'data.format' is {recipe.data.format!r}, but task 'pretrain' trains on plain text. "
@@ -227,6 +235,7 @@ def distill_has_a_teacher_and_a_student(recipe: Recipe) -> list[str]:
 
 
 TASK_RULES = (
+    benchmarks_score_causal_lms,
     scratch_models_learn_text_first, max_length_fits_the_scratch_context, pretrain_reads_plain_text,
     plain_text_has_no_assistant_turns, stride_within_max_length, mixture_sources,
     preference_tunes_a_pretrained_model, preference_data_is_detected, prompts_leave_room_for_replies,

@@ -64,6 +64,7 @@ def render(record: dict, metrics: dict | None, repo_id: str, kind: str) -> str:
         _data(record),
         "## Results\n",
         _results(metrics),
+        *_benchmarks(metrics),
         *_exports(record),
         "## Framework versions\n",
         "\n".join(f"- {name}: {version}" for name, version in record.get("versions", {}).items()) + "\n",
@@ -209,6 +210,18 @@ def _results(metrics: dict | None) -> str:
     rows = [[n, _number(before.get(n)), _number(after[n])] + ([_number(test.get(n))] if test else []) for n in names]
     header = ["metric", "before fine-tuning", "after fine-tuning"] + (["test"] if test else [])
     return _table(header, rows)
+
+
+def _benchmarks(metrics: dict | None) -> list[str]:
+    """The eval.benchmarks scores (lm-evaluation-harness) before and after fine-tuning, as the run measured them."""
+    rows = ((metrics or {}).get("benchmarks") or {}).get("forgetting") or []
+    if not rows:
+        return []
+    table = _table(["benchmark", "metric", "before fine-tuning", "after fine-tuning", "change"],
+                   [[r["task"], r["metric"], _number(r["before"]), _number(r["after"]), f"{r['change']:+.4f}"
+                     + (" (dropped beyond its 95% interval)" if r["dropped"] else "")] for r in rows])
+    return ["### Benchmarks\n", "Scored with lm-evaluation-harness on the model as trained (adapter on its base):\n",
+            table]
 
 
 def _number(value: Any) -> str:

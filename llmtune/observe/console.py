@@ -234,5 +234,9 @@ def summary_table(metrics: dict[str, Any], run_dir: Path) -> str:
             change = f"{after[name] - old:+10.4f}" if isinstance(old, int | float) else f"{'':>10}"
             old_text = f"{old:10.4f}" if isinstance(old, int | float) else f"{'-':>10}"
             lines.append(f"{name:<{width}}  {old_text}  {after[name]:10.4f}  {change}")
+    if metrics.get("benchmarks", {}).get("forgetting"):
+        from llmtune.measure.forgetting import forgetting_lines
+
+        lines += forgetting_lines(metrics["benchmarks"]["forgetting"])
     lines.append(f"Run saved in {run_dir}")
     return "\n".join(lines)

@@ -234,6 +234,8 @@ def write_report(run_dir: Path) -> Path:
     sections = [_metrics_section({run_dir.name: metrics})]
     if details.get("per_class"):
         sections.append(_per_class_section(details["per_class"]))
+    if metrics.get("benchmarks"):
+        sections.append(_benchmarks_section(metrics["benchmarks"]))
     sections.append(_images_section(images))
     if generations:
         sections.append(_generations_section(generations))
@@ -327,6 +329,25 @@ def _metrics_section(runs: dict[str, dict[str, Any]]) -> str:
     return "<h2>Metrics</h2>" + _table(header if len(runs) > 1 else header[1:], rows)
 
 
+def _benchmarks_section(benchmarks: dict[str, Any]) -> str:
+    """The forgetting check: each benchmark before -> after with the 95% interval of the change, drops beyond it
+    flagged; without a before score (eval.before_training off), the scores after training."""
+    from llmtune.measure.harness import headline_metric
+
+    rows = benchmarks.get("forgetting") or []
+    if rows:
+        cells = [[r["task"], r["metric"], _cell(r["before"]), _cell(r["after"]), _cell(r["change"]),
+                  _cell(r["interval_95"]) if r["interval_95"] is not None else "",
+                  "<b class='bad'>dropped beyond its interval</b>" if r["dropped"] else "within chance"]
+                 for r in rows]
+        return ("<h2>Benchmarks (forgetting check)</h2>"
+                + _table(["task", "metric", "before", "after", "change", "95% interval", "verdict"], cells))
+    after = benchmarks.get("after", {})
+    cells = [[task, metric, _cell(row[metric])] for task, row in after.items()
+             if (metric := headline_metric(row)) is not None]
+    return "<h2>Benchmarks (after training)</h2>" + _table(["task", "metric", "score"], cells)
+
+
 def _per_class_section(per_class: dict[str, dict[str, float]]) -> str:
     rows = [[label, _cell(v["precision"]), _cell(v["recall"]), _cell(v["f1"]), str(v["support"])]
             for label, v in per_class.items()]
@@ -374,6 +395,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _page(title: str, sections: list[str]) -> str:
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
-             ".grid{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}img{max-width:640px}pre{background:#f6f6f6;padding:1em}")
+             ".grid{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}img{max-width:640px}pre{background:#f6f6f6;padding:1em}"
+             ".bad{color:#b00020}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n")
