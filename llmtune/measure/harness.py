@@ -8,13 +8,12 @@ lm-eval's own task registry (which downloads its data from the Hub).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,28 +141,18 @@ def data_files(data_dir: Path, tasks: Sequence[str]) -> dict[str, str]:
     return {str(p.relative_to(data_dir)): sha256(p) for p in paths if p.is_file()}
 
 
-@contextlib.contextmanager
-def _lm_eval_quiet() -> Iterator[None]:
-    """lm-eval warns once per task about metadata kwargs and per model object about ignored arguments: noise here."""
-    lm_logger = logging.getLogger("lm_eval")
-    level = lm_logger.level
-    lm_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        lm_logger.setLevel(level)
-
-
 def run_benchmarks(model: Any, tokenizer: Any, settings: BenchmarkSettings) -> BenchmarkResult:
     """Evaluate `model` (in eval mode, on its device) with lm-eval's `simple_evaluate` on the settings' tasks."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from llmtune.data.loading import quiet_logger
+
     data_dir = resolve_data_dir(settings.data_dir)
     local_only = data_dir is not None and all(t in OFFLINE_TASKS for t in settings.tasks)
     started = time.perf_counter()
-    with _lm_eval_quiet():
+    with quiet_logger("lm_eval"):  # it warns once per task about metadata kwargs: noise here
         manager = TaskManager(include_path=str(TASK_DIR) if data_dir else None, include_defaults=not local_only,
                               metadata={"data_dir": str(data_dir)} if data_dir else None)
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
