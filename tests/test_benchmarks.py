@@ -209,3 +209,31 @@ def test_a_run_scores_its_benchmarks_before_and_after_and_reports_them(tiny_llam
     report = (run_dir / "report.html").read_text()
     assert "Benchmarks (forgetting check)" in report and "arc_easy" in report
     assert "### Benchmarks" in (run_dir / "README.md").read_text()
+
+
+@pytest.mark.slow  # ~4 s: the same tasks twice on a tiny model
+def test_the_shared_context_scorer_gives_lm_evals_own_log_likelihoods(tiny_llama, benchmark_folder):
+    """llmtune's scorer (each question once, its cache copied to every answer) against lm-eval's HF model, on tasks
+    it shares (ARC, HellaSwag: questions longer than answers) and hands back (PIQA's long answers, WinoGrande's
+    per-choice contexts)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from llmtune.measure.harness import TASK_DIR
+    from llmtune.measure.scorer import SharedContextLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tasks = ["arc_easy", "hellaswag", "piqa", "winogrande"]
+    log_likelihoods = []
+    for kind in (HFLM, SharedContextLM):
+        manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                              metadata={"data_dir": str(benchmark_folder)})
+        result = simple_evaluate(kind(pretrained=model, tokenizer=tokenizer, batch_size=3), tasks=tasks,
+                                 task_manager=manager, log_samples=True, bootstrap_iters=0)
+        log_likelihoods.append({t: [r[0] for s in result["samples"][t] for r in s["resps"]] for t in tasks})
+    lm_eval_own, shared = log_likelihoods
+    for task in tasks:
+        assert [greedy for _, greedy in shared[task]] == [greedy for _, greedy in lm_eval_own[task]], task
+        assert [ll for ll, _ in shared[task]] == pytest.approx([ll for ll, _ in lm_eval_own[task]], abs=1e-4), task

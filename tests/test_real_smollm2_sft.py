@@ -1,5 +1,6 @@
-"""Real SmolLM2-135M-Instruct: LoRA SFT on Alpaca lowers held-out loss and the model still stops;
-perplexity through `llmtune eval` matches an independent transformers loop."""
+"""Real SmolLM2-135M-Instruct: LoRA SFT on Alpaca lowers held-out loss, the model still stops, and its benchmark
+scores before and after land in the run (unmerged = merged); perplexity through `llmtune eval` matches an
+independent transformers loop."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from perplexity_check import independent_perplexity  # noqa: E402 - the benchmar
 
 pytestmark = pytest.mark.slow  # trains or loads a real checkpoint on real data
 
+BENCHMARKS = SHARED_DATA / "benchmarks"
+
 UNSEEN_PROMPTS = [
     "Name a fruit that is yellow. Answer in one word.",
     "Write one short sentence about the sea.",
@@ -32,9 +35,11 @@ def test_lora_sft_lowers_held_out_loss_and_generations_end_with_end_of_turn(alpa
         "training.gradient_accumulation=1", "training.eval_every=no", "training.save_every=no",
         "training.learning_rate=5e-4",
         f"lm.generation_prompts={json.dumps(UNSEEN_PROMPTS)}", "lm.max_new_tokens=48", f"output.dir={run_dir}",
+        "eval.benchmarks=[arc_easy]", "eval.benchmark_limit=20", f"eval.benchmark_data_dir={BENCHMARKS}",
     ])
     metrics = train(recipe)
     assert metrics["after"]["loss"] < metrics["before"]["loss"], metrics
+    check_benchmarks_of_the_run(run_dir, metrics, tmp_path)
 
     generated = run_main("generate", str(run_dir), *sum((["--prompt", p] for p in UNSEEN_PROMPTS), []),
                         "--max-new-tokens", "48", cwd=REPO)
@@ -46,6 +51,39 @@ def test_lora_sft_lowers_held_out_loss_and_generations_end_with_end_of_turn(alpa
     assert all(r["stopped"] for r in final)
     page = check_report(run_dir, {"loss.png", "learning_rate.png", "grad_norm.png", "throughput_tokens_per_second.png"})
     assert "<h2>Generations (step 0 -> step 24)</h2>" in page and UNSEEN_PROMPTS[0] in page
+
+
+def check_benchmarks_of_the_run(run_dir, metrics: dict, tmp_path) -> None:
+    """eval.benchmarks: before and after training in metrics.json and the report; `llmtune eval RUN --tasks` on the
+    saved run (adapter unmerged) gives the scores of the model in memory, and its merged copy gives the same."""
+    from llmtune import api
+
+    require_shared(BENCHMARKS / "arc_easy" / "ARC-Easy-Test.jsonl")
+    benchmarks = metrics["benchmarks"]
+    (row,) = benchmarks["forgetting"]
+    assert row["task"] == "arc_easy" and row["metric"] == "acc_norm" and row["interval_95"] > 0
+    assert "Benchmarks (forgetting check)" in (run_dir / "report.html").read_text()
+
+    result = run_main("eval", str(run_dir), "--tasks", "arc_easy", "--limit", "20", "--data-dir", str(BENCHMARKS),
+                      "--log-samples", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    unmerged = json.loads(result.stdout)
+    assert unmerged["scores"]["arc_easy"] == benchmarks["after"]["arc_easy"]  # the saved run = the model in memory
+    results_file = run_dir / "benchmarks" / unmerged["files"][0].split("/benchmarks/")[1]
+    assert json.loads(results_file.read_text())["llmtune"]["settings"]["limit"] == 20
+    samples = [json.loads(line) for line in (results_file.parent / f"{results_file.stem}-samples-arc_easy.jsonl")
+               .read_text().splitlines()]
+    assert len(samples) == 20
+
+    merged_dir = tmp_path / "merged"
+    api.merge(run_dir, merged_dir)
+    merged = api.benchmark(merged_dir, ["arc_easy"], limit=20, data_dir=BENCHMARKS, log_samples=True,
+                           out=tmp_path / "merged.json", precision=unmerged["precision"])  # the run's precision
+    assert merged["scores"]["arc_easy"]["acc"] == unmerged["scores"]["arc_easy"]["acc"]
+    assert merged["scores"]["arc_easy"]["acc_norm"] == unmerged["scores"]["arc_easy"]["acc_norm"]
+    merged_samples = [json.loads(line) for line in (tmp_path / "merged-samples-arc_easy.jsonl").read_text().splitlines()]
+    for ours, theirs in zip(samples, merged_samples):
+        assert [r[0][0] for r in ours["resps"]] == pytest.approx([r[0][0] for r in theirs["resps"]], abs=1e-3)
 
 
 def test_wikitext2_perplexity_through_llmtune_eval_matches_an_independent_loop(smollm2_path, tmp_path):

@@ -1,7 +1,8 @@
 """Standard benchmarks through lm-evaluation-harness, on a model exactly as llmtune loaded it.
 
-The model is handed to lm-eval as an object (its `HFLM` wrapper), so a LoRA/DoRA run is scored as an adapter on
-its - possibly 4-bit - base, unmerged, in the run's evaluation precision. Tasks come from lm_eval_tasks/ (the
+The model is handed to lm-eval as an object (its `HFLM` wrapper, scoring each multiple-choice question once:
+scorer.py), so a LoRA/DoRA run is scored as an adapter on its - possibly 4-bit - base, unmerged, in the run's
+evaluation precision. Tasks come from lm_eval_tasks/ (the
 benchmark files in their published layouts, in a folder named by `data_dir`) or, for any other name, from
 lm-eval's own task registry (which downloads its data from the Hub).
 """
@@ -144,10 +145,10 @@ def data_files(data_dir: Path, tasks: Sequence[str]) -> dict[str, str]:
 def run_benchmarks(model: Any, tokenizer: Any, settings: BenchmarkSettings) -> BenchmarkResult:
     """Evaluate `model` (in eval mode, on its device) with lm-eval's `simple_evaluate` on the settings' tasks."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from llmtune.data.loading import quiet_logger
+    from llmtune.measure.scorer import SharedContextLM
 
     data_dir = resolve_data_dir(settings.data_dir)
     local_only = data_dir is not None and all(t in OFFLINE_TASKS for t in settings.tasks)
@@ -155,7 +156,7 @@ def run_benchmarks(model: Any, tokenizer: Any, settings: BenchmarkSettings) -> B
     with quiet_logger("lm_eval"):  # it warns once per task about metadata kwargs: noise here
         manager = TaskManager(include_path=str(TASK_DIR) if data_dir else None, include_defaults=not local_only,
                               metadata={"data_dir": str(data_dir)} if data_dir else None)
-        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+        wrapped = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
         _check_known(manager, settings.tasks)
         raw = simple_evaluate(
             wrapped, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot, limit=settings.limit,
