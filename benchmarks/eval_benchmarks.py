@@ -3,12 +3,15 @@ forgetting check flags a destructive fine-tune but not the README's.
 
     .venv/bin/python benchmarks/eval_benchmarks.py --part exactness --limit 100
     .venv/bin/python benchmarks/eval_benchmarks.py --part forgetting --limit 100
+    .venv/bin/python benchmarks/eval_benchmarks.py --part published --limit 0 --tasks arc_easy,piqa
 
 exactness: SmolLM2-135M-Instruct (fp32) on the same task files, `llmtune eval MODEL --tasks` against `lm_eval --model
 hf --include_path <llmtune's task folder> --metadata '{"data_dir": ...}'`, each as a fresh process (wall time includes
 imports and loading, as a user sees it); per-task scores compared and the time ratio printed.
 forgetting: two LoRA SFT runs of SmolLM2 on Alpaca with eval.benchmarks - the README recipe's settings, and the same
 at a destructive learning rate - and which benchmarks each run's check flags.
+published: `llmtune eval` on whole files (--limit 0) or the first N items, against the lm-eval 0-shot scores
+published for SmolLM2-135M-Instruct (PUBLISHED below), in standard errors.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 BENCHMARKS = DATA / "benchmarks"
 TASKS = ["arc_easy", "piqa", "hellaswag"]
+# lm-eval 0-shot scores of SmolLM2-135M-Instruct published on a third-party model card
+# (lldois/SmolLM2-135M-Reasoning-SLERP-Champion, its baseline row); the official card's numbers come from lighteval's
+# prompts and are not comparable.
+PUBLISHED = {("arc_easy", "acc"): 0.541, ("piqa", "acc_norm"): 0.669, ("hellaswag", "acc_norm"): 0.430}
 
 
 def timed(command: list[str]) -> float:
@@ -74,6 +81,26 @@ def exactness(limit: int, batch_size: int, work: Path) -> dict:
             "lm_eval_seconds": theirs_seconds, "speedup": theirs_seconds / ours_seconds}
 
 
+def published(limit: int, batch_size: int, tasks: list[str], work: Path) -> dict:
+    out = work / "llmtune.json"
+    command = [sys.executable, "-m", "llmtune", "eval", "smollm2-135m-instruct", "--tasks", ",".join(tasks),
+               "--batch-size", str(batch_size), "--data-dir", str(BENCHMARKS), "--out", str(out)]
+    seconds = timed(command + (["--limit", str(limit)] if limit else []))
+    ours = json.loads(out.read_text())
+    rows = []
+    for (task, metric), value in PUBLISHED.items():
+        if task in tasks:
+            score, stderr = ours["scores"][task][metric], ours["scores"][task][f"{metric}_stderr"]
+            items = ours["n-samples"][task]["effective"]
+            rows.append({"task": task, "metric": metric, "items": items, "llmtune": score, "stderr": stderr,
+                         "published": value, "difference_in_stderr": (score - value) / stderr})
+            print(f"{task:<10} {metric:<9} {items:>6} items  llmtune {score:.4f} +/-{stderr:.4f}  published "
+                  f"{value:.3f}  ({rows[-1]['difference_in_stderr']:+.2f} stderr)")
+    print(f"wall time {seconds:.1f} s")
+    return {"limit": limit or None, "batch_size": batch_size, "rows": rows, "seconds": seconds,
+            "scores": ours["scores"]}
+
+
 def forgetting(limit: int, steps: int, work: Path) -> dict:
     from llmtune import api, load_recipe
 
@@ -99,8 +126,9 @@ def forgetting(limit: int, steps: int, work: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["exactness", "forgetting"], required=True)
-    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--part", choices=["exactness", "forgetting", "published"], required=True)
+    parser.add_argument("--limit", type=int, default=100, help="items per task; 0: the whole files (published)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="published: the tasks to score")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="forgetting: training steps of each run")
     parser.add_argument("--out", default=None)
@@ -110,8 +138,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        result = exactness(args.limit, args.batch_size, work) if args.part == "exactness" else forgetting(
-            args.limit, args.steps, work)
+        if args.part == "exactness":
+            result = exactness(args.limit, args.batch_size, work)
+        elif args.part == "published":
+            result = published(args.limit, args.batch_size, args.tasks.split(","), work)
+        else:
+            result = forgetting(args.limit, args.steps, work)
     result |= {"cpu": _cpu_name(), "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     out = Path(args.out or REPO / "benchmarks" / "results" / f"eval_{args.part}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

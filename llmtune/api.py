@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from llmtune.ship.export import Exported
 
 __all__ = [
-    "load_recipe", "validate", "plan", "build_trainer", "train", "launch", "preview", "evaluate", "predict",
-    "generate", "perplexity", "benchmark", "load_language_model", "LanguageModel", "merge", "export", "push", "report", "sweep",
-    "serve_app", "serve",
+    "load_recipe", "validate", "plan", "build_trainer", "train", "launch", "preview", "constrained_prompts", "evaluate",
+    "predict", "generate", "perplexity", "benchmark", "load_language_model", "LanguageModel", "merge", "export", "push",
+    "report", "sweep", "serve_app", "serve",
 ]
 
 
@@ -122,6 +122,35 @@ def preview(recipe: Recipe, samples: int = 3, colour: bool = False) -> str:
 
     _at_least("samples", samples, 0)
     return render(recipe, samples, colour)
+
+
+def constrained_prompts(source: str | Path, out: str | Path, per_prompt: int = 2, seed: int = 0,
+                        kinds: Sequence[str] | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Prompts for task grpo's `constraints` reward: each instruction of `source` (an instruction, prompt or text
+    column; alpaca's input appended) with 1..`per_prompt` sampled constraints, written to `out` as JSONL
+    ({"prompt", "constraints"}). Returns {"out", "rows", "kinds": {kind: count}}."""
+    from collections import Counter
+
+    from llmtune.data.loading import load_file
+    from llmtune.rewards.constraints import constrained_prompts as build
+
+    _at_least("per_prompt", per_prompt, 1)
+    _at_least("limit", limit, 1)
+    target = Path(out)
+    if target.exists():
+        raise LlmtuneError(f"--out '{target}' exists; llmtune does not overwrite it. Give a new file name.")
+    rows = load_file(str(source), "source")
+    column = next((c for c in ("instruction", "prompt", "text") if c in rows.column_names), None)
+    if column is None:
+        raise LlmtuneError(f"'{source}' has no instruction, prompt or text column (columns: "
+                           f"{', '.join(rows.column_names)}). Give a file of instructions.")
+    texts = [f"{r[column]}\n\n{r['input']}" if r.get("input") else str(r[column]) for r in rows]
+    made = build(texts[:limit] if limit else texts, seed, per_prompt, kinds)
+    from llmtune.run.files import write_text
+
+    write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in made))
+    counts = Counter(c["kind"] for r in made for c in r["constraints"])
+    return {"out": str(target), "rows": len(made), "kinds": dict(counts.most_common())}
 
 
 # --- using a trained run -----------------------------------------------------------------------------------------

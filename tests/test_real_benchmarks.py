@@ -33,3 +33,49 @@ def test_smollm2_scores_equal_lm_evals_own_loading_and_scoring(smollm2_path):
         for metric in ("acc", "acc_norm"):
             assert ours["scores"][task][metric] == theirs[task][metric], (task, metric)
     assert ours["scores"]["arc_easy"]["acc_norm"] > 0.3  # above chance (0.25): the model reads the questions
+
+
+def test_gsm8k_answers_are_the_models_greedy_continuations_and_exact_match_follows_from_them(smollm2_path, tmp_path):
+    """GSM8K is scored by generation: each logged answer is transformers' own greedy continuation of the logged
+    prompt (cut at the task's stop words), the target is the file's "#### N" answer, and both filters' exact match
+    is what their regexes make of the answers."""
+    import json
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmtune import api
+
+    require_shared(BENCHMARKS / "gsm8k" / "test.jsonl")
+    out = tmp_path / "gsm8k.json"
+    ours = api.benchmark("smollm2-135m-instruct", ["gsm8k"], limit=3, num_fewshot=1, data_dir=BENCHMARKS,
+                         out=out, log_samples=True)
+    samples = [json.loads(line) for line in (tmp_path / "gsm8k-samples-gsm8k.jsonl").read_text().splitlines()]
+    questions = [json.loads(line) for line in (BENCHMARKS / "gsm8k" / "test.jsonl").read_text().splitlines()[:3]]
+    assert {s["doc_id"] for s in samples} == {0, 1, 2}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    for filter_name, pattern, group in (("strict-match", r"#### (\-?[0-9\.\,]+)", 0),
+                                        ("flexible-extract", r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1)):
+        matches = []
+        for sample in (s for s in samples if s["filter"] == filter_name):
+            question = questions[sample["doc_id"]]
+            assert sample["target"] == question["answer"]
+            prompt, answer = sample["arguments"][0][0], sample["resps"][0][0]
+            assert prompt.endswith(f"Question: {question['question']}\nAnswer:") and prompt.count("Question:") == 2
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            steps = len(tokenizer(answer).input_ids) + 8
+            with torch.no_grad():
+                greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                                        do_sample=False)
+            continuation = tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=False)
+            assert re.split(r"Question:|</s>|<\|im_end\|>", continuation)[0].startswith(answer)
+            found = re.findall(pattern, answer)
+            extracted = (found[group] if found else "[invalid]")
+            extracted = extracted if isinstance(extracted, str) else next(g for g in extracted if g)
+            wanted = question["answer"].split("#### ")[-1]
+            clean = [re.sub(r",|\$|\.$", "", text.split("#### ")[-1]).strip().lower() for text in (extracted, wanted)]
+            matches.append(float(clean[0] == clean[1]))
+            assert sample["exact_match"] == matches[-1]
+        assert ours["scores"]["gsm8k"][f"exact_match,{filter_name}"] == sum(matches) / len(matches)

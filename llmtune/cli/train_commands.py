@@ -56,6 +56,21 @@ def add_train_commands(commands: Any) -> None:
     show.add_argument("-n", "--samples", type=int, default=3, help="How many samples to show.")
     show.add_argument("--no-colour", action="store_true", help="Plain [[markers]] even in a terminal.")
     show.set_defaults(handler=_preview)
+    build = data_commands.add_parser(
+        "constraints",
+        help="Make grpo prompts: instructions with sampled, checkable constraints.",
+        description="Write a JSONL file of prompts for task grpo: each instruction of SOURCE (a data file with an "
+        "instruction, prompt or text column) with 1..N sampled instruction constraints appended (lowercase, word "
+        "and sentence limits, keywords, exact start/end, quotes, bullets, sections, JSON) and a 'constraints' "
+        "column the built-in constraints reward checks. The same seed gives the same file.",
+    )
+    build.add_argument("source", help="A .json/.jsonl/.csv/.parquet file of instructions.")
+    build.add_argument("--out", required=True, help="The JSONL file to write (refused if it exists).")
+    build.add_argument("--per-prompt", type=int, default=2, help="Most constraints per prompt (at least 1 each).")
+    build.add_argument("--kinds", default=None, help="Comma-separated constraint kinds to draw from (default: all).")
+    build.add_argument("--limit", type=int, default=None, help="Use the first N instructions.")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(handler=_constraints)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -110,4 +125,13 @@ def _preview(args: argparse.Namespace) -> int:
 
     colour = not args.no_colour and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     print(api.preview(recipe, args.samples, colour))
+    return 0
+
+
+def _constraints(args: argparse.Namespace) -> int:
+    from llmtune import api
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    written = api.constrained_prompts(args.source, args.out, args.per_prompt, args.seed, kinds, args.limit)
+    print(f"Wrote {written['rows']} prompts to {written['out']} ({', '.join(f'{k} {n}' for k, n in written['kinds'].items())})")
     return 0

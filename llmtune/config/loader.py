@@ -170,10 +170,9 @@ def expand_home(path: str | Path) -> Path:
 
 def _resolve_path(value: Any, base_dir: Path) -> Any:
     """Anchor a relative path at base_dir; Hub ids (org/name) and absolute paths pass unchanged."""
-    if isinstance(value, list):  # data.mixture: each source's own paths
+    if isinstance(value, list):  # data.mixture, rl.rewards: each item's own paths
         return [
-            {k: _resolve_path(v, base_dir) if k in ("train_file", "dataset") else v for k, v in item.items()}
-            if isinstance(item, dict) else item
+            {k: _resolve_item_path(k, v, base_dir) for k, v in item.items()} if isinstance(item, dict) else item
             for item in value
         ]
     if not isinstance(value, str) or not value or "\n" in value or len(value) > 255:
@@ -185,6 +184,18 @@ def _resolve_path(value: Any, base_dir: Path) -> Any:
     candidate = base_dir / value
     if candidate.exists() or value.startswith(("./", "../")) or value.lower().endswith(FILE_SUFFIXES):
         return str(candidate.resolve())
+    return value
+
+
+def _resolve_item_path(key: str, value: Any, base_dir: Path) -> Any:
+    """A path inside a list item: a mixture source's file or dataset, a reward's run, or the file of a reward
+    function given as 'file.py:name'."""
+    if key in ("train_file", "dataset", "classifier", "reward_model"):
+        return _resolve_path(value, base_dir)
+    if key == "function" and isinstance(value, str) and ".py:" in value:  # always a file: anchored even if missing
+        file, name = value.rsplit(":", 1)
+        path = expand_home(file) if file.startswith("~") else Path(file)
+        return f"{path if path.is_absolute() else (base_dir / path).resolve()}:{name}"
     return value
 
 

@@ -17,6 +17,7 @@ from llmtune.config.task_sections import (
     ImageConfig,
     LMConfig,
     PreferenceConfig,
+    RLConfig,
     ScratchConfig,
     SweepConfig,
 )
@@ -347,7 +348,8 @@ class Recipe:
         "pretrain: plain text on a causal LM (continued pretraining, or from scratch with model.init=scratch). "
         "dpo: preference pairs (prompt, chosen, rejected) against a reference model. kto: unpaired feedback "
         "(prompt, completion, label true/false). orpo, simpo: preference pairs without a reference model. "
-        "reward: a reward model (one score per text) trained on preference pairs.",
+        "reward: a reward model (one score per text) trained on preference pairs. grpo: online RL - completions "
+        "sampled for prompts, scored by rl.rewards, the policy moved towards the better ones in each group.",
         choices=TASKS,
     )
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -357,6 +359,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -1,12 +1,21 @@
-"""Cross-field rules of the task-specific sections: causal LMs (lm, data.mixture), preference tasks (pref), images,
-pruning and distillation. Like the rules in `rules.py`, each returns its problems and never changes the recipe."""
+"""Cross-field rules of the task-specific sections: causal LMs (lm, data.mixture), preference tasks (pref), online
+RL (rl), images, pruning and distillation. Like the rules in `rules.py`, each returns its problems and never changes
+the recipe."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from llmtune.config.schema import Recipe
-from llmtune.config.vocab import CAUSAL_LM_TASKS, DPO_LOSSES, KTO_LOSSES, PREFERENCE_TASKS
+from llmtune.config.vocab import (
+    BUILTIN_REWARDS,
+    CAUSAL_LM_TASKS,
+    DPO_LOSSES,
+    KTO_LOSSES,
+    PREFERENCE_TASKS,
+    REWARD_KEYS,
+    REWARD_SOURCES,
+)
 from llmtune.errors import did_you_mean
 
 MIXTURE_KEYS = ("train_file", "dataset", "subset", "train_split", "weight", "format", "columns")
@@ -86,7 +95,7 @@ def _source_problems(i: int, source: dict[str, Any]) -> list[str]:
 
 
 def preference_tunes_a_pretrained_model(recipe: Recipe) -> list[str]:
-    if recipe.task in PREFERENCE_TASKS and recipe.model.init == "scratch":
+    if recipe.task in (*PREFERENCE_TASKS, "grpo") and recipe.model.init == "scratch":
         return [f"'model.init' is 'scratch', but task {recipe.task} tunes a model that can already write replies. "
                 "Start from a pretrained or SFT checkpoint (model.name), e.g. an llmtune SFT run directory."]
     return []
@@ -162,6 +171,82 @@ def losses_of_the_task(recipe: Recipe) -> list[str]:
         found.append(f"'pref.loss_weights' has {len(pref.loss_weights)} weights for {len(losses)} losses "
                      f"({', '.join(losses)}); give one weight per loss.")
     return found
+
+
+# --- online RL ---------------------------------------------------------------------------------------------------
+
+
+def grpo_has_rewards(recipe: Recipe) -> list[str]:
+    if recipe.task != "grpo":
+        if recipe.rl.rewards:
+            return [f"'rl.rewards' is set, but task {recipe.task} does not sample completions; only task grpo reads "
+                    "it. Remove rl.rewards, or use task=grpo."]
+        return []
+    if not recipe.rl.rewards:
+        return ["task grpo needs 'rl.rewards': what a completion earns, e.g. rl.rewards=[{function: constraints}] "
+                "(built-in), [{function: my_rewards.py:score}] (your own), or [{classifier: runs/sst2, label: "
+                "positive}] (an llmtune classifier run)."]
+    return [problem for i, item in enumerate(recipe.rl.rewards) for problem in _reward_problems(i, item)]
+
+
+def _reward_problems(i: int, item: Any) -> list[str]:
+    where = f"rl.rewards[{i}]"
+    if not isinstance(item, dict):
+        return [f"'{where}' is {item!r}; each reward is a mapping such as {{function: constraints, weight: 1.0}}."]
+    found = [f"'{where}' has unknown key {k!r}.{did_you_mean(str(k), REWARD_KEYS)} Valid keys: {', '.join(REWARD_KEYS)}."
+             for k in item if k not in REWARD_KEYS]
+    sources = [k for k in REWARD_SOURCES if item.get(k)]
+    if len(sources) != 1:
+        found.append(f"'{where}' needs exactly one of {', '.join(REWARD_SOURCES)} (it has "
+                     f"{', '.join(sources) or 'none'}).")
+    weight = item.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        found.append(f"'{where}.weight' is {weight!r}; it must be a number (negative weights penalise).")
+    function = item.get("function")
+    if isinstance(function, str) and ".py:" not in function:
+        if function not in BUILTIN_REWARDS:
+            found.append(f"'{where}.function' is {function!r}, not a built-in reward"
+                         f"{did_you_mean(function, BUILTIN_REWARDS)} (built-in: {', '.join(BUILTIN_REWARDS)}); your "
+                         "own function is given as path/to/file.py:name.")
+        elif function == "regex" and not item.get("pattern"):
+            found.append(f"'{where}' (regex) needs a 'pattern': the regular expression a good completion matches.")
+        params = {p for ps in BUILTIN_REWARDS.values() for p in ps}
+        extra = [k for k in item if k in params and k not in BUILTIN_REWARDS.get(function, ())]
+        if extra:
+            found.append(f"'{where}.{extra[0]}' is not a parameter of the built-in reward {function!r}.")
+    if item.get("classifier") and not item.get("label"):
+        found.append(f"'{where}' rewards with a classifier run; name the 'label' whose probability is the reward "
+                     "(e.g. label: positive).")
+    return found
+
+
+def grpo_batches_hold_whole_groups(recipe: Recipe) -> list[str]:
+    """trl samples a generation batch of batch_size x accumulation (x processes) completions, num_generations per
+    prompt; on one process the recipe alone decides whether they divide (more processes: checked at launch)."""
+    if recipe.task != "grpo":
+        return []
+    cfg, group = recipe.training, recipe.rl.num_generations
+    found = []
+    per_step = cfg.batch_size * cfg.gradient_accumulation
+    if per_step % group:
+        found.append(
+            f"'training.batch_size' x 'training.gradient_accumulation' is {cfg.batch_size} x "
+            f"{cfg.gradient_accumulation} = {per_step} completions per step, which is not a multiple of "
+            f"'rl.num_generations' ({group}): each prompt's {group} completions must be sampled together. Use e.g. "
+            f"training.batch_size={group} (or a multiple), or rl.num_generations={_divisor(per_step, group)}."
+        )
+    evaluated = cfg.eval_batch_size or 2 * cfg.batch_size
+    if evaluated % group:
+        found.append(f"'training.eval_batch_size' is {evaluated} completions, which is not a multiple of "
+                     f"'rl.num_generations' ({group}); held-out prompts are sampled in whole groups too. Set "
+                     f"training.eval_batch_size={group * max(1, evaluated // group)}.")
+    return found
+
+
+def _divisor(total: int, near: int) -> int:
+    """The divisor of `total` closest to `near` that is at least 2 (a group needs two)."""
+    divisors = [d for d in range(2, total + 1) if total % d == 0] or [2]
+    return min(divisors, key=lambda d: abs(d - near))
 
 
 # --- images, pruning, distillation -----------------------------------------------------------------------------------
@@ -240,6 +325,7 @@ TASK_RULES = (
     plain_text_has_no_assistant_turns, stride_within_max_length, mixture_sources,
     preference_tunes_a_pretrained_model, preference_data_is_detected, prompts_leave_room_for_replies,
     kto_batches_hold_two, reference_needs_a_reference_task, loss_weights_weigh_a_loss_list, losses_of_the_task,
+    grpo_has_rewards, grpo_batches_hold_whole_groups,
     scratch_architecture_fits_the_task, images_are_not_quantized,
     one_way_to_prune, pruning_trains_in_full, pruning_needs_a_pretrained_model,
     teacher_only_for_distill, distill_has_a_teacher_and_a_student,

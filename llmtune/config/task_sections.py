@@ -1,12 +1,13 @@
-"""The recipe sections only some tasks read: lm (sft, pretrain), pref (preference tasks), scratch (models from
-zero), image (image_classification), distill (distill) and sweep (`llmtune sweep`)."""
+"""The recipe sections only some tasks read: lm (sft, pretrain), pref (preference tasks), rl (grpo), scratch (models
+from zero), image (image_classification), distill (distill) and sweep (`llmtune sweep`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from llmtune.config.fields import _field
+from llmtune.config.vocab import GRPO_LOSSES, REWARD_SCALING
 
 
 @dataclass
@@ -97,6 +98,78 @@ class PreferenceConfig:
     )
     center_rewards: float | None = _field(
         None, "reward: weight of a penalty on (r_chosen + r_rejected)^2 that keeps rewards centred on 0.", ge=0
+    )
+
+
+@dataclass
+class RLConfig:
+    rewards: list[dict[str, Any]] = _field(
+        [],
+        "grpo: what a completion earns - a list, summed with weights. Each item is one of: {function: NAME} a "
+        "built-in reward (constraints: share of the row's `constraints` met; all_constraints: 1 when all are; "
+        "exact_answer: the final number against the row's `answer`; regex: 1 when `pattern` matches, `full: true` "
+        "for the whole text; soft_overlong: 0 up to max_length - cache tokens, down to -1 at max_length); "
+        "{function: path/to/file.py:name} your own function(completions, **columns) -> one float per completion "
+        "(the prompts' other columns arrive as lists); {classifier: RUN, label: NAME} an llmtune classification "
+        "run's probability of that label; {reward_model: RUN} an llmtune reward run's score. Every item takes "
+        "`weight` (default 1) and `name` (its name in logs; default the function's).",
+        path=True,
+    )
+    num_generations: int = _field(
+        4, "grpo: completions sampled per prompt (the group whose rewards are compared). At least 2.", ge=2
+    )
+    max_completion_length: int = _field(128, "grpo: longest completion in tokens; longer ones are cut.", ge=1)
+    max_prompt_length: int | None = _field(
+        None,
+        "grpo: longest prompt in tokens as the model sees it (chat template included); longer prompts lose their "
+        "oldest turns, and a prompt that still does not fit is dropped and counted in run.json. Empty: "
+        "data.max_length minus max_completion_length.",
+        ge=1,
+    )
+    temperature: float = _field(1.0, "grpo: sampling temperature of the completions.", gt=0)
+    top_p: float = _field(1.0, "grpo: nucleus sampling - the smallest set of tokens with this much probability.",
+                          gt=0, le=1)
+    loss_type: str = _field(
+        "dapo",
+        "grpo: how token losses are averaged - dapo (over all tokens of the batch; trl's default), grpo (per "
+        "completion, then over completions: favours short completions), dr_grpo (over a constant, removing the "
+        "length bias), bnpo (over the tokens of the local batch).",
+        choices=GRPO_LOSSES,
+    )
+    scale_rewards: str = _field(
+        "group",
+        "grpo: advantages are rewards minus their group's mean, divided by the standard deviation of the group "
+        "(group), of the whole batch (batch), or not at all (none; Dr. GRPO).",
+        choices=REWARD_SCALING,
+    )
+    beta: float = _field(
+        0.0,
+        "grpo: weight of the KL penalty against the starting model. 0: no reference model is used at all (fastest). "
+        "Above 0 with LoRA/DoRA/QLoRA: the policy with its adapters off is the reference (no second model).",
+        ge=0,
+    )
+    epsilon: float = _field(0.2, "grpo: the policy ratio is clipped to [1 - epsilon, 1 + epsilon_high].", gt=0, lt=1)
+    epsilon_high: float | None = _field(
+        None, "grpo: the upper clip (DAPO's clip-higher, e.g. 0.28). Empty: epsilon.", gt=0
+    )
+    mask_truncated_completions: bool = _field(
+        False, "grpo: completions cut at max_completion_length add no loss (their reward judged an unfinished text)."
+    )
+    num_iterations: int = _field(
+        1, "grpo: optimizer passes over each batch of completions before new ones are sampled (mu in the paper).", ge=1
+    )
+    add_constraints: int = _field(
+        0,
+        "grpo: append 1..N sampled, checkable instruction constraints to each prompt (lowercase, word and sentence "
+        "limits, keywords, exact start/end, quotes, bullets, sections, JSON) and give each row the `constraints` "
+        "the built-in constraints rewards check - seeded by training.seed, so every run and split sees the same. "
+        "0: the prompts as they are (their own `constraints` column, if any, is used).",
+        ge=0,
+    )
+    sft_adapter: Literal["merge", "continue"] = _field(
+        "merge",
+        "grpo: when model.name is an SFT run saved as an adapter: merge - fold it into its base and train a new "
+        "adapter on top; continue - keep training the SFT adapter itself.",
     )
 
 

@@ -102,7 +102,7 @@ def to_pairs(rows: Dataset, layout: str, mapping: dict[str, str], system_prompt:
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
         try:
             prompt, chosen, rejected = _split_pair(row, layout, col)
-        except _Dropped as dropped:
+        except Dropped as dropped:
             return {"prompt": [], "chosen": [], "rejected": [], "dropped": str(dropped)}
         except LlmtuneError as exc:
             raise LlmtuneError(f"{where}, row {index}: {exc}") from None
@@ -112,7 +112,7 @@ def to_pairs(rows: Dataset, layout: str, mapping: dict[str, str], system_prompt:
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "dropped": why}
 
     converted = rows.map(convert, with_indices=True, remove_columns=rows.column_names, desc="Reading preference pairs")
-    return _keep(converted, where)
+    return keep_usable(converted, where)
 
 
 def to_unpaired(rows: Dataset, layout: str, mapping: dict[str, str], system_prompt: str | None,
@@ -137,9 +137,9 @@ def to_unpaired(rows: Dataset, layout: str, mapping: dict[str, str], system_prom
                 "or false (an undesirable one)."
             )
         try:
-            prompt = _prompt_messages(row[col("prompt")])
+            prompt = prompt_messages(row[col("prompt")])
             completion = _reply_messages(row[col("completion")], prompt)
-        except _Dropped as dropped:
+        except Dropped as dropped:
             return {"prompt": [], "completion": [], "label": False, "dropped": str(dropped)}
         except LlmtuneError as exc:
             raise LlmtuneError(f"{where}, row {index}: {exc}") from None
@@ -150,7 +150,7 @@ def to_unpaired(rows: Dataset, layout: str, mapping: dict[str, str], system_prom
                 "dropped": "empty reply" if empty else ""}
 
     converted = rows.map(convert, with_indices=True, remove_columns=rows.column_names, desc="Reading feedback rows")
-    return _keep(converted, where)
+    return keep_usable(converted, where)
 
 
 def load_preference_splits(data: DataConfig, seed: int, paired: bool, prompt_tokens: Callable[[list], int],
@@ -201,17 +201,17 @@ def drop_unfit(rows: Dataset, prompt_tokens: Callable[[list], int], max_length: 
         return {"prompt": system + turns, "dropped": "" if fits else "prompt leaves no room for a reply"}
 
     shortened = rows.map(fit, desc="Fitting prompts to max_length")
-    return _keep(shortened, where)
+    return keep_usable(shortened, where)
 
 
 # --- pieces -------------------------------------------------------------------------------------------------
 
 
-class _Dropped(Exception):
+class Dropped(Exception):
     """A row that is skipped and counted, with the reason."""
 
 
-def _keep(converted: Dataset, where: str) -> tuple[Dataset, Counter]:
+def keep_usable(converted: Dataset, where: str) -> tuple[Dataset, Counter]:
     reasons = Counter(r for r in converted["dropped"] if r)
     kept = converted.filter(lambda row: not row["dropped"], desc="Dropping unusable rows").remove_columns("dropped")
     if reasons:
@@ -239,12 +239,12 @@ def _split_pair(row: dict[str, Any], layout: str, col: Any) -> tuple[list, list,
         chosen_turns = _conversation(row[col("chosen")], "chosen")
         rejected_turns = _conversation(row[col("rejected")], "rejected")
         if chosen_turns[:-1] != rejected_turns[:-1]:
-            raise _Dropped("transcripts differ before the last reply")
+            raise Dropped("transcripts differ before the last reply")
         prompt = chosen_turns[:-1]
         if not prompt or prompt[-1]["role"] != "user":
-            raise _Dropped("transcript has no prompt before the last reply")
+            raise Dropped("transcript has no prompt before the last reply")
         return prompt, chosen_turns[-1:], rejected_turns[-1:]
-    prompt = _prompt_messages(row[col("prompt" if layout == "prompt_pairs" else "messages")])
+    prompt = prompt_messages(row[col("prompt" if layout == "prompt_pairs" else "messages")])
     return prompt, _reply_messages(row[col("chosen")], prompt), _reply_messages(row[col("rejected")], prompt)
 
 
@@ -253,7 +253,7 @@ def _conversation(value: Any, column: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         parts = TRANSCRIPT_TURN.split("\n\n" + value.lstrip("\n") if not value.startswith("\n\n") else value)
         if len(parts) < 3 or parts[0].strip():
-            raise _Dropped("not a Human/Assistant transcript")
+            raise Dropped("not a Human/Assistant transcript")
         turns: list[dict[str, str]] = []
         for speaker, text in zip(parts[1::2], parts[2::2], strict=True):
             role = TRANSCRIPT_ROLES[speaker]
@@ -264,14 +264,14 @@ def _conversation(value: Any, column: str) -> list[dict[str, str]]:
     else:
         turns = _message_list(value, column)
     if turns[-1]["role"] != "assistant":
-        raise _Dropped("transcript does not end with an assistant reply")
+        raise Dropped("transcript does not end with an assistant reply")
     return turns
 
 
-def _prompt_messages(value: Any) -> list[dict[str, str]]:
+def prompt_messages(value: Any) -> list[dict[str, str]]:
     if isinstance(value, str):
         if not value.strip():
-            raise _Dropped("empty prompt")
+            raise Dropped("empty prompt")
         return [{"role": "user", "content": value}]
     messages = _message_list(value, "prompt")
     if messages[-1]["role"] != "user":

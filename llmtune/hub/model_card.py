@@ -19,10 +19,10 @@ TASK_NAMES = {"classification": "text classification", "sft": "instruction tunin
               "pretrain": "language modelling", "dpo": "preference tuning (DPO)", "kto": "preference tuning (KTO)",
               "orpo": "preference tuning (ORPO)", "simpo": "preference tuning (SimPO)",
               "reward": "reward modelling", "image_classification": "image classification",
-              "distill": "text classification, distilled from a teacher"}
+              "distill": "text classification, distilled from a teacher", "grpo": "online RL from rewards (GRPO)"}
 PIPELINES = {"classification": "text-classification", "reward": "text-classification", "distill": "text-classification",
              "image_classification": "image-classification",
-             **dict.fromkeys(("sft", "pretrain", "dpo", "kto", "orpo", "simpo"), "text-generation")}
+             **dict.fromkeys(("sft", "pretrain", "dpo", "kto", "orpo", "simpo", "grpo"), "text-generation")}
 AUTO_FOR_PIPELINE = {"text-classification": "AutoModelForSequenceClassification",
                      "image-classification": "AutoModelForImageClassification", "text-generation": "AutoModelForCausalLM"}
 AUTO_CLASS_NAMES = {task: AUTO_FOR_PIPELINE[pipeline] for task, pipeline in PIPELINES.items()}

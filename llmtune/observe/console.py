@@ -160,7 +160,9 @@ class Console(TrainerCallback):
             state.log_history[-1].update({f"throughput_{k}": round(v, 3) for k, v in speed.items()})
         rate = (f"{speed['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in speed
                 else f"{speed['samples_per_second']:.1f} samples/s")
-        fields = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0):.2e}", "speed": rate}
+        # GRPO's loss hovers near 0 by construction (advantages are centred in each group): its reward is the signal.
+        progress = ("reward", f"{logs['reward']:.4f}") if "reward" in logs else ("loss", f"{logs['loss']:.4f}")
+        fields = {progress[0]: progress[1], "lr": f"{logs.get('learning_rate', 0):.2e}", "speed": rate}
         if self.bar is not None:
             self.bar.set_description("train", refresh=False)
             self.bar.set_postfix(fields, refresh=True)
@@ -168,7 +170,7 @@ class Console(TrainerCallback):
         started, first = self._session
         done = state.global_step - first
         eta = (now - started) / done * (state.max_steps - state.global_step) if done else 0.0
-        self._say(f"step {state.global_step}/{state.max_steps}  loss {fields['loss']}  lr {fields['lr']}  "
+        self._say(f"step {state.global_step}/{state.max_steps}  {progress[0]} {progress[1]}  lr {fields['lr']}  "
                   f"{rate}  eta {_duration(eta)}")
 
     def _say(self, line: str) -> None:

@@ -33,6 +33,13 @@ TRAINING_CURVES = [
     ("throughput_samples_per_second", "Throughput", "samples / s"),
     ("rewards/margins", "Reward margin (training batches)", "margin"),
     ("rewards/accuracies", "Preference accuracy (training batches)", "accuracy"),
+    ("reward", "Reward of the sampled completions (grpo; weighted sum)", "reward"),
+    ("reward_std", "Reward spread within a prompt's group (grpo)", "std"),
+    ("frac_reward_zero_std", "Share of groups with no reward spread: no signal (grpo)", "share"),
+    ("completions/mean_length", "Completion length (grpo)", "tokens"),
+    ("completions/clipped_ratio", "Completions cut at max_completion_length (grpo)", "share"),
+    ("entropy", "Policy entropy over completion tokens (grpo)", "nats"),
+    ("kl", "KL to the reference (grpo, rl.beta > 0)", "KL"),
 ]
 _FINAL = ("after_", "test_")  # evaluations after training: single numbers, in the metrics table
 
@@ -208,6 +215,9 @@ def figures(runs: dict[str, Series]) -> dict[str, Any]:
     for key, title, ylabel in TRAINING_CURVES:
         if key in found:
             out[f"{_file_name(key)}.png"] = curve_figure(runs, [key], title, ylabel)
+    per_reward = sorted(k for k in found if k.startswith("rewards/") and k.endswith("/mean"))
+    if per_reward:  # grpo: each reward function's mean over the sampled completions
+        out["rewards_per_function.png"] = curve_figure(runs, per_reward, "Reward per function (grpo)", "reward")
     for runs_series_key in sorted(k for k in found if k.startswith("eval_") and k != "eval_loss"):
         name = runs_series_key.removeprefix("eval_")
         out[f"eval_{_file_name(name)}.png"] = curve_figure(runs, [runs_series_key], f"Evaluation: {name}", name)

@@ -22,7 +22,7 @@ TASK_MODULES = {"classification": "llmtune.tasks.classification", "distill": "ll
                 "image_classification": "llmtune.tasks.image_classification", "sft": "llmtune.tasks.causal_lm",
                 "pretrain": "llmtune.tasks.causal_lm", "dpo": "llmtune.tasks.preference",
                 "kto": "llmtune.tasks.preference", "orpo": "llmtune.tasks.preference",
-                "simpo": "llmtune.tasks.preference", "reward": "llmtune.tasks.reward"}
+                "simpo": "llmtune.tasks.preference", "reward": "llmtune.tasks.reward", "grpo": "llmtune.tasks.grpo"}
 
 
 class Task(Protocol):

@@ -53,7 +53,8 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
 
     # 2. Model: the checkpoint, or the SFT run's model (its adapter merged, or trained further)
     attention = attention_for(recipe.model.attention, False, resolved_precision(recipe.training.precision))
-    model, model_path, new_adapter = starting_model(recipe, source, parent, attention)
+    model, model_path, new_adapter = starting_model(recipe, source, parent, attention,
+                                                    ("pref.sft_adapter", recipe.pref.sft_adapter))
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     set_generation_eos(model, tokenizer, chat=True)
@@ -123,21 +124,22 @@ def sft_parent(path: str) -> dict[str, Any] | None:
             "base_name": record.get("recipe", {}).get("model", {}).get("name")}
 
 
-def starting_model(recipe: Recipe, source: ResolvedModel, parent: dict[str, Any] | None,
-                   attention: str) -> tuple[Any, str, bool]:
+def starting_model(recipe: Recipe, source: ResolvedModel, parent: dict[str, Any] | None, attention: str,
+                   sft_adapter: tuple[str, str]) -> tuple[Any, str, bool]:
     """(model ready to train, the checkpoint its weights come from, whether its adapter is new). An SFT adapter run
-    is merged into its base (pref.sft_adapter=merge; the merged model is cached like a converted GGUF file) or its
-    adapter is trained further (continue)."""
+    is merged into its base (`sft_adapter` = (recipe key, merge); the merged model is cached like a converted GGUF
+    file) or its adapter is trained further (continue)."""
     method, path = recipe.method, source.path
-    continuing = bool(parent and parent["adapter"]) and recipe.pref.sft_adapter == "continue"
+    key, choice = sft_adapter
+    continuing = bool(parent and parent["adapter"]) and choice == "continue"
     if parent and parent["adapter"] and not continuing:
         with main_process_first(local=True):
             path = str(merged_sft_model(Path(source.path)))
     elif continuing:
         if method.type == "full":
             raise LlmtuneError(
-                "'pref.sft_adapter' is 'continue' (train the SFT adapter further) but 'method.type' is 'full'. Use "
-                "method.type=lora, or pref.sft_adapter=merge to fine-tune the merged SFT model in full."
+                f"'{key}' is 'continue' (train the SFT adapter further) but 'method.type' is 'full'. Use "
+                f"method.type=lora, or {key}=merge to fine-tune the merged SFT model in full."
             )
         folder = Path(source.path)
         path = find_base(folder, read_json(folder / "adapter_config.json"), read_json(folder / RUN_RECORD), None)

@@ -1,0 +1,117 @@
+"""Online RL from rewards: GRPO on a causal LM.
+
+The story, top to bottom: the rewards (built-in checks, your functions, llmtune classifier or reward runs) are
+loaded and checked first -> tokenizer with its chat template -> prompts (a string or a conversation, other columns
+kept for the rewards), fitted to the room max_completion_length leaves -> model (a checkpoint or an llmtune SFT
+run; full, LoRA, DoRA, QLoRA) -> trl's GRPOTrainer (llmtune/tasks/grpo_trainers.py), which samples
+rl.num_generations completions per prompt, scores them and moves the policy towards the better ones of each group.
+Every scored completion is appended to completions.jsonl in the run directory. The pipeline evaluates the
+held-out prompts before and after (mean reward, per reward, completion length) and saves as for SFT.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from llmtune.config.schema import Recipe
+from llmtune.data.lm_tokenize import setup_chat_template
+from llmtune.data.preference import chat_prompt_tokens
+from llmtune.data.prompts import load_prompt_splits
+from llmtune.inference.generation import GenerationLogger, set_generation_eos
+from llmtune.kernels.attention import attention_for
+from llmtune.models.loading import load_tokenizer
+from llmtune.models.quantization import keep_adapters_in_compute_dtype
+from llmtune.models.sources import ResolvedModel
+from llmtune.rewards.constraints import constrain
+from llmtune.run.distributed import main_process_first
+from llmtune.run.precision import resolved_precision
+from llmtune.tasks.grpo_rewards import CompletionLedger, build_scorer, reward_names
+from llmtune.tasks.grpo_trainers import build_trainer, summarize
+from llmtune.tasks.job import Job
+from llmtune.tasks.preference import check_decoder, drop_reference_adapter, sft_parent, starting_model
+
+COMPLETIONS_FILE = "completions.jsonl"
+
+
+def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: bool = False) -> Job:
+    """Load, prepare and wrap everything into a ready-to-train GRPOTrainer (nothing sampled or trained yet)."""
+    assert source is not None, "grpo starts from a checkpoint (rules.py refuses model.init=scratch)"
+    check_decoder(source.path, recipe)
+    parent = sft_parent(source.path)
+
+    # 1. Rewards first: a missing file, function or run fails before any model loads
+    names = reward_names(recipe.rl.rewards)
+    weights = [float(item.get("weight", 1.0)) for item in recipe.rl.rewards]
+    scorers = reward_scorers(recipe)
+
+    # 2. Tokenizer with its chat template, then the prompts (rows dropped counted)
+    with main_process_first():
+        tokenizer, added_tokens, splits, dropped = load_data(recipe, source)
+
+    # 3. Model: the checkpoint, or the SFT run's model (its adapter merged, or trained further)
+    attention = attention_for(recipe.model.attention, False, resolved_precision(recipe.training.precision))
+    model, model_path, new_adapter = starting_model(recipe, source, parent, attention,
+                                                    ("rl.sft_adapter", recipe.rl.sft_adapter))
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    set_generation_eos(model, tokenizer, chat=True)
+
+    # 4. trl's trainer, its reward callables writing completions.jsonl
+    ledger = CompletionLedger(run_dir / COMPLETIONS_FILE, names, weights)
+    rewards = [ledger.reward(name, scorer, f"rl.rewards[{i}]") for i, (name, scorer) in enumerate(zip(names, scorers))]
+    callbacks = []
+    if recipe.lm.generation_prompts:
+        callbacks.append(GenerationLogger(run_dir / "generations.jsonl", recipe.lm.generation_prompts,
+                                          recipe.lm.max_new_tokens, chat=True))
+    trainer = build_trainer(recipe, model, tokenizer, rewards, weights, splits["train"], splits.get("eval"), run_dir,
+                            resume, callbacks, new_adapter)
+    ledger.trainer = trainer
+    keep_adapters_in_compute_dtype(trainer.model, recipe.method)
+
+    sizes = {split: len(rows) for split, rows in splits.items()}
+    record = {"rows": sizes, "dropped": dropped, "rewards": dict(zip(names, weights))}
+    if parent:
+        record["sft_parent"] = parent
+    return Job(trainer, model_path, summarize=summarize(names), record=record,
+               metrics={"data": {"rows": sizes, "dropped": dropped}},
+               after_training=lambda run_dir: drop_reference_adapter(trainer.model))
+
+
+def validate(recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:
+    """What `llmtune validate` reports: the rewards found, the prompts kept and dropped per split."""
+    assert source is not None
+    check_decoder(source.path, recipe)
+    reward_scorers(recipe)
+    _, _, splits, dropped = load_data(recipe, source)
+    return {"rows": {s: len(r) for s, r in splits.items()}, "dropped": dropped,
+            "rewards": reward_names(recipe.rl.rewards)}
+
+
+def reward_scorers(recipe: Recipe) -> list[Any]:
+    precision = resolved_precision(recipe.training.precision) if recipe.training.precision != "auto" else "auto"
+    return [build_scorer(item, f"rl.rewards[{i}]", recipe.rl.max_completion_length, precision)
+            for i, item in enumerate(recipe.rl.rewards)]
+
+
+def load_data(recipe: Recipe, source: ResolvedModel) -> tuple[Any, bool, dict[str, Any], dict]:
+    """(tokenizer with its chat template, whether that added tokens, the prompt splits, rows dropped per split)."""
+    tokenizer = load_tokenizer(source.path, recipe)
+    added_tokens = setup_chat_template(tokenizer, recipe.lm.chat_template)
+    room = recipe.rl.max_prompt_length or recipe.data.max_length - recipe.rl.max_completion_length
+    seed, most = recipe.training.seed, recipe.rl.add_constraints
+    prepare = (lambda rows, split: with_constraints(rows, most, f"{seed}-{split}")) if most else None
+    splits, dropped = load_prompt_splits(recipe.data, seed, chat_prompt_tokens(tokenizer), room, prepare)
+    return tokenizer, added_tokens, splits, dropped
+
+
+def with_constraints(rows: Any, most: int, seed: str) -> Any:
+    """rl.add_constraints: each prompt's last user turn asks for 1..`most` sampled constraints, which the row's
+    `constraints` column records; row i of a split always draws the same ones."""
+    def add(row: dict[str, Any], index: int) -> dict[str, Any]:
+        prompt = [dict(m) for m in row["prompt"]]
+        prompt[-1]["content"], constraints = constrain(prompt[-1]["content"], random.Random(f"{seed}-{index}"), most)
+        return {"prompt": prompt, "constraints": constraints}
+
+    return rows.map(add, with_indices=True, desc="Adding instruction constraints")

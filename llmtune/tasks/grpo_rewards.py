@@ -1,0 +1,194 @@
+"""What a completion earns in task grpo: the recipe's rl.rewards as the reward callables trl's GRPOTrainer calls,
+and the ledger that writes every scored completion to completions.jsonl in the run directory.
+
+A reward is a built-in or user function (llmtune/rewards/), an llmtune classification run (the probability of
+one label, judged on the completion alone) or an llmtune reward run (its score of prompt + completion). Each
+callable checks what its function returned - one number (or None) per completion - and turns a failure into
+one paragraph naming the reward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from llmtune.data.preference import as_text
+from llmtune.errors import LlmtuneError
+from llmtune.rewards.builtin import bind, load_function, text_of
+
+Scorer = Callable[..., list[float | None]]
+
+
+def reward_name(item: dict[str, Any]) -> str:
+    """A reward's name in logs and metrics: its `name`, else the function's, the label's or 'reward_model'."""
+    if item.get("name"):
+        return str(item["name"])
+    if item.get("function"):
+        return str(item["function"]).rsplit(":", 1)[-1]
+    return f"{item['label']}" if item.get("classifier") else "reward_model"
+
+
+def reward_names(items: Sequence[dict[str, Any]]) -> list[str]:
+    """Each reward's name, made unique with a number where two share one."""
+    names: list[str] = []
+    for item in items:
+        name = reward_name(item)
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
+def check_rewards(items: Sequence[dict[str, Any]]) -> None:
+    """Each reward's file and function, or run of the right kind, exists - checked before any model loads."""
+    from llmtune.inference.loading import require_kind
+    from llmtune.inference.trained import model_kind
+
+    for i, item in enumerate(items):
+        where = f"rl.rewards[{i}]"
+        if item.get("function"):
+            load_function(item["function"], f"'{where}.function'")
+        run = item.get("classifier") or item.get("reward_model")
+        if run and not Path(run).is_dir():
+            raise LlmtuneError(f"'{where}' names the run '{run}', which is not a folder. Give the directory of a "
+                               "finished llmtune run (its output.dir).")
+        if item.get("classifier"):
+            require_kind(run, "classification", f"train ({where}.classifier)")
+        elif run and model_kind(Path(run)) != "reward":
+            raise LlmtuneError(f"'{where}.reward_model' is '{run}', which is not an llmtune reward run (task reward). "
+                               "Give a reward run's directory, or use {classifier: RUN, label: NAME} for a "
+                               "classification run.")
+
+
+def build_scorer(item: dict[str, Any], where: str, max_completion_length: int, precision: str) -> Scorer:
+    """The recipe's reward item as a function(completions, prompts=..., completion_ids=..., **columns)."""
+    if item.get("function"):
+        params = {k: item[k] for k in ("pattern", "full", "max_length", "cache") if k in item}
+        if item["function"] == "soft_overlong":
+            params.setdefault("max_length", max_completion_length)
+        return bind(load_function(item["function"], f"'{where}.function'"), params)
+    if item.get("classifier"):
+        return classifier_scorer(item["classifier"], str(item["label"]), where, precision)
+    return reward_model_scorer(item["reward_model"], where, precision)
+
+
+def classifier_scorer(run: str, label: str, where: str, precision: str) -> Scorer:
+    """The probability an llmtune classification run gives `label`, on the completion's text alone."""
+    from llmtune.inference.loading import load_classifier
+
+    classifier = load_classifier(run, f"{where} (classifier)", precision)
+    if label not in classifier.labels:
+        raise LlmtuneError(f"'{where}.label' is {label!r}, but the classifier run '{run}' has the labels "
+                           f"{', '.join(map(repr, classifier.labels))}. Name one of them.")
+    column = classifier.labels.index(label)
+
+    def score(completions: Sequence[Any], **_: Any) -> list[float | None]:
+        texts = [text_of(c) for c in completions]
+        return [float(p) for p in classifier.probabilities(texts)[:, column]]
+
+    return score
+
+
+def reward_model_scorer(run: str, where: str, precision: str) -> Scorer:
+    """An llmtune reward run's score of prompt + completion, rendered as that run was trained: a decoder through
+    its chat template, an encoder as a (conversation, reply) text pair."""
+    from llmtune.inference.classifier import Classifier
+
+    scorer = Classifier.load(run, precision)
+    chat = bool(getattr(scorer.tokenizer, "chat_template", None)) and not scorer.model.config.is_encoder_decoder
+    decoder = scorer.model.config.model_type not in ("bert", "roberta", "distilbert", "deberta-v2", "electra")
+
+    def score(completions: Sequence[Any], prompts: Sequence[Any], **_: Any) -> list[float | None]:
+        replies = [text_of(c) for c in completions]
+        conversations = [p if isinstance(p, list) else [{"role": "user", "content": str(p)}] for p in prompts]
+        if chat and decoder:
+            texts = [scorer.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                     for p, r in zip(conversations, replies)]
+            return [float(v) for v in scorer.logits(texts)[:, 0]]
+        return [float(v) for v in scorer.logits([as_text(p) for p in conversations], replies)[:, 0]]
+
+    return score
+
+
+class CompletionLedger:
+    """Collects each reward's scores of one generation batch; after the last reward, appends one JSON line per
+    completion to completions.jsonl (all processes' rows, written by the main one): step, split, prompt,
+    completion, each reward, the weighted total, and the row's constraints where it has them."""
+
+    def __init__(self, path: Path, names: list[str], weights: list[float]) -> None:
+        self.path, self.names, self.weights = path, names, weights
+        self.scores: dict[str, list[float | None]] = {}
+        self.trainer: Any = None  # set once trl's trainer exists: which step, training or evaluating
+
+    def reward(self, name: str, scorer: Scorer, where: str) -> Callable[..., list[float | None]]:
+        """trl's reward callable for one recipe reward."""
+        def call(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **columns: Any
+                 ) -> list[float | None]:
+            for private in ("trainer_state", "log_extra", "log_metric", "environments"):
+                columns.pop(private, None)
+            texts = [text_of(c) for c in completions]  # chat completions come as [{"role", "content"}]: the text
+            try:
+                scores = scorer(texts, prompts=prompts, completion_ids=completion_ids, **columns)
+            except LlmtuneError:
+                raise
+            except Exception as exc:  # the user's function: its error in one paragraph, named
+                raise LlmtuneError(f"Reward {name!r} ({where}) raised {type(exc).__name__}: {exc}. It is called as "
+                                   "function(completions=[texts], prompts=[conversations], completion_ids=[...], "
+                                   "<column>=[...]) and returns one number (or None) per completion.") from exc
+            scores = checked(scores, len(completions), name, where)
+            self.scores[name] = scores
+            if name == self.names[-1]:
+                self.write(prompts, completions, columns.get("constraints"))
+            return scores
+
+        call.__name__ = name  # trl logs each reward under its callable's name
+        return call
+
+    def write(self, prompts: list[Any], completions: list[Any], constraints: list[Any] | None) -> None:
+        from accelerate.utils import gather_object
+
+        state = self.trainer.state if self.trainer is not None else None
+        training = self.trainer is None or self.trainer.model.training
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            scores = {name: self.scores[name][i] for name in self.names}
+            total = sum(w * s for w, s in zip(self.weights, scores.values()) if s is not None and not math.isnan(s))
+            rows.append({"step": (state.global_step + 1 if training else state.global_step) if state else 0,
+                         "split": "train" if training else "eval", "prompt": prompt_text(prompt),
+                         "completion": text_of(completion), "rewards": scores, "reward": total})
+            if constraints is not None:  # what the constraints rewards checked, to audit a score by hand
+                rows[-1]["constraints"] = [{k: v for k, v in c.items() if v is not None} for c in constraints[i] or []]
+        self.scores = {}
+        if self.trainer is not None and self.trainer.accelerator.num_processes > 1:
+            rows = gather_object(rows)
+            if not self.trainer.accelerator.is_main_process:
+                return
+        with self.path.open("a", encoding="utf-8") as handle:  # appended and flushed: readable while training
+            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def prompt_text(prompt: Any) -> str:
+    """The prompt as one string for the log: a conversation's last user turn (the system prompt is in the recipe)."""
+    if isinstance(prompt, list):
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return str(users[-1]["content"]) if users else as_text(prompt)
+    return str(prompt)
+
+
+def checked(scores: Any, expected: int, name: str, where: str) -> list[float | None]:
+    """A reward's output as floats, or one paragraph on what is wrong with it."""
+    if not isinstance(scores, (list, tuple)) or len(scores) != expected:
+        got = f"{len(scores)} values" if isinstance(scores, (list, tuple)) else repr(type(scores).__name__)
+        raise LlmtuneError(f"Reward {name!r} ({where}) returned {got} for {expected} completions; a reward function "
+                           "returns a list with one number (or None) per completion, in order.")
+    out: list[float | None] = []
+    for value in scores:
+        if value is None:
+            out.append(None)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) or hasattr(value, "__float__"):
+            out.append(float(value))
+        else:
+            raise LlmtuneError(f"Reward {name!r} ({where}) returned {value!r} for a completion; rewards are numbers "
+                               "(or None where the function does not judge that completion).")
+    return out
