@@ -267,7 +267,7 @@ def perplexity(run: str | Path | LanguageModel, text_file: str | Path, max_lengt
 def benchmark(run: str | Path | LanguageModel, tasks: Sequence[str], limit: int | None = None,
               num_fewshot: int | None = None, batch_size: int = 8, data_dir: str | Path | None = None,
               precision: str = "auto", out: str | Path | None = None, log_samples: bool = False,
-              chat_template: bool = False) -> dict[str, Any]:
+              chat_template: bool = False, max_gen_tokens: int | None = None) -> dict[str, Any]:
     """Standard benchmarks (lm-evaluation-harness tasks: arc_easy, piqa, hellaswag, mmlu, gsm8k, ...) on a causal-LM
     run or model exactly as llmtune loads it - an adapter unmerged on its (possibly 4-bit) base, in the run's
     precision. Offline the tasks read the benchmark files in `data_dir` (or $LLMTUNE_BENCHMARK_DATA). A run
@@ -277,7 +277,8 @@ def benchmark(run: str | Path | LanguageModel, tasks: Sequence[str], limit: int 
     from llmtune.measure.harness import BenchmarkSettings, check_benchmarks
 
     settings = BenchmarkSettings(_listed(tasks), limit, num_fewshot, batch_size,
-                                 str(data_dir) if data_dir is not None else None, log_samples, chat_template)
+                                 str(data_dir) if data_dir is not None else None, log_samples, chat_template,
+                                 max_gen_tokens)
     check_benchmarks(settings)
     if out is not None:
         from llmtune.run.files import why_unwritable

@@ -37,8 +37,8 @@ def test_smollm2_scores_equal_lm_evals_own_loading_and_scoring(smollm2_path):
 
 def test_gsm8k_answers_are_the_models_greedy_continuations_and_exact_match_follows_from_them(smollm2_path, tmp_path):
     """GSM8K is scored by generation: each logged answer is transformers' own greedy continuation of the logged
-    prompt (cut at the task's stop words), the target is the file's "#### N" answer, and both filters' exact match
-    is what their regexes make of the answers."""
+    prompt (cut at the task's stop words or the 48-token cap asked for), the target is the file's "#### N" answer,
+    and both filters' exact match is what their regexes make of the answers."""
     import json
     import re
 
@@ -50,7 +50,7 @@ def test_gsm8k_answers_are_the_models_greedy_continuations_and_exact_match_follo
     require_shared(BENCHMARKS / "gsm8k" / "test.jsonl")
     out = tmp_path / "gsm8k.json"
     ours = api.benchmark("smollm2-135m-instruct", ["gsm8k"], limit=3, num_fewshot=1, data_dir=BENCHMARKS,
-                         out=out, log_samples=True)
+                         out=out, log_samples=True, max_gen_tokens=48)
     samples = [json.loads(line) for line in (tmp_path / "gsm8k-samples-gsm8k.jsonl").read_text().splitlines()]
     questions = [json.loads(line) for line in (BENCHMARKS / "gsm8k" / "test.jsonl").read_text().splitlines()[:3]]
     assert {s["doc_id"] for s in samples} == {0, 1, 2}
@@ -71,6 +71,7 @@ def test_gsm8k_answers_are_the_models_greedy_continuations_and_exact_match_follo
                                         do_sample=False)
             continuation = tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=False)
             assert re.split(r"Question:|</s>|<\|im_end\|>", continuation)[0].startswith(answer)
+            assert len(tokenizer(answer).input_ids) <= 48 + 1
             found = re.findall(pattern, answer)
             extracted = (found[group] if found else "[invalid]")
             extracted = extracted if isinstance(extracted, str) else next(g for g in extracted if g)

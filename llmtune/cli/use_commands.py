@@ -64,7 +64,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.tasks:
         result = api.benchmark(args.run, args.tasks.split(","), args.limit, args.num_fewshot, args.batch_size or 8,
-                               args.data_dir, args.precision, args.out, args.log_samples, args.chat_template)
+                               args.data_dir, args.precision, args.out, args.log_samples, args.chat_template,
+                               args.max_gen_tokens)
         print(benchmark_table(result), file=sys.stderr)
     elif args.text_file:
         result = api.perplexity(args.run, args.text_file, args.max_length, args.stride, args.precision)
@@ -90,6 +91,9 @@ def _benchmark_arguments(sub: argparse.ArgumentParser) -> None:
                      help="Benchmarks: also write every item's prompt, choices, scores and answer beside the results.")
     sub.add_argument("--chat-template", action="store_true",
                      help="Benchmarks: put each question through the model's chat template (few-shot as turns).")
+    sub.add_argument("--max-gen-tokens", type=int,
+                     help="Benchmarks scored by generation (gsm8k): longest answer in tokens (default: the task's, "
+                     "256 for gsm8k). Answers cut short score as written.")
 
 
 def benchmark_table(result: dict) -> str:

@@ -50,6 +50,7 @@ class BenchmarkSettings:
     data_dir: str | None = None
     log_samples: bool = False
     chat_template: bool = False
+    max_gen_tokens: int | None = None  # generation tasks (gsm8k): the longest answer; None: each task's own
 
 
 @dataclass
@@ -74,7 +75,7 @@ def check_benchmarks(settings: BenchmarkSettings, where: str = "--tasks") -> Non
     if not settings.tasks:
         raise LlmtuneError(f"{where} names no task. Give one or more of: {', '.join(sorted(_headline_tasks()))}.")
     for name, value, least in (("limit", settings.limit, 1), ("num_fewshot", settings.num_fewshot, 0),
-                               ("batch_size", settings.batch_size, 1)):
+                               ("batch_size", settings.batch_size, 1), ("max_gen_tokens", settings.max_gen_tokens, 1)):
         if value is not None and value < least:
             raise LlmtuneError(f"benchmark {name} is {value}; it must be at least {least}.")
     data_dir = resolve_data_dir(settings.data_dir)
@@ -161,7 +162,8 @@ def run_benchmarks(model: Any, tokenizer: Any, settings: BenchmarkSettings) -> B
         raw = simple_evaluate(
             wrapped, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot, limit=settings.limit,
             task_manager=manager, log_samples=settings.log_samples, apply_chat_template=settings.chat_template,
-            fewshot_as_multiturn=settings.chat_template, bootstrap_iters=1000)
+            fewshot_as_multiturn=settings.chat_template, bootstrap_iters=1000,
+            gen_kwargs={"max_gen_toks": settings.max_gen_tokens} if settings.max_gen_tokens else None)
     samples = raw.pop("samples", None) or {}
     return BenchmarkResult(scores(raw), raw, samples, time.perf_counter() - started)
 
