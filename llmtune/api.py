@@ -68,6 +68,12 @@ def plan(recipe: Recipe, device_memory: str | float | None = None, dry_run: bool
     from llmtune import pipeline
     from llmtune.observe.plan import make_plan, parse_size
 
+    if recipe.task == "grpo":
+        raise LlmtuneError(
+            "plan does not estimate task grpo yet: its steps are mostly sampling, which the timed training steps of a "
+            "plan do not cover. `llmtune validate` checks the recipe, rewards and prompts; a run with "
+            "training.max_steps=2 times a step (the console shows seconds per step)."
+        )
     budget = None
     if device_memory is not None:
         try:
@@ -148,6 +154,7 @@ def constrained_prompts(source: str | Path, out: str | Path, per_prompt: int = 2
     made = build(texts[:limit] if limit else texts, seed, per_prompt, kinds)
     from llmtune.run.files import write_text
 
+    target.parent.mkdir(parents=True, exist_ok=True)
     write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in made))
     counts = Counter(c["kind"] for r in made for c in r["constraints"])
     return {"out": str(target), "rows": len(made), "kinds": dict(counts.most_common())}

@@ -110,6 +110,8 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
     barrier()  # nobody trains into the directory before it is claimed
 
     before = benchmarks_before(run)
+    if job.before_training:
+        job.before_training(run_dir)
     metrics = {**job.metrics, **train_and_evaluate(trainer, recipe.training, run_dir, run.resume_from, job.summarize)}
     if job.after_training:
         metrics |= job.after_training(run_dir)

@@ -64,14 +64,15 @@ def pytest_unconfigure(config):
 # collection order, so these start first and the short ones fill in around them, instead of one long file
 # starting last and running alone at the end.
 LONGEST_FIRST = ("test_readme.py", "test_faults.py", "test_distributed.py", "test_export.py", "test_real_sst2.py",
-                 "test_real_smollm2_sft.py", "test_observe.py", "test_merge_push.py", "test_preference.py",
-                 "test_real_decoder.py", "test_real_qlora.py", "test_serve.py")
+                 "test_real_smollm2_sft.py", "test_real_grpo.py", "test_real_benchmarks.py", "test_observe.py",
+                 "test_grpo.py", "test_merge_push.py", "test_preference.py", "test_real_decoder.py", "test_real_qlora.py",
+                 "test_serve.py")
 
 
 # Files whose long tests share no module fixture between different test functions: each function is a unit of
 # work of its own (its parametrized cases stay together), so the two workers share the file instead of one
 # worker running all of it last.
-SPLIT_FILES = ("test_faults.py",)
+SPLIT_FILES = ("test_faults.py", "test_grpo.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)

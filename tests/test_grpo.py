@@ -71,6 +71,17 @@ def test_each_loss_type_trains_and_logs_every_completion_it_scored(tiny_llama, p
     held_out = [r for r in rows if r["split"] == "eval"]
     # before (step 0), at eval_every=2 and after: 4 held-out prompts x 4 completions each time
     assert [sum(r["step"] == s for r in held_out) for s in (0, 2)] == [16, 32] and len(held_out) == 48
+    held = result["held_out"]  # greedy and sampled replies to the 4 held-out prompts, before and after
+    assert held["prompts"] == 4 and set(held["before"]) == set(held["after"]) == {"greedy", "sampled"}
+    assert {"reward", "reward_constraints", "reward_letters", "pass_rate"} == set(held["after"]["greedy"])
+    assert set(held["sign_test"]) == {"greedy_pass", "sampled_pass"}
+    replies = [json.loads(line) for line in (out / "held_out.jsonl").read_text().splitlines()]
+    assert len(replies) == 4 and all(len(r["after"]["sampled"]) == 4 and len(r["after"]["greedy"]) == 1
+                                     for r in replies)
+    greedy_pass = sum(r["after"]["greedy"][0]["passed"] for r in replies) / 4
+    assert held["after"]["greedy"]["pass_rate"] == greedy_pass
+    assert all(r["after"]["greedy"][0]["passed"] == (r["after"]["greedy"][0]["rewards"]["constraints"] == 1.0)
+               for r in replies)  # constraints is the one reward with a pass line here
     record = json.loads((out / "run.json").read_text())
     assert record["rows"] == {"train": 16, "eval": 4} and record["rewards"] == {"constraints": 1.0, "letters": 0.5}
 

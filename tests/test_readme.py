@@ -25,9 +25,10 @@ pytestmark = pytest.mark.slow
 
 # Two optimizer steps of 2 rows (the recipes' accumulation of 4 would make each step 16 rows), no evaluation
 # before training: the commands are checked to run as written, other tests check what training achieves.
+SMALL_DATA = ["data.max_train_samples=24", "data.max_eval_samples=8"]
 SMALL = ["training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation=1",
-         "eval.before_training=false", "data.max_train_samples=24", "data.max_eval_samples=8",
-         "lm.generation_prompts=[]", "data.max_length=128", "pref.max_prompt_length=64"]
+         "eval.before_training=false", *SMALL_DATA, "lm.generation_prompts=[]", "data.max_length=128",
+         "pref.max_prompt_length=64"]
 
 
 def readme_commands() -> list[str]:
@@ -102,8 +103,8 @@ def readme_argv(line: str, tmp_path: Path, small_text: Path) -> list[str]:
 def as_run(argv: list[str], real: bool) -> list[str] | None:
     """What runs for a README line: itself (a training at SMALL size), `validate` for a training whose shape ran
     already, nothing for another command whose shape ran already."""
-    if argv[0] == "train" and not real:
-        return ["validate", *(a for a in argv[1:] if a not in ("--resume", "--force"))]
+    if argv[0] == "train" and not real:  # recipe, model, data format and tokenization checked on a few rows
+        return ["validate", *(a for a in argv[1:] if a not in ("--resume", "--force")), *SMALL_DATA]
     if not real:
         return None
     if argv[0] == "train" and "--resume" in argv:  # the README's run before it was killed mid-save: unfinished

@@ -21,11 +21,14 @@ def test_the_shipped_grpo_recipe_trains_smollm2_and_its_logged_rewards_follow_fr
     out = tmp_path / "run"
     recipe = load_recipe("recipes/smollm2_grpo_constraints.yaml", [
         "training.max_steps=2", "training.batch_size=4", "training.gradient_accumulation=1",
-        "training.eval_batch_size=4", "training.eval_every=2", "data.max_train_samples=40", "data.max_eval_samples=2",
-        "rl.max_completion_length=24", "training.learning_rate=1e-4", f"output.dir={out}", "output.report=true"])
+        "training.eval_batch_size=4", "training.eval_every=no", "training.save_every=100", "eval.before_training=false",
+        "data.max_train_samples=40", "data.max_eval_samples=2", "rl.max_completion_length=16",
+        "training.learning_rate=1e-4", f"output.dir={out}", "output.report=true"])
     result = api.train(recipe)
     assert result["train"]["weights_changed"]
-    assert {"reward", "reward_constraints", "reward_soft_overlong", "completion_length"} <= set(result["before"])
+    assert {"reward", "reward_constraints", "reward_soft_overlong", "completion_length"} <= set(result["after"])
+    held = result["held_out"]  # llmtune's own greedy and sampled replies to the 2 held-out prompts
+    assert held["prompts"] == 2 and 0 <= held["after"]["greedy"]["pass_rate"] <= 1
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["split"] == "train"]) == 2 * 4
     for row in rows:

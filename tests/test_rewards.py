@@ -206,3 +206,48 @@ def test_data_constraints_writes_seeded_prompts_from_an_instruction_file_and_kee
     before = out.read_text()
     assert main(["data", "constraints", str(source), "--out", str(out)]) != 0
     assert "exists; llmtune does not overwrite it" in capsys.readouterr().err and out.read_text() == before
+
+
+def test_the_reward_watch_warns_once_on_each_constructed_failure(caplog):
+    from types import SimpleNamespace
+
+    from llmtune.tasks.grpo_trainers import RewardWatch
+
+    def feed(watch, step, **logs):
+        watch.on_log(None, SimpleNamespace(global_step=step), None, logs)
+
+    healthy = RewardWatch(patience=3)
+    for step in range(1, 10):
+        feed(healthy, step, reward=0.3 + step / 100, frac_reward_zero_std=0.5, entropy=1.0 - step / 100,
+             **{"completions/clipped_ratio": 0.1})
+    healthy.on_evaluate(None, SimpleNamespace(global_step=0), None, {"eval_reward": 0.3})
+    healthy.on_evaluate(None, SimpleNamespace(global_step=9), None, {"eval_reward": 0.38})
+    assert healthy.warnings == {}
+
+    stuck = RewardWatch(patience=3)
+    for step in range(1, 7):
+        feed(stuck, step, reward=0.1 + step / 10, frac_reward_zero_std=0.9 if step > 1 else 0.1,
+             entropy=2.0 if step == 1 else 0.3, **{"completions/clipped_ratio": 1.0})
+    stuck.on_evaluate(None, SimpleNamespace(global_step=0), None, {"eval_reward": 0.2})
+    stuck.on_evaluate(None, SimpleNamespace(global_step=6), None, {"eval_reward": 0.21})
+    assert set(stuck.warnings) == {"no_signal", "cut", "entropy", "hacking"}
+    assert stuck.warnings["no_signal"].startswith("step 4:")  # three logs in a row, from step 2
+    assert sum("GRPO at step" in r.message for r in caplog.records) == 4  # each once, though the logs go on
+
+
+def test_the_sign_test_is_the_exact_binomial_tail_and_ignores_ties():
+    from llmtune.tasks.grpo_heldout import sign_test
+
+    assert sign_test([0, 0, 1, 0], [1, 1, 1, 0]) == {"rose": 2, "fell": 0, "unchanged": 2, "p_value": 0.25}
+    test = sign_test([0] * 8 + [1] + [0.5] * 3, [1] * 8 + [0] + [0.5] * 3)
+    assert (test["rose"], test["fell"], test["unchanged"]) == (8, 1, 3)
+    assert test["p_value"] == pytest.approx(10 / 512)  # P(X >= 8), X ~ Binomial(9, 1/2)
+    assert sign_test([1, 1], [1, 1])["p_value"] == 1.0
+
+
+def test_plan_says_it_does_not_estimate_grpo_yet_instead_of_failing_inside_trl():
+    from llmtune import api
+
+    recipe = load_recipe(None, [*GRPO, "rl.rewards=[{function: constraints}]", "training.batch_size=4"])
+    with pytest.raises(LlmtuneError, match="plan does not estimate task grpo yet"):
+        api.plan(recipe)

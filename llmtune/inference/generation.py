@@ -48,6 +48,43 @@ def generate(
     return records
 
 
+@torch.inference_mode()
+def replies(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]],
+            max_new_tokens: int, samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
+            batch_size: int = 16) -> list[list[dict[str, Any]]]:
+    """Replies to each conversation in the chat template, many prompts per left-padded batch: the greedy one
+    (samples=0), or `samples` sampled ones. Each reply: {"text", "ids", "stopped"} (stopped on its own, not cut)."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    stop_ids = stop_token_ids(model)
+    options = {"do_sample": True, "temperature": temperature, "top_p": top_p,
+               "num_return_sequences": samples} if samples else {"do_sample": False}
+    out: list[list[dict[str, Any]]] = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in conversations[start:start + batch_size]]
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                       **options)[:, inputs["input_ids"].shape[1]:]
+            rows = [_reply(ids.tolist(), tokenizer, stop_ids) for ids in generated]
+            per = max(samples, 1)
+            out += [rows[i:i + per] for i in range(0, len(rows), per)]
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = side
+    return out
+
+
+def _reply(ids: list[int], tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> dict[str, Any]:
+    """One generated row: its tokens up to and including the first stop token (padding after it dropped)."""
+    end = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), len(ids))
+    kept = ids[:end]
+    return {"text": tokenizer.decode(kept, skip_special_tokens=True), "ids": kept, "stopped": end < len(ids) or
+            (bool(kept) and kept[-1] in stop_ids)}
+
+
 def stop_token_ids(model: torch.nn.Module) -> set[int]:
     """The tokens generation stops on (eos / end-of-turn, one or several in the generation config)."""
     eos = model.generation_config.eos_token_id

@@ -240,5 +240,9 @@ def summary_table(metrics: dict[str, Any], run_dir: Path) -> str:
         from llmtune.measure.forgetting import forgetting_lines
 
         lines += forgetting_lines(metrics["benchmarks"]["forgetting"])
+    if metrics.get("held_out"):
+        from llmtune.tasks.grpo_heldout import held_out_lines
+
+        lines += held_out_lines(metrics["held_out"])
     lines.append(f"Run saved in {run_dir}")
     return "\n".join(lines)

@@ -5,8 +5,9 @@ loaded and checked first -> tokenizer with its chat template -> prompts (a strin
 kept for the rewards), fitted to the room max_completion_length leaves -> model (a checkpoint or an llmtune SFT
 run; full, LoRA, DoRA, QLoRA) -> trl's GRPOTrainer (llmtune/tasks/grpo_trainers.py), which samples
 rl.num_generations completions per prompt, scores them and moves the policy towards the better ones of each group.
-Every scored completion is appended to completions.jsonl in the run directory. The pipeline evaluates the
-held-out prompts before and after (mean reward, per reward, completion length) and saves as for SFT.
+Every scored completion is appended to completions.jsonl in the run directory. The held-out prompts are scored
+before and after (trl's sampled evaluation; llmtune's greedy and sampled pass rates with a sign test,
+grpo_heldout.py), and the run is saved as for SFT.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from llmtune.models.sources import ResolvedModel
 from llmtune.rewards.constraints import constrain
 from llmtune.run.distributed import main_process_first
 from llmtune.run.precision import resolved_precision
+from llmtune.tasks.grpo_heldout import HeldOut
 from llmtune.tasks.grpo_rewards import CompletionLedger, build_scorer, reward_names
-from llmtune.tasks.grpo_trainers import build_trainer, summarize
+from llmtune.tasks.grpo_trainers import RewardWatch, build_trainer, summarize
 from llmtune.tasks.job import Job
 from llmtune.tasks.preference import check_decoder, drop_reference_adapter, sft_parent, starting_model
 
@@ -61,7 +63,8 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
     # 4. trl's trainer, its reward callables writing completions.jsonl
     ledger = CompletionLedger(run_dir / COMPLETIONS_FILE, names, weights)
     rewards = [ledger.reward(name, scorer, f"rl.rewards[{i}]") for i, (name, scorer) in enumerate(zip(names, scorers))]
-    callbacks = []
+    watch = RewardWatch()
+    callbacks = [watch]
     if recipe.lm.generation_prompts:
         callbacks.append(GenerationLogger(run_dir / "generations.jsonl", recipe.lm.generation_prompts,
                                           recipe.lm.max_new_tokens, chat=True))
@@ -69,14 +72,21 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
                             resume, callbacks, new_adapter)
     ledger.trainer = trainer
     keep_adapters_in_compute_dtype(trainer.model, recipe.method)
+    held_out = HeldOut(recipe, splits["eval"], names, weights, scorers) if "eval" in splits else None
+    if held_out:
+        held_out.model, held_out.tokenizer = trainer.model, tokenizer
+
+    def after_training(run_dir: Path) -> dict[str, Any]:
+        measured = held_out.after(run_dir) if held_out else {}
+        return {**measured, **drop_reference_adapter(trainer.model), "rl_warnings": dict(watch.warnings)}
 
     sizes = {split: len(rows) for split, rows in splits.items()}
     record = {"rows": sizes, "dropped": dropped, "rewards": dict(zip(names, weights))}
     if parent:
         record["sft_parent"] = parent
     return Job(trainer, model_path, summarize=summarize(names), record=record,
-               metrics={"data": {"rows": sizes, "dropped": dropped}},
-               after_training=lambda run_dir: drop_reference_adapter(trainer.model))
+               metrics={"data": {"rows": sizes, "dropped": dropped}}, after_training=after_training,
+               before_training=held_out.before if held_out else None)
 
 
 def validate(recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:

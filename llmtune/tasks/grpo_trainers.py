@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from llmtune.config.schema import Recipe
 from llmtune.models.adapters import is_adapter
@@ -83,3 +84,70 @@ def summarize(names: list[str]) -> Any:
         return found
 
     return metrics
+
+
+class RewardWatch(TrainerCallback):
+    """Warns, once each, when GRPO is not learning what it should - read from trl's own logs:
+
+    - no signal: in most groups every completion earned the same reward (zero spread, zero advantage) for
+      `patience` logs in a row - the prompts are too hard or too easy for the rewards;
+    - cut completions: most completions hit max_completion_length for `patience` logs in a row;
+    - entropy collapse: the policy's entropy fell below a fifth of its first value (sampling has stopped exploring);
+    - reward hacking: the training reward rose while the held-out reward did not follow.
+    """
+
+    def __init__(self, patience: int = 5, share: float = 0.8) -> None:
+        self.patience, self.share = patience, share
+        self.streaks = {"no_signal": 0, "cut": 0}
+        self.first: dict[str, float] = {}
+        self.last_train_reward: float | None = None
+        self.warnings: dict[str, str] = {}
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "reward" in logs:
+            self.first.setdefault("reward", logs["reward"])
+            self.last_train_reward = logs["reward"]
+        self._streak("no_signal", logs.get("frac_reward_zero_std"), state.global_step,
+                     "in {share:.0%} or more of the groups every completion earned the same reward for {n} logs in "
+                     "a row: no signal to learn from. Make the task easier or harder for the model, use rewards "
+                     "with partial credit, or raise rl.num_generations.")
+        self._streak("cut", logs.get("completions/clipped_ratio"), state.global_step,
+                     "{share:.0%} or more of the completions hit rl.max_completion_length for {n} logs in a row: "
+                     "their rewards judge unfinished texts. Raise rl.max_completion_length, add a soft_overlong "
+                     "reward, or set rl.mask_truncated_completions=true.")
+        entropy = logs.get("entropy")
+        if entropy is not None:
+            self.first.setdefault("entropy", entropy)
+            if self.first["entropy"] > 0 and entropy < self.first["entropy"] / 5:
+                self._warn("entropy", state.global_step,
+                           f"the policy's entropy fell from {self.first['entropy']:.3f} to {entropy:.3f}: sampling has "
+                           "stopped exploring (every completion alike). Lower the learning rate, or raise rl.beta or "
+                           "rl.temperature.")
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    **kwargs: Any) -> None:
+        held_out = (metrics or {}).get("eval_reward")
+        if held_out is None:
+            return
+        if state.global_step == 0 or "eval_reward" not in self.first:
+            self.first.setdefault("eval_reward", held_out)
+            return
+        rise = (self.last_train_reward or 0.0) - self.first.get("reward", 0.0)
+        if rise > 0.1 and held_out - self.first["eval_reward"] < rise / 4:
+            self._warn("hacking", state.global_step,
+                       f"the training reward rose by {rise:.3f} since the start, the held-out reward by "
+                       f"{held_out - self.first['eval_reward']:.3f}: the policy may be exploiting the training prompts "
+                       "or the reward. Read completions.jsonl, and compare the held-out completions.")
+
+    def _streak(self, name: str, value: float | None, step: int, message: str) -> None:
+        if value is None:
+            return
+        self.streaks[name] = self.streaks[name] + 1 if value >= self.share else 0
+        if self.streaks[name] >= self.patience:
+            self._warn(name, step, message.format(share=self.share, n=self.patience))
+
+    def _warn(self, name: str, step: int, message: str) -> None:
+        if name not in self.warnings:
+            self.warnings[name] = f"step {step}: {message}"
+            logger.warning("GRPO at step %d: %s", step, message)

@@ -17,3 +17,6 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)  # task facts for metrics.json known before training
     # After training, before saving: extra outputs (a predictions file, a perplexity score) -> metrics to add.
     after_training: Callable[[Path], dict[str, Any]] | None = None
+    # Once the run directory is claimed, before the first step: a baseline the task measures itself (grpo's
+    # held-out replies). A resumed run calls it again: the weights are still the starting ones then.
+    before_training: Callable[[Path], None] | None = None

@@ -1,0 +1,118 @@
+"""Held-out prompts before and after GRPO training: the greedy reply and rl.num_generations sampled replies to each,
+every reward's mean, the pass rate, and an exact sign test over prompts - did training turn more prompts from
+failing to passing than the other way round?
+
+A reply passes when every built-in reward with a known best score (constraints, all_constraints, exact_answer,
+regex: 1; soft_overlong: 0) gives it that score; user, classifier and reward-model rewards have no pass line and
+count in the means only. Each prompt's replies, rewards and pass before and after are kept in held_out.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from llmtune.config.schema import Recipe
+from llmtune.inference.generation import replies
+from llmtune.run.distributed import is_main_process
+from llmtune.run.files import write_text
+from llmtune.tasks.grpo_rewards import checked
+
+HELD_OUT_FILE = "held_out.jsonl"
+BEST_SCORE = {"constraints": 1.0, "all_constraints": 1.0, "exact_answer": 1.0, "regex": 1.0, "soft_overlong": 0.0}
+
+
+class HeldOut:
+    """Scores the model on the held-out prompts; `before` once training is about to start, `after` once it ends."""
+
+    def __init__(self, recipe: Recipe, prompts: Any, names: list[str], weights: list[float], scorers: list[Any]
+                 ) -> None:
+        self.rl, self.prompts, self.names, self.weights, self.scorers = recipe.rl, prompts, names, weights, scorers
+        self.best = {name: BEST_SCORE[item["function"]] for name, item in zip(names, recipe.rl.rewards)
+                     if item.get("function") in BEST_SCORE}
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.first: dict[str, Any] | None = None
+
+    def before(self, run_dir: Path) -> None:
+        if is_main_process():
+            self.first = self.score()
+
+    def after(self, run_dir: Path) -> dict[str, Any]:
+        if not is_main_process() or self.first is None:
+            return {}
+        last = self.score()
+        write_text(run_dir / HELD_OUT_FILE, "".join(
+            json.dumps({"prompt": a["prompt"], "before": a["replies"], "after": b["replies"]}, ensure_ascii=False) + "\n"
+            for a, b in zip(self.first["per_prompt"], last["per_prompt"])))
+        result = {"prompts": len(self.prompts), "before": self.first["summary"], "after": last["summary"]}
+        if self.best:
+            result["sign_test"] = {kind: sign_test([p[kind] for p in self.first["per_prompt"]],
+                                                   [p[kind] for p in last["per_prompt"]])
+                                   for kind in ("greedy_pass", "sampled_pass")}
+        return {"held_out": result}
+
+    def score(self) -> dict[str, Any]:
+        conversations = list(self.prompts["prompt"])
+        columns = {c: list(self.prompts[c]) for c in self.prompts.column_names if c != "prompt"}
+        greedy = replies(self.model, self.tokenizer, conversations, self.rl.max_completion_length)
+        sampled = replies(self.model, self.tokenizer, conversations, self.rl.max_completion_length,
+                          self.rl.num_generations, self.rl.temperature, self.rl.top_p)
+        summary, per_prompt = {}, [{"prompt": c[-1]["content"], "replies": {}} for c in conversations]
+        for kind, groups in (("greedy", greedy), ("sampled", sampled)):
+            flat = [(i, reply) for i, group in enumerate(groups) for reply in group]
+            rows = {name: [values[i] for i, _ in flat] for name, values in columns.items()}
+            scores = {name: checked(scorer([r["text"] for _, r in flat], prompts=[conversations[i] for i, _ in flat],
+                                           completion_ids=[r["ids"] for _, r in flat], **rows),
+                                    len(flat), name, f"rl.rewards[{k}]")
+                      for k, (name, scorer) in enumerate(zip(self.names, self.scorers))}
+            passed = [self.passes({n: scores[n][j] for n in self.names}) for j in range(len(flat))]
+            summary[kind] = {"reward": _mean([self.total({n: scores[n][j] for n in self.names})
+                                              for j in range(len(flat))]),
+                             **{f"reward_{n}": _mean(scores[n]) for n in self.names}}
+            if self.best:
+                summary[kind]["pass_rate"] = _mean([float(p) for p in passed])
+            for j, (i, reply) in enumerate(flat):
+                per_prompt[i]["replies"].setdefault(kind, []).append(
+                    {"text": reply["text"], "rewards": {n: scores[n][j] for n in self.names}, "passed": passed[j]})
+        for record in per_prompt:
+            record["greedy_pass"] = float(record["replies"]["greedy"][0]["passed"])
+            record["sampled_pass"] = _mean([float(r["passed"]) for r in record["replies"]["sampled"]])
+        return {"summary": summary, "per_prompt": per_prompt}
+
+    def passes(self, scores: dict[str, float | None]) -> bool:
+        judged = [(scores[n], best) for n, best in self.best.items() if scores[n] is not None]
+        return bool(judged) and all(abs(value - best) < 1e-9 for value, best in judged)
+
+    def total(self, scores: dict[str, float | None]) -> float:
+        return sum(w * v for w, v in zip(self.weights, scores.values()) if v is not None and not math.isnan(v))
+
+
+def sign_test(before: list[float], after: list[float]) -> dict[str, Any]:
+    """Exact one-sided sign test over prompts: of those whose score changed, how many rose, how many fell, and the
+    chance of at least that many rising if rises and falls were equally likely (ties dropped)."""
+    rose = sum(a > b for b, a in zip(before, after))
+    fell = sum(a < b for b, a in zip(before, after))
+    changed = rose + fell
+    p = sum(math.comb(changed, k) for k in range(rose, changed + 1)) / 2 ** changed if changed else 1.0
+    return {"rose": rose, "fell": fell, "unchanged": len(before) - changed, "p_value": p}
+
+
+def held_out_lines(held_out: dict[str, Any]) -> list[str]:
+    """The console's end-of-run lines for the held-out prompts."""
+    lines = [f"Held-out prompts ({held_out['prompts']}): before -> after"]
+    for kind in ("greedy", "sampled"):
+        before, after = held_out["before"][kind], held_out["after"][kind]
+        parts = [f"{name} {before[name]:.3f} -> {after[name]:.3f}" for name in after]
+        lines.append(f"  {kind}: " + ", ".join(parts))
+    for kind, test in held_out.get("sign_test", {}).items():
+        lines.append(f"  {kind.replace('_', ' ')}: {test['rose']} prompts rose, {test['fell']} fell, "
+                     f"sign test p = {test['p_value']:.3g}")
+    return lines
+
+
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
