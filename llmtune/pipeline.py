@@ -173,7 +173,7 @@ def validate(recipe: Recipe) -> dict[str, Any]:
 
 def check_before_loading(recipe: Recipe, source: ResolvedModel | None, run_dir: Path) -> None:
     """The checks that need no weights: the run directory can be written, the precision and kernels exist on this
-    machine, data.max_length fits the checkpoint's positions, the benchmarks' and rewards' files exist."""
+    machine, data.max_length fits the checkpoint's positions, the benchmarks' files and the task's own exist."""
     check_writable(run_dir)
     resolved_precision(recipe.training.precision)  # fp16 without a GPU is refused here
     liger_kernels_on(recipe.training.liger_kernels)  # 'on' without CUDA or the package likewise
@@ -184,10 +184,9 @@ def check_before_loading(recipe: Recipe, source: ResolvedModel | None, run_dir: 
         from llmtune.measure.harness import check_benchmarks
 
         check_benchmarks(recipe_settings(recipe), "eval.benchmarks")
-    if recipe.task == "grpo":
-        from llmtune.tasks.grpo_rewards import check_rewards
-
-        check_rewards(recipe.rl.rewards)
+    own_checks = getattr(task_module(recipe.task), "check_before_loading", None)
+    if own_checks:  # a task's own files and runs (grpo's reward functions and reward runs)
+        own_checks(recipe)
 
 
 # --- steps ----------------------------------------------------------------------------------------------------

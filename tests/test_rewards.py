@@ -217,18 +217,18 @@ def test_the_reward_watch_warns_once_on_each_constructed_failure(caplog):
         watch.on_log(None, SimpleNamespace(global_step=step), None, logs)
 
     healthy = RewardWatch(patience=3)
+    healthy.on_evaluate(None, SimpleNamespace(global_step=0), None, {"eval_reward": 0.3})  # before the first step
     for step in range(1, 10):
         feed(healthy, step, reward=0.3 + step / 100, frac_reward_zero_std=0.5, entropy=1.0 - step / 100,
              **{"completions/clipped_ratio": 0.1})
-    healthy.on_evaluate(None, SimpleNamespace(global_step=0), None, {"eval_reward": 0.3})
     healthy.on_evaluate(None, SimpleNamespace(global_step=9), None, {"eval_reward": 0.38})
     assert healthy.warnings == {}
 
     stuck = RewardWatch(patience=3)
+    stuck.on_evaluate(None, SimpleNamespace(global_step=0), None, {"eval_reward": 0.2})
     for step in range(1, 7):
         feed(stuck, step, reward=0.1 + step / 10, frac_reward_zero_std=0.9 if step > 1 else 0.1,
              entropy=2.0 if step == 1 else 0.3, **{"completions/clipped_ratio": 1.0})
-    stuck.on_evaluate(None, SimpleNamespace(global_step=0), None, {"eval_reward": 0.2})
     stuck.on_evaluate(None, SimpleNamespace(global_step=6), None, {"eval_reward": 0.21})
     assert set(stuck.warnings) == {"no_signal", "cut", "entropy", "hacking"}
     assert stuck.warnings["no_signal"].startswith("step 4:")  # three logs in a row, from step 2
@@ -251,3 +251,60 @@ def test_plan_says_it_does_not_estimate_grpo_yet_instead_of_failing_inside_trl()
     recipe = load_recipe(None, [*GRPO, "rl.rewards=[{function: constraints}]", "training.batch_size=4"])
     with pytest.raises(LlmtuneError, match="plan does not estimate task grpo yet"):
         api.plan(recipe)
+
+
+def test_review_cases_numbers_silence_and_incompatible_kinds():
+    assert builtin.final_answer("Buy 3-4 apples") == "4" and builtin.final_answer("It costs 0.50") == "0.5"
+    assert builtin.exact_answer(["#### 1,250.00"], answer=["1250"]) == [1.0]
+    assert builtin.constraints(["", "   "], constraints=[[{"kind": "no_commas"}]] * 2) == [0.0, 0.0]
+    for seed in range(200):
+        kinds = {c["kind"] for c in constraints.sample_constraints(random.Random(seed), 3)}
+        assert not {"lowercase", "sections"} <= kinds  # "SECTION 1" cannot be lowercase
+
+
+def test_rewards_output_is_checked_bools_count_and_infinities_do_not():
+    assert checked([True, 0, 0.5, None, float("nan")], 5, "r", "w") == [1.0, 0.0, 0.5, None, None]
+    with pytest.raises(LlmtuneError, match="finite numbers"):
+        checked([float("inf")], 1, "r", "w")
+    with pytest.raises(LlmtuneError, match="returned '1'"):
+        checked(["1"], 1, "r", "w")
+
+
+def test_the_pass_line_follows_each_weights_sign_and_skips_weight_zero():
+    from types import SimpleNamespace
+
+    from llmtune.tasks.grpo_heldout import HeldOut
+
+    recipe = load_recipe(None, [*GRPO, "rl.rewards=[{function: constraints}, {function: regex, pattern: sorry, "
+                                       "weight: -1}, {function: soft_overlong, weight: 0}]"])
+    held = HeldOut(recipe, SimpleNamespace(), ["constraints", "regex", "soft_overlong"], [1.0, -1.0, 0.0], [])
+    assert held.best == {"constraints": 1.0, "regex": 0.0}
+    assert held.passes({"constraints": 1.0, "regex": 0.0, "soft_overlong": -1.0})
+    assert not held.passes({"constraints": 1.0, "regex": 1.0, "soft_overlong": 0.0})  # said sorry: penalised
+    assert held.total({"constraints": None, "regex": None, "soft_overlong": None}) is None  # as trl: left out
+
+
+def test_more_rl_rules_bad_pattern_shared_names_and_no_room():
+    assert "not a valid regular expression" in problems(*GRPO, "rl.rewards=[{function: regex, pattern: '(unclosed'}]")
+    assert "names two rewards 'a'" in problems(*GRPO, "rl.rewards=[{function: constraints, name: a}, "
+                                                      "{function: regex, pattern: x, name: a}]")
+    assert "hide the reward spread" in problems(*GRPO, "rl.rewards=[{function: constraints, name: std}]")
+    assert "leaves no room for a prompt" in problems(*GRPO, "rl.rewards=[{function: constraints}]",
+                                                     "data.max_length=64", "rl.max_completion_length=64")
+
+
+def test_chats_become_prompts_up_to_their_last_user_turn_and_constraint_columns_are_checked_first():
+    from datasets import Dataset
+
+    from llmtune.data.prompts import to_prompts
+    from llmtune.tasks.grpo import check_reward_columns
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = to_prompts(Dataset.from_list([{"messages": chat, "constraints": [{"kind": "lowercse"}]}]), "messages", None)
+    assert rows[0]["prompt"] == chat[:1]
+    recipe = load_recipe(None, [*GRPO, "rl.rewards=[{function: constraints}]"])
+    with pytest.raises(LlmtuneError, match="row 0 constraint 0 has kind 'lowercse'. Did you mean"):
+        check_reward_columns(recipe, {"train": rows})
+    recipe = load_recipe(None, [*GRPO, "rl.rewards=[{function: exact_answer}]"])
+    with pytest.raises(LlmtuneError, match="reads a 'answer' column, and the train prompts have none"):
+        check_reward_columns(recipe, {"train": rows})

@@ -4,6 +4,7 @@ the recipe."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from llmtune.config.schema import Recipe
@@ -186,7 +187,24 @@ def grpo_has_rewards(recipe: Recipe) -> list[str]:
         return ["task grpo needs 'rl.rewards': what a completion earns, e.g. rl.rewards=[{function: constraints}] "
                 "(built-in), [{function: my_rewards.py:score}] (your own), or [{classifier: runs/sst2, label: "
                 "positive}] (an llmtune classifier run)."]
-    return [problem for i, item in enumerate(recipe.rl.rewards) for problem in _reward_problems(i, item)]
+    found = [problem for i, item in enumerate(recipe.rl.rewards) for problem in _reward_problems(i, item)]
+    names = [item.get("name") for item in recipe.rl.rewards if isinstance(item, dict) and item.get("name")]
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1:
+            found.append(f"'rl.rewards' names two rewards {name!r}; each reward's name must be its own.")
+        if name == "std":
+            found.append("'rl.rewards' has a reward named 'std', which would hide the reward spread (reward_std) in "
+                         "the metrics. Name it otherwise.")
+    return found
+
+
+def grpo_prompts_have_room(recipe: Recipe) -> list[str]:
+    rl, max_length = recipe.rl, recipe.data.max_length
+    if recipe.task == "grpo" and rl.max_prompt_length is None and max_length <= rl.max_completion_length:
+        return [f"'data.max_length' is {max_length} and 'rl.max_completion_length' is {rl.max_completion_length}, "
+                "which leaves no room for a prompt (a prompt gets data.max_length - max_completion_length tokens). "
+                "Raise data.max_length, lower rl.max_completion_length, or set rl.max_prompt_length."]
+    return []
 
 
 def _reward_problems(i: int, item: Any) -> list[str]:
@@ -204,19 +222,30 @@ def _reward_problems(i: int, item: Any) -> list[str]:
         found.append(f"'{where}.weight' is {weight!r}; it must be a number (negative weights penalise).")
     function = item.get("function")
     if isinstance(function, str) and ".py:" not in function:
-        if function not in BUILTIN_REWARDS:
-            found.append(f"'{where}.function' is {function!r}, not a built-in reward"
-                         f"{did_you_mean(function, BUILTIN_REWARDS)} (built-in: {', '.join(BUILTIN_REWARDS)}); your "
-                         "own function is given as path/to/file.py:name.")
-        elif function == "regex" and not item.get("pattern"):
-            found.append(f"'{where}' (regex) needs a 'pattern': the regular expression a good completion matches.")
-        params = {p for ps in BUILTIN_REWARDS.values() for p in ps}
-        extra = [k for k in item if k in params and k not in BUILTIN_REWARDS.get(function, ())]
-        if extra:
-            found.append(f"'{where}.{extra[0]}' is not a parameter of the built-in reward {function!r}.")
+        found += _builtin_problems(where, function, item)
     if item.get("classifier") and not item.get("label"):
         found.append(f"'{where}' rewards with a classifier run; name the 'label' whose probability is the reward "
                      "(e.g. label: positive).")
+    return found
+
+
+def _builtin_problems(where: str, function: str, item: dict[str, Any]) -> list[str]:
+    """A built-in reward's name, and the parameters it needs or does not take."""
+    if function not in BUILTIN_REWARDS:
+        return [f"'{where}.function' is {function!r}, not a built-in reward{did_you_mean(function, BUILTIN_REWARDS)} "
+                f"(built-in: {', '.join(BUILTIN_REWARDS)}); your own function is given as path/to/file.py:name."]
+    found = []
+    if function == "regex" and not item.get("pattern"):
+        found.append(f"'{where}' (regex) needs a 'pattern': the regular expression a good completion matches.")
+    elif function == "regex":
+        try:
+            re.compile(str(item["pattern"]))
+        except re.error as exc:
+            found.append(f"'{where}.pattern' is {item['pattern']!r}, not a valid regular expression ({exc}).")
+    params = {p for ps in BUILTIN_REWARDS.values() for p in ps}
+    extra = [k for k in item if k in params and k not in BUILTIN_REWARDS[function]]
+    if extra:
+        found.append(f"'{where}.{extra[0]}' is not a parameter of the built-in reward {function!r}.")
     return found
 
 
@@ -325,7 +354,7 @@ TASK_RULES = (
     plain_text_has_no_assistant_turns, stride_within_max_length, mixture_sources,
     preference_tunes_a_pretrained_model, preference_data_is_detected, prompts_leave_room_for_replies,
     kto_batches_hold_two, reference_needs_a_reference_task, loss_weights_weigh_a_loss_list, losses_of_the_task,
-    grpo_has_rewards, grpo_batches_hold_whole_groups,
+    grpo_has_rewards, grpo_batches_hold_whole_groups, grpo_prompts_have_room,
     scratch_architecture_fits_the_task, images_are_not_quantized,
     one_way_to_prune, pruning_trains_in_full, pruning_needs_a_pretrained_model,
     teacher_only_for_distill, distill_has_a_teacher_and_a_student,

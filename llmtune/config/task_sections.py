@@ -118,7 +118,7 @@ class RLConfig:
     num_generations: int = _field(
         4, "grpo: completions sampled per prompt (the group whose rewards are compared). At least 2.", ge=2
     )
-    max_completion_length: int = _field(128, "grpo: longest completion in tokens; longer ones are cut.", ge=1)
+    max_completion_length: int = _field(64, "grpo: longest completion in tokens; longer ones are cut.", ge=1)
     max_prompt_length: int | None = _field(
         None,
         "grpo: longest prompt in tokens as the model sees it (chat template included); longer prompts lose their "

@@ -1,9 +1,10 @@
 """Prompts for online RL (task grpo): rows with a prompt - a string, or a conversation ending with a user turn -
 and any other columns, which reach the reward functions as they are (a row's `constraints`, its `answer`, ...).
 
-A prompt column is `prompt` (or what data.columns maps to it), else `messages`, else alpaca's `instruction` (with
-its `input`). Prompts longer than the room left for a completion lose their oldest turns, and one that still does
-not fit is dropped and counted, as for preference pairs.
+A prompt column is `prompt` (or what data.columns maps to it), else `messages` (a chat ending in assistant turns
+is cut back to its last user turn), else alpaca's `instruction` (with its `input`). Prompts longer than the room
+left for a completion lose their oldest turns, and one that still does not fit is dropped and counted, as for
+preference pairs.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def to_prompts(rows: Dataset, column: str, system_prompt: str | None) -> Dataset
         value = row[column]
         if column == "instruction" and row.get("input"):
             value = f"{value}\n\n{row['input']}"
+        if isinstance(value, list):  # a whole chat (SFT data): its turns up to the last user turn are the prompt
+            while value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+                value = value[:-1]
         try:
             messages = prompt_messages(value)
         except Dropped as why:

@@ -51,15 +51,16 @@ def generate(
 @torch.inference_mode()
 def replies(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]],
             max_new_tokens: int, samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
-            batch_size: int = 16) -> list[list[dict[str, Any]]]:
+            batch_size: int = 16, **sampling: Any) -> list[list[dict[str, Any]]]:
     """Replies to each conversation in the chat template, many prompts per left-padded batch: the greedy one
-    (samples=0), or `samples` sampled ones. Each reply: {"text", "ids", "stopped"} (stopped on its own, not cut)."""
+    (samples=0), or `samples` sampled ones (`sampling`: more generate options, e.g. top_k=0). Each reply:
+    {"text", "ids", "stopped"} (stopped on its own, not cut)."""
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     stop_ids = stop_token_ids(model)
-    options = {"do_sample": True, "temperature": temperature, "top_p": top_p,
-               "num_return_sequences": samples} if samples else {"do_sample": False}
+    options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "num_return_sequences": samples,
+               **sampling} if samples else {"do_sample": False}
     out: list[list[dict[str, Any]]] = []
     try:
         for start in range(0, len(conversations), batch_size):

@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import re
 from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def all_constraints(completions: Sequence[Any], **kwargs: Any) -> list[float | N
     return [None if s is None else float(s == 1.0) for s in shares]
 
 
-_NUMBER = r"-?[\d,]*\.?\d+"
+_NUMBER = r"(?<![\w.])-?[\d,]*\.?\d+"  # a minus sign only where it starts the number ("3-4" is 3 and 4)
 
 
 def final_answer(text: str) -> str | None:
@@ -70,8 +71,13 @@ def final_answer(text: str) -> str | None:
 
 
 def _plain(number: str) -> str:
+    """A number written one way: no thousands commas, no trailing zeros ('1,250.50' -> '1250.5', '42.00' -> '42')."""
     value = number.replace(",", "").rstrip(".")
-    return value[:-2] if value.endswith(".0") else value
+    try:
+        exact = Decimal(value)
+    except InvalidOperation:
+        return value
+    return format(exact.normalize(), "f") if exact != 0 else "0"
 
 
 def exact_answer(completions: Sequence[Any], **kwargs: Any) -> list[float | None]:

@@ -85,9 +85,9 @@ def value_of(constraint: dict[str, Any]) -> Any:
 
 
 def check(text: str, constraint: dict[str, Any]) -> bool:
-    """Whether `text` meets one constraint."""
+    """Whether `text` meets one constraint. An empty reply meets none (else "no commas" would pay for silence)."""
     checker, _, _ = KINDS[constraint["kind"]]
-    return bool(checker(text, value_of(constraint)))
+    return bool(text.strip()) and bool(checker(text, value_of(constraint)))
 
 
 def instruction(constraint: dict[str, Any]) -> str:
@@ -124,7 +124,8 @@ _SAMPLERS: dict[str, Callable[[random.Random], Any]] = {
     "quoted": lambda r: None, "bullets": lambda r: r.choice([2, 3, 4]), "sections": lambda r: r.choice([2, 3]),
     "json": lambda r: None,
 }
-_EXCLUSIVE = ({"lowercase", "uppercase"}, {"max_words", "min_words"}, {"max_sentences", "min_sentences"},
+_EXCLUSIVE = ({"lowercase", "uppercase"}, {"lowercase", "sections"}, {"max_words", "min_words"},
+              {"max_sentences", "min_sentences"},
               {"json", "quoted", "bullets", "sections"}, {"starts_with", "quoted"}, {"ends_with", "quoted"},
               {"lowercase", "starts_with"}, {"lowercase", "ends_with"}, {"uppercase", "starts_with"},
               {"uppercase", "ends_with"}, {"json", "lowercase"}, {"json", "uppercase"}, {"json", "starts_with"},

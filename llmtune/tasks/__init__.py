@@ -32,6 +32,9 @@ class Task(Protocol):
     def validate(self, recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:
         """What `llmtune validate` reports: the data as training would read it."""
 
+    # Optional: `check_before_loading(recipe)` - the task's own files and runs exist (checked before any model
+    # loads, beside the pipeline's own checks); grpo's reward functions and reward runs.
+
 
 def task_module(task: str) -> Task:
     """The module that trains `task` (a name the recipe loader already checked against config.vocab.TASKS)."""

@@ -20,16 +20,17 @@ from llmtune.config.schema import Recipe
 from llmtune.data.lm_tokenize import setup_chat_template
 from llmtune.data.preference import chat_prompt_tokens
 from llmtune.data.prompts import load_prompt_splits
+from llmtune.errors import LlmtuneError
 from llmtune.inference.generation import GenerationLogger, set_generation_eos
 from llmtune.kernels.attention import attention_for
 from llmtune.models.loading import load_tokenizer
 from llmtune.models.quantization import keep_adapters_in_compute_dtype
 from llmtune.models.sources import ResolvedModel
-from llmtune.rewards.constraints import constrain
+from llmtune.rewards.constraints import constrain, constraint_problem
 from llmtune.run.distributed import main_process_first
 from llmtune.run.precision import resolved_precision
 from llmtune.tasks.grpo_heldout import HeldOut
-from llmtune.tasks.grpo_rewards import CompletionLedger, build_scorer, reward_names
+from llmtune.tasks.grpo_rewards import CompletionLedger, build_scorer, check_rewards, reward_names
 from llmtune.tasks.grpo_trainers import RewardWatch, build_trainer, summarize
 from llmtune.tasks.job import Job
 from llmtune.tasks.preference import check_decoder, drop_reference_adapter, sft_parent, starting_model
@@ -51,6 +52,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
     # 2. Tokenizer with its chat template, then the prompts (rows dropped counted)
     with main_process_first():
         tokenizer, added_tokens, splits, dropped = load_data(recipe, source)
+    check_reward_columns(recipe, splits)
 
     # 3. Model: the checkpoint, or the SFT run's model (its adapter merged, or trained further)
     attention = attention_for(recipe.model.attention, False, resolved_precision(recipe.training.precision))
@@ -95,8 +97,36 @@ def validate(recipe: Recipe, source: ResolvedModel | None) -> dict[str, Any]:
     check_decoder(source.path, recipe)
     reward_scorers(recipe)
     _, _, splits, dropped = load_data(recipe, source)
+    check_reward_columns(recipe, splits)
     return {"rows": {s: len(r) for s, r in splits.items()}, "dropped": dropped,
             "rewards": reward_names(recipe.rl.rewards)}
+
+
+COLUMNS_READ = {"constraints": "constraints", "all_constraints": "constraints", "exact_answer": "answer"}
+
+
+def check_reward_columns(recipe: Recipe, splits: dict[str, Any]) -> None:
+    """The columns the built-in rewards read are in every split, and each row's constraints are ones llmtune can
+    check - before any model loads, not at the first step."""
+    for i, item in enumerate(recipe.rl.rewards):
+        column = COLUMNS_READ.get(item.get("function"))
+        for split, rows in splits.items() if column else ():
+            if column not in rows.column_names:
+                raise LlmtuneError(
+                    f"rl.rewards[{i}] ({item['function']}) reads a '{column}' column, and the {split} prompts have "
+                    f"none (columns: {', '.join(rows.column_names)}). Add it, map it with data.columns, or for "
+                    "instruction constraints set rl.add_constraints=2 to sample them."
+                )
+            if column == "constraints":
+                for row, constraints in enumerate(rows["constraints"]):
+                    for k, constraint in enumerate(constraints or []):
+                        if problem := constraint_problem(constraint, f"the {split} prompts' row {row} constraint {k}"):
+                            raise LlmtuneError(f"{problem} Fix the data, or drop the constraints reward.")
+
+
+def check_before_loading(recipe: Recipe) -> None:
+    """Each reward's file and function, or run of the right kind, exists (the pipeline calls this first)."""
+    check_rewards(recipe.rl.rewards)
 
 
 def reward_scorers(recipe: Recipe) -> list[Any]:

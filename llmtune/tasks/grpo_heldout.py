@@ -2,26 +2,36 @@
 every reward's mean, the pass rate, and an exact sign test over prompts - did training turn more prompts from
 failing to passing than the other way round?
 
-A reply passes when every built-in reward with a known best score (constraints, all_constraints, exact_answer,
-regex: 1; soft_overlong: 0) gives it that score; user, classifier and reward-model rewards have no pass line and
-count in the means only. Each prompt's replies, rewards and pass before and after are kept in held_out.jsonl.
+A reply passes when every built-in reward with a known range (constraints, all_constraints, exact_answer, regex:
+0 to 1; soft_overlong: -1 to 0) gives it its best score - the top for a positive weight, the bottom for a negative
+one (a penalty); user, classifier and reward-model rewards have no pass line and count in the means only. Replies
+are sampled as trl samples in training (top_k and repetition penalty off). A reward that fails here is reported,
+not raised: the trained weights are saved all the same. Each prompt's replies, rewards and pass before and after
+are kept in held_out.jsonl.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llmtune.config.schema import Recipe
+from llmtune.errors import LlmtuneError
 from llmtune.inference.generation import replies
-from llmtune.run.distributed import is_main_process
+from llmtune.run.distributed import is_main_process, launched_with
 from llmtune.run.files import write_text
-from llmtune.tasks.grpo_rewards import checked
+from llmtune.tasks.grpo_rewards import call_reward, weighted_total
+
+logger = logging.getLogger(__name__)
 
 HELD_OUT_FILE = "held_out.jsonl"
-BEST_SCORE = {"constraints": 1.0, "all_constraints": 1.0, "exact_answer": 1.0, "regex": 1.0, "soft_overlong": 0.0}
+SCORE_RANGE = {"constraints": (0.0, 1.0), "all_constraints": (0.0, 1.0), "exact_answer": (0.0, 1.0),
+               "regex": (0.0, 1.0), "soft_overlong": (-1.0, 0.0)}  # (lowest, highest)
 
 
 class HeldOut:
@@ -30,20 +40,31 @@ class HeldOut:
     def __init__(self, recipe: Recipe, prompts: Any, names: list[str], weights: list[float], scorers: list[Any]
                  ) -> None:
         self.rl, self.prompts, self.names, self.weights, self.scorers = recipe.rl, prompts, names, weights, scorers
-        self.best = {name: BEST_SCORE[item["function"]] for name, item in zip(names, recipe.rl.rewards)
-                     if item.get("function") in BEST_SCORE}
+        self.best = {name: SCORE_RANGE[item["function"]][1 if weight > 0 else 0]
+                     for name, item, weight in zip(names, recipe.rl.rewards, weights)
+                     if item.get("function") in SCORE_RANGE and weight != 0}
         self.model: Any = None
         self.tokenizer: Any = None
         self.first: dict[str, Any] | None = None
 
     def before(self, run_dir: Path) -> None:
+        if launched_with("FSDP") or launched_with("DEEPSPEED"):
+            logger.info("Held-out replies are not scored under FSDP or DeepSpeed (the weights are sharded across "
+                        "processes); trl's own sampled evaluation still runs.")
+            return
         if is_main_process():
-            self.first = self.score()
+            with torch.random.fork_rng():  # sampling here leaves training's random stream as it was
+                self.first = self.score()
 
     def after(self, run_dir: Path) -> dict[str, Any]:
         if not is_main_process() or self.first is None:
             return {}
-        last = self.score()
+        try:
+            with torch.random.fork_rng():
+                last = self.score()
+        except LlmtuneError as exc:  # the trained weights are saved next: a reward's failure here must not cost them
+            logger.error("Held-out replies after training could not be scored: %s", exc)
+            return {"held_out": {"error": str(exc)}}
         write_text(run_dir / HELD_OUT_FILE, "".join(
             json.dumps({"prompt": a["prompt"], "before": a["replies"], "after": b["replies"]}, ensure_ascii=False) + "\n"
             for a, b in zip(self.first["per_prompt"], last["per_prompt"])))
@@ -59,14 +80,14 @@ class HeldOut:
         columns = {c: list(self.prompts[c]) for c in self.prompts.column_names if c != "prompt"}
         greedy = replies(self.model, self.tokenizer, conversations, self.rl.max_completion_length)
         sampled = replies(self.model, self.tokenizer, conversations, self.rl.max_completion_length,
-                          self.rl.num_generations, self.rl.temperature, self.rl.top_p)
+                          self.rl.num_generations, self.rl.temperature, self.rl.top_p, top_k=0, repetition_penalty=1.0)
         summary, per_prompt = {}, [{"prompt": c[-1]["content"], "replies": {}} for c in conversations]
         for kind, groups in (("greedy", greedy), ("sampled", sampled)):
             flat = [(i, reply) for i, group in enumerate(groups) for reply in group]
             rows = {name: [values[i] for i, _ in flat] for name, values in columns.items()}
-            scores = {name: checked(scorer([r["text"] for _, r in flat], prompts=[conversations[i] for i, _ in flat],
-                                           completion_ids=[r["ids"] for _, r in flat], **rows),
-                                    len(flat), name, f"rl.rewards[{k}]")
+            scores = {name: call_reward(scorer, name, f"rl.rewards[{k}]", [r["text"] for _, r in flat],
+                                        prompts=[conversations[i] for i, _ in flat],
+                                        completion_ids=[r["ids"] for _, r in flat], **rows)
                       for k, (name, scorer) in enumerate(zip(self.names, self.scorers))}
             passed = [self.passes({n: scores[n][j] for n in self.names}) for j in range(len(flat))]
             summary[kind] = {"reward": _mean([self.total({n: scores[n][j] for n in self.names})
@@ -86,8 +107,8 @@ class HeldOut:
         judged = [(scores[n], best) for n, best in self.best.items() if scores[n] is not None]
         return bool(judged) and all(abs(value - best) < 1e-9 for value, best in judged)
 
-    def total(self, scores: dict[str, float | None]) -> float:
-        return sum(w * v for w, v in zip(self.weights, scores.values()) if v is not None and not math.isnan(v))
+    def total(self, scores: dict[str, float | None]) -> float | None:
+        return weighted_total(self.weights, list(scores.values()))
 
 
 def sign_test(before: list[float], after: list[float]) -> dict[str, Any]:

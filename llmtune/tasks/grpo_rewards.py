@@ -91,22 +91,27 @@ def classifier_scorer(run: str, label: str, where: str, precision: str) -> Score
 
 
 def reward_model_scorer(run: str, where: str, precision: str) -> Scorer:
-    """An llmtune reward run's score of prompt + completion, rendered as that run was trained: a decoder through
-    its chat template, an encoder as a (conversation, reply) text pair."""
+    """An llmtune reward run's score of prompt + completion, encoded exactly as that run was trained
+    (tasks/reward.py's reply_ids: the chat template for a decoder, a text pair for an encoder)."""
+    import torch
+
     from llmtune.inference.classifier import Classifier
+    from llmtune.run.precision import evaluation_precision
+    from llmtune.tasks.reward import reply_ids
 
     scorer = Classifier.load(run, precision)
-    chat = bool(getattr(scorer.tokenizer, "chat_template", None)) and not scorer.model.config.is_encoder_decoder
-    decoder = scorer.model.config.model_type not in ("bert", "roberta", "distilbert", "deberta-v2", "electra")
 
     def score(completions: Sequence[Any], prompts: Sequence[Any], **_: Any) -> list[float | None]:
-        replies = [text_of(c) for c in completions]
         conversations = [p if isinstance(p, list) else [{"role": "user", "content": str(p)}] for p in prompts]
-        if chat and decoder:
-            texts = [scorer.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-                     for p, r in zip(conversations, replies)]
-            return [float(v) for v in scorer.logits(texts)[:, 0]]
-        return [float(v) for v in scorer.logits([as_text(p) for p in conversations], replies)[:, 0]]
+        rows = [{"input_ids": reply_ids(scorer.tokenizer, c, [{"role": "assistant", "content": text_of(r)}],
+                                        scorer.max_length)} for c, r in zip(conversations, completions)]
+        values: list[float | None] = []
+        for start in range(0, len(rows), scorer.batch_size):
+            batch = scorer.tokenizer.pad(rows[start:start + scorer.batch_size], return_tensors="pt")
+            with torch.inference_mode(), evaluation_precision(scorer.precision, scorer.model.device.type):
+                logits = scorer.model(**batch.to(scorer.model.device)).logits
+            values += [float(v) for v in logits[:, 0].float()]
+        return values
 
     return score
 
@@ -128,15 +133,8 @@ class CompletionLedger:
             for private in ("trainer_state", "log_extra", "log_metric", "environments"):
                 columns.pop(private, None)
             texts = [text_of(c) for c in completions]  # chat completions come as [{"role", "content"}]: the text
-            try:
-                scores = scorer(texts, prompts=prompts, completion_ids=completion_ids, **columns)
-            except LlmtuneError:
-                raise
-            except Exception as exc:  # the user's function: its error in one paragraph, named
-                raise LlmtuneError(f"Reward {name!r} ({where}) raised {type(exc).__name__}: {exc}. It is called as "
-                                   "function(completions=[texts], prompts=[conversations], completion_ids=[...], "
-                                   "<column>=[...]) and returns one number (or None) per completion.") from exc
-            scores = checked(scores, len(completions), name, where)
+            scores = call_reward(scorer, name, where, texts, prompts=prompts, completion_ids=completion_ids,
+                                 **columns)
             self.scores[name] = scores
             if name == self.names[-1]:
                 self.write(prompts, completions, columns.get("constraints"))
@@ -153,7 +151,7 @@ class CompletionLedger:
         rows = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             scores = {name: self.scores[name][i] for name in self.names}
-            total = sum(w * s for w, s in zip(self.weights, scores.values()) if s is not None and not math.isnan(s))
+            total = weighted_total(self.weights, list(scores.values()))
             rows.append({"step": (state.global_step + 1 if training else state.global_step) if state else 0,
                          "split": "train" if training else "eval", "prompt": prompt_text(prompt),
                          "completion": text_of(completion), "rewards": scores, "reward": total})
@@ -166,6 +164,26 @@ class CompletionLedger:
                 return
         with self.path.open("a", encoding="utf-8") as handle:  # appended and flushed: readable while training
             handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def call_reward(scorer: Scorer, name: str, where: str, texts: list[str], **arguments: Any) -> list[float | None]:
+    """One reward on a batch of completion texts, its output checked; its failure one paragraph naming it."""
+    try:
+        scores = scorer(texts, **arguments)
+    except LlmtuneError:
+        raise
+    except Exception as exc:  # the user's function: its error in one paragraph, named
+        raise LlmtuneError(f"Reward {name!r} ({where}) raised {type(exc).__name__}: {exc}. It is called as "
+                           "function(completions=[texts], prompts=[conversations], completion_ids=[...], "
+                           "<column>=[...]) and returns one number (or None) per completion.") from exc
+    return checked(scores, len(texts), name, where)
+
+
+def weighted_total(weights: list[float], scores: list[float | None]) -> float | None:
+    """The rewards summed with their weights, as trl sums them (a reward that did not judge adds nothing); None
+    when no reward judged the completion (trl leaves such a completion out of its mean)."""
+    judged = [(w, s) for w, s in zip(weights, scores) if s is not None]
+    return sum(w * s for w, s in judged) if judged else None
 
 
 def prompt_text(prompt: Any) -> str:
@@ -186,9 +204,13 @@ def checked(scores: Any, expected: int, name: str, where: str) -> list[float | N
     for value in scores:
         if value is None:
             out.append(None)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) or hasattr(value, "__float__"):
-            out.append(float(value))
-        else:
-            raise LlmtuneError(f"Reward {name!r} ({where}) returned {value!r} for a completion; rewards are numbers "
-                               "(or None where the function does not judge that completion).")
+            continue
+        try:
+            number = float(value)  # ints, floats, bools (a check's True is 1), numpy and torch scalars
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, str) or math.isinf(number):
+            raise LlmtuneError(f"Reward {name!r} ({where}) returned {value!r} for a completion; rewards are finite "
+                               "numbers (or None where the function does not judge that completion).")
+        out.append(None if math.isnan(number) else number)
     return out

@@ -110,8 +110,9 @@ class RewardWatch(TrainerCallback):
             self.last_train_reward = logs["reward"]
         self._streak("no_signal", logs.get("frac_reward_zero_std"), state.global_step,
                      "in {share:.0%} or more of the groups every completion earned the same reward for {n} logs in "
-                     "a row: no signal to learn from. Make the task easier or harder for the model, use rewards "
-                     "with partial credit, or raise rl.num_generations.")
+                     "a row (with rl.scale_rewards=batch: the whole batch did): no signal to learn from. Make the "
+                     "task easier or harder for the model, use rewards with partial credit, or raise "
+                     "rl.num_generations.")
         self._streak("cut", logs.get("completions/clipped_ratio"), state.global_step,
                      "{share:.0%} or more of the completions hit rl.max_completion_length for {n} logs in a row: "
                      "their rewards judge unfinished texts. Raise rl.max_completion_length, add a soft_overlong "
@@ -130,10 +131,13 @@ class RewardWatch(TrainerCallback):
         held_out = (metrics or {}).get("eval_reward")
         if held_out is None:
             return
-        if state.global_step == 0 or "eval_reward" not in self.first:
-            self.first.setdefault("eval_reward", held_out)
+        if "eval_reward" not in self.first:  # the baseline: both rises are measured from this moment
+            self.first["eval_reward"] = held_out
+            self.first["train_at_baseline"] = self.last_train_reward
             return
-        rise = (self.last_train_reward or 0.0) - self.first.get("reward", 0.0)
+        start = self.first["train_at_baseline"]
+        start = self.first.get("reward", 0.0) if start is None else start  # baseline before the first step
+        rise = (self.last_train_reward or 0.0) - start
         if rise > 0.1 and held_out - self.first["eval_reward"] < rise / 4:
             self._warn("hacking", state.global_step,
                        f"the training reward rose by {rise:.3f} since the start, the held-out reward by "

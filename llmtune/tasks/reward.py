@@ -80,19 +80,21 @@ def read_pairs(recipe: Recipe, tokenizer: Any) -> tuple[dict[str, Dataset], str,
 def encode_pairs(rows: Dataset, tokenizer: Any, max_length: int) -> Dataset:
     """chosen_ids / rejected_ids: prompt + reply as the model scores them, at most max_length tokens (the oldest
     tokens go first)."""
-    chat = bool(tokenizer.chat_template)
-
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:
-        out = {}
-        for side in ("chosen", "rejected"):
-            if chat:
-                ids = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)
-                ids = ids["input_ids"]
-            else:
-                ids = tokenizer(as_text(row["prompt"]), row[side][0]["content"])["input_ids"]
-                if len(ids) > max_length:  # keep [CLS]-style first token, drop the oldest prompt tokens
-                    ids = ids[:1] + ids[len(ids) - max_length + 1:]
-            out[f"{side}_ids"] = ids[-max_length:] if chat else ids
-        return out
+        return {f"{side}_ids": reply_ids(tokenizer, row["prompt"], row[side], max_length)
+                for side in ("chosen", "rejected")}
 
     return rows.map(encode, remove_columns=rows.column_names, desc="Tokenizing pairs")
+
+
+def reply_ids(tokenizer: Any, prompt: list[dict[str, str]], reply: list[dict[str, str]], max_length: int
+              ) -> list[int]:
+    """A conversation and its reply as a reward model reads them: through the chat template (a decoder), else as
+    a (conversation, reply) text pair; at most max_length tokens, the oldest dropped first."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
+        return ids[-max_length:]
+    ids = tokenizer(as_text(prompt), reply[0]["content"])["input_ids"]
+    if len(ids) > max_length:  # keep [CLS]-style first token, drop the oldest prompt tokens
+        ids = ids[:1] + ids[len(ids) - max_length + 1:]
+    return ids
