@@ -21,8 +21,7 @@ from llmtune.data.lm_tokenize import setup_chat_template
 from llmtune.data.preference import chat_prompt_tokens
 from llmtune.data.prompts import load_prompt_splits
 from llmtune.errors import LlmtuneError
-from llmtune.inference.generation import GenerationLogger, set_generation_eos
-from llmtune.kernels.attention import attention_for
+from llmtune.inference.generation import GenerationLogger
 from llmtune.models.loading import load_tokenizer
 from llmtune.models.quantization import keep_adapters_in_compute_dtype
 from llmtune.models.sources import ResolvedModel
@@ -33,7 +32,7 @@ from llmtune.tasks.grpo_heldout import HeldOut
 from llmtune.tasks.grpo_rewards import CompletionLedger, build_scorer, check_rewards, reward_names
 from llmtune.tasks.grpo_trainers import RewardWatch, build_trainer, summarize
 from llmtune.tasks.job import Job
-from llmtune.tasks.preference import check_decoder, drop_reference_adapter, sft_parent, starting_model
+from llmtune.tasks.preference import check_decoder, drop_reference_adapter, policy_model, sft_parent
 
 COMPLETIONS_FILE = "completions.jsonl"
 
@@ -55,12 +54,8 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
     check_reward_columns(recipe, splits)
 
     # 3. Model: the checkpoint, or the SFT run's model (its adapter merged, or trained further)
-    attention = attention_for(recipe.model.attention, False, resolved_precision(recipe.training.precision))
-    model, model_path, new_adapter = starting_model(recipe, source, parent, attention,
-                                                    ("rl.sft_adapter", recipe.rl.sft_adapter))
-    if added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
-    set_generation_eos(model, tokenizer, chat=True)
+    model, model_path, new_adapter = policy_model(recipe, source, parent, ("rl.sft_adapter", recipe.rl.sft_adapter),
+                                                  tokenizer, added_tokens)
 
     # 4. trl's trainer, its reward callables writing completions.jsonl
     ledger = CompletionLedger(run_dir / COMPLETIONS_FILE, names, weights)

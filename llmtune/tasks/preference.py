@@ -52,17 +52,13 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
         tokenizer, added_tokens, splits, layout, dropped = load_data(recipe, source)
 
     # 2. Model: the checkpoint, or the SFT run's model (its adapter merged, or trained further)
-    attention = attention_for(recipe.model.attention, False, resolved_precision(recipe.training.precision))
-    model, model_path, new_adapter = starting_model(recipe, source, parent, attention,
-                                                    ("pref.sft_adapter", recipe.pref.sft_adapter))
-    if added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
-    set_generation_eos(model, tokenizer, chat=True)
+    model, model_path, new_adapter = policy_model(recipe, source, parent, ("pref.sft_adapter", recipe.pref.sft_adapter),
+                                                  tokenizer, added_tokens)
 
     # 3. Reference (dpo, kto) and trl's trainer; generations of lm.generation_prompts at every evaluation
     reference = None
     if recipe.pref.reference:
-        reference = reference_model(recipe, attention)
+        reference = reference_model(recipe, attention_of(recipe))
     callbacks = []
     if recipe.lm.generation_prompts:
         callbacks.append(GenerationLogger(run_dir / "generations.jsonl", recipe.lm.generation_prompts,
@@ -122,6 +118,21 @@ def sft_parent(path: str) -> dict[str, Any] | None:
     return {"run_dir": str(folder), "task": record.get("recipe", {}).get("task"), "adapter": adapter,
             "base": record.get("model_path") if adapter else None,
             "base_name": record.get("recipe", {}).get("model", {}).get("name")}
+
+
+def attention_of(recipe: Recipe) -> str:
+    return attention_for(recipe.model.attention, False, resolved_precision(recipe.training.precision))
+
+
+def policy_model(recipe: Recipe, source: ResolvedModel, parent: dict[str, Any] | None, sft_adapter: tuple[str, str],
+                 tokenizer: Any, added_tokens: bool) -> tuple[Any, str, bool]:
+    """The model a preference or RL task trains (see starting_model), sized for the tokenizer and stopping where
+    chat replies end."""
+    model, model_path, new_adapter = starting_model(recipe, source, parent, attention_of(recipe), sft_adapter)
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    set_generation_eos(model, tokenizer, chat=True)
+    return model, model_path, new_adapter
 
 
 def starting_model(recipe: Recipe, source: ResolvedModel, parent: dict[str, Any] | None, attention: str,
