@@ -68,12 +68,6 @@ def plan(recipe: Recipe, device_memory: str | float | None = None, dry_run: bool
     from llmtune import pipeline
     from llmtune.observe.plan import make_plan, parse_size
 
-    if recipe.task == "grpo":
-        raise LlmtuneError(
-            "plan does not estimate task grpo yet: its steps are mostly sampling, which the timed training steps of a "
-            "plan do not cover. `llmtune validate` checks the recipe, rewards and prompts; a run with "
-            "training.max_steps=2 times a step (the console shows seconds per step)."
-        )
     budget = None
     if device_memory is not None:
         try:
@@ -86,7 +80,12 @@ def plan(recipe: Recipe, device_memory: str | float | None = None, dry_run: bool
     with tempfile.TemporaryDirectory(prefix="llmtune-plan-") as scratch:
         recipe.output.dir = str(Path(scratch) / "run")
         recipe.output.push_to_hub = None
-        return make_plan(pipeline.build(recipe).job.trainer, recipe, budget, dry_run=dry_run)
+        trainer = pipeline.build(recipe).job.trainer
+        if recipe.task == "grpo":  # its steps are mostly sampling: timed as whole steps
+            from llmtune.observe.plan_grpo import make_grpo_plan
+
+            return make_grpo_plan(trainer, recipe, budget, dry_run=dry_run)
+        return make_plan(trainer, recipe, budget, dry_run=dry_run)
 
 
 def build_trainer(recipe: Recipe) -> Any:

@@ -60,28 +60,19 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# The files with the longest slow tests, longest first (measured on a CI run). pytest-xdist hands out files in
-# collection order, so these start first and the short ones fill in around them, instead of one long file
-# starting last and running alone at the end.
+# The files with the longest slow tests, longest first (measured on a CI run). `--dist loadfile` keeps each file on
+# one worker (its module fixtures are made once) and hands files out in collection order, so these start first and
+# the short ones fill in around them, instead of one long file starting last and running alone at the end.
+# (Not `--dist loadgroup`: with pytest >= 9.2 it silently spreads a group over both workers, tests/test_readme.py.)
 LONGEST_FIRST = ("test_readme.py", "test_faults.py", "test_distributed.py", "test_export.py", "test_real_sst2.py",
-                 "test_real_smollm2_sft.py", "test_real_grpo.py", "test_real_benchmarks.py", "test_observe.py",
-                 "test_grpo.py", "test_merge_push.py", "test_preference.py", "test_real_decoder.py", "test_real_qlora.py",
-                 "test_serve.py")
+                 "test_real_smollm2_sft.py", "test_grpo.py", "test_real_grpo.py", "test_real_benchmarks.py",
+                 "test_observe.py", "test_merge_push.py", "test_preference.py", "test_real_decoder.py",
+                 "test_real_qlora.py", "test_serve.py")
 
 
-# Files whose long tests share no module fixture between different test functions: each function is a unit of
-# work of its own (its parametrized cases stay together), so the two workers share the file instead of one
-# worker running all of it last.
-SPLIT_FILES = ("test_faults.py", "test_grpo.py")
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
-    for item in items:  # a file is one unit of work (its module fixtures are made once), unless it is split
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(f"{name}::{item.originalname}" if name in SPLIT_FILES else name))
 
 
 def pytest_configure(config):

@@ -265,3 +265,41 @@ def test_two_process_distillation_from_a_minilm_teacher_into_a_pruned_student(ss
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
     plain = AutoModelForSequenceClassification.from_pretrained(student)
     assert len(plain.bert.encoder.layer) == 3 and plain.config.num_hidden_layers == 3
+
+
+@pytest.mark.slow  # two real processes
+def test_two_process_grpo_keeps_each_prompts_group_whole_and_the_ranks_in_step(tiny_llama, tmp_path):
+    """2 processes x 4 completions a step, 4 completions a prompt: each step's two groups are sampled and scored
+    whole (every prompt's 4 completions in one step, none split between steps), both ranks' completions land in
+    one completions.jsonl, and the ranks end with the same weights."""
+    from llmtune.rewards.constraints import constrained_prompts
+
+    source = require_shared(SHARED_DATA / "alpaca" / "alpaca_5000.json")
+    instructions = [r["instruction"] for r in json.loads(source.read_text()) if not r["input"]][:20]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in constrained_prompts(instructions, seed=0)))
+    run_dir = tmp_path / "ddp-grpo"
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "task": "grpo", "model": {"name": tiny_llama},
+        "data": {"train_file": str(prompts), "holdout_every": 5, "max_length": 160}, "method": {"type": "lora"},
+        "rl": {"rewards": [{"function": "constraints"}, {"function": "soft_overlong", "weight": 0.5}],
+               "num_generations": 4, "max_completion_length": 12},
+        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "log_every": 1, "eval_every": "no",
+                     "save_every": "no", "precision": "fp32"},
+        "eval": {"before_training": False},
+        "output": {"dir": str(run_dir), "report": False},
+    }))
+    result = accelerate_launch("cpu_ddp", "train", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["ranks_in_sync"] is True
+    rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [sum(r["step"] == s for r in train) for s in (1, 2)] == [8, 8]  # both ranks' 4, each step
+    for step in (1, 2):
+        groups = {}
+        for row in train:
+            if row["step"] == step:
+                groups[row["prompt"]] = groups.get(row["prompt"], 0) + 1
+        assert sorted(groups.values()) == [4, 4], groups  # two prompts, each with its whole group

@@ -124,3 +124,101 @@ def test_a_missing_reward_file_or_run_is_refused_before_any_model_loads(tiny_lla
         with pytest.raises(LlmtuneError, match=message):
             api.train(recipe_for(tiny_llama, prompt_file, out, f"rl.rewards=[{reward}]"))
         assert not out.exists()
+
+
+def test_classifier_and_reward_runs_reward_each_completion_as_those_runs_score_it(tiny_bert, tiny_llama, prompt_file,
+                                                                                 tmp_path):
+    """The lifecycle composes: a classification run's probability of a label and a reward run's score are rewards,
+    each equal to what that run itself says of the completion (predict's probability; the reward model's logit on
+    the pair as its task encodes it)."""
+    import gzip
+
+    import torch
+    from conftest import write_reviews
+
+    from llmtune.inference.classifier import Classifier
+    from llmtune.tasks.reward import reply_ids
+
+    reviews = write_reviews(tmp_path)
+    classifier = tmp_path / "sentiment"
+    api.train(load_recipe(str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml"), [
+        f"model.name={tiny_bert}", f"data.train_file={reviews['train']}", f"data.eval_file={reviews['eval']}",
+        "data.test_file=null", f"output.dir={classifier}", "training.max_steps=2", "method.type=full", NO_REPORT]))
+    hh = SHARED_DATA / "preference" / "hh-rlhf-harmless-base-test.jsonl.gz"
+    with gzip.open(require_shared(hh), "rt") as handle:
+        pairs = write_jsonl(tmp_path / "hh.jsonl", [json.loads(next(handle)) for _ in range(12)])
+    judge = tmp_path / "judge"
+    api.train(load_recipe(None, [
+        "task=reward", f"model.name={tiny_bert}", f"data.train_file={pairs}", "data.holdout_every=6",
+        "data.max_length=128", "pref.max_prompt_length=96", "method.type=full", "training.max_steps=2",
+        "training.batch_size=4", "training.precision=fp32", "eval.before_training=false", f"output.dir={judge}",
+        NO_REPORT]))
+
+    out = tmp_path / "run"
+    api.train(recipe_for(tiny_llama, prompt_file, out, "training.max_steps=1", "eval.before_training=false",
+                         f"rl.rewards=[{{classifier: {classifier}, label: positive}}, {{reward_model: {judge}}}]"))
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert rows and all(set(r["rewards"]) == {"positive", "reward_model"} for r in rows)
+    said = api.predict(classifier, texts=[r["completion"] for r in rows])
+    assert [r["rewards"]["positive"] for r in rows] == pytest.approx(
+        [s["probabilities"]["positive"] for s in said], abs=1e-5)
+    scorer = Classifier.load(judge, "fp32")
+    for row in rows:
+        ids = reply_ids(scorer.tokenizer, [{"role": "user", "content": row["prompt"]}],
+                        [{"role": "assistant", "content": row["completion"]}], scorer.max_length)
+        with torch.inference_mode():
+            logit = scorer.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+        assert row["rewards"]["reward_model"] == pytest.approx(logit, abs=1e-4)
+    with pytest.raises(LlmtuneError, match=r"'rl.rewards\[0\].label' is 'joyful'.*'negative', 'positive'"):
+        api.train(recipe_for(tiny_llama, prompt_file, tmp_path / "run2",
+                             f"rl.rewards=[{{classifier: {classifier}, label: joyful}}]"))
+
+
+def test_a_run_stopped_mid_way_resumes_from_its_checkpoint_and_logs_each_step_once(tiny_llama, prompt_file, tmp_path):
+    """A reward that fails at step 4 stops the run after checkpoint-2 and step 3; --resume trains steps 3-4 again,
+    the ledger keeps one group per step (the first start's step 3 is dropped) and the held-out scores from before
+    training are read back, not sampled again."""
+    out = tmp_path / "run"
+    flaky = tmp_path / "flaky.py"
+    marker = tmp_path / "fail-at-step-4"
+    flaky.write_text("import pathlib\ncalls_after_checkpoint = 0\n\n"
+                     "def flaky(completions, **columns):\n"
+                     "    global calls_after_checkpoint\n"
+                     f"    if pathlib.Path({str(marker)!r}).exists() and pathlib.Path({str(out)!r}, 'checkpoint-2').is_dir():\n"
+                     "        calls_after_checkpoint += 1\n"
+                     "        if calls_after_checkpoint == 2:\n"
+                     "            raise RuntimeError('the judge went away')\n"
+                     "    return [len(c) / 100 for c in completions]\n")
+    marker.touch()
+    extra = ("training.max_steps=4", "training.save_every=2", "training.eval_every=no",
+             f"rl.rewards=[{{function: {flaky}:flaky}}]")
+    with pytest.raises(LlmtuneError, match="the judge went away"):
+        api.train(recipe_for(tiny_llama, prompt_file, out, *extra))
+    first = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in first) == 3 and not (out / "checkpoint-3").exists()
+    before = (out / "held_out_before.json").read_text()
+    marker.unlink()
+    result = api.train(recipe_for(tiny_llama, prompt_file, out, *extra), resume=True)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [sum(r["step"] == s for r in train) for s in (1, 2, 3, 4)] == [4, 4, 4, 4]
+    assert [r for r in rows if r["step"] <= 2] == [r for r in first if r["step"] <= 2]
+    assert result["held_out"]["before"] == json.loads(before)["summary"]
+    assert not (out / "held_out_before.json").exists()  # it is in held_out.jsonl now
+    assert json.loads((out / "run.json").read_text())["resumes"][0]["from_checkpoint"] == "checkpoint-2"
+
+
+def test_plan_times_real_grpo_steps_sampling_included_and_writes_no_run(tiny_llama, prompt_file, tmp_path):
+    from llmtune.observe.plan import format_plan
+
+    out = tmp_path / "run"
+    recipe = recipe_for(tiny_llama, prompt_file, out, "training.max_steps=10", "training.eval_every=5")
+    plan = api.plan(recipe, device_memory="64GB")
+    assert plan.steps["optimizer_steps"] == 10 and plan.steps["completions_per_step"] == 4
+    assert plan.steps["held_out_prompts"] == 4 and plan.steps["evaluations"] == 4  # before, at 5 and 10, and after
+    assert plan.fits and plan.measured_peak_bytes > 0 and 0 < plan.step_seconds
+    assert plan.time_seconds >= 10 * plan.step_seconds  # the steps, plus sampling for evaluations and held-out
+    text = format_plan(plan)
+    assert "16 training prompts" in text and "10 optimizer steps of 4 sampled completions" in text
+    assert not out.exists() and recipe.output.dir == str(out)

@@ -112,6 +112,9 @@ def as_run(argv: list[str], real: bool) -> list[str] | None:
         (run_dir / "metrics.json").unlink(missing_ok=True)
     if argv[0] == "eval" and "--tasks" in argv:  # benchmarks: a few items of each task (their scores: other tests)
         argv = [a for i, a in enumerate(argv) if a != "--limit" and argv[i - 1] != "--limit"] + ["--limit", "3"]
+    if argv[0] == "plan":  # two real steps of 4 short completions (one group), on a few rows
+        return [*argv, *SMALL_DATA, "training.max_steps=2", "training.batch_size=4", "training.gradient_accumulation=1",
+                "rl.max_completion_length=16"]
     return [*argv, *SMALL] if argv[0] == "train" else argv
 
 
@@ -172,3 +175,28 @@ def test_readme_python_session_runs_top_to_bottom(tmp_path):
                            env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "runs" / "notebook" / "metrics.json").is_file()
+
+
+def test_the_readme_test_command_is_ci_and_trains_each_files_shared_run_once(tmp_path):
+    """The README's second set-up command is what .ci/run runs, and its pytest options keep a file's tests on one
+    worker: a module fixture (a shared training run) is made once, not once per worker. (pytest 9.2 broke
+    `--dist loadgroup` this way: pytest-xdist 3.8 still writes the group into a field pytest no longer reads.)"""
+    ci = (REPO / ".ci" / "run").read_text()
+    commands = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")]
+    assert commands[-1] in ci, "the README's test command and .ci/run differ"
+    options = shlex.split(commands[-1].split("-m pytest", 1)[1])
+    assert "-n" in options
+    log = tmp_path / "setups.log"
+    (tmp_path / "test_shared.py").write_text(
+        "import pytest, time\n\n"
+        "@pytest.fixture(scope='module')\ndef run():\n"
+        f"    open({str(log)!r}, 'a').write('trained\\n')\n\n"
+        + "".join(f"def test_{i}(run):\n    time.sleep(0.2)\n\n" for i in range(6)))
+    for name in ("a", "b"):
+        (tmp_path / f"test_other_{name}.py").write_text("import time\n\n" + "".join(
+            f"def test_{i}():\n    time.sleep(0.1)\n\n" for i in range(4)))
+    done = subprocess.run([sys.executable, "-m", "pytest", *options, "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert log.read_text() == "trained\n", "a file's module fixture was made on more than one worker"

@@ -245,14 +245,6 @@ def test_the_sign_test_is_the_exact_binomial_tail_and_ignores_ties():
     assert sign_test([1, 1], [1, 1])["p_value"] == 1.0
 
 
-def test_plan_says_it_does_not_estimate_grpo_yet_instead_of_failing_inside_trl():
-    from llmtune import api
-
-    recipe = load_recipe(None, [*GRPO, "rl.rewards=[{function: constraints}]", "training.batch_size=4"])
-    with pytest.raises(LlmtuneError, match="plan does not estimate task grpo yet"):
-        api.plan(recipe)
-
-
 def test_review_cases_numbers_silence_and_incompatible_kinds():
     assert builtin.final_answer("Buy 3-4 apples") == "4" and builtin.final_answer("It costs 0.50") == "0.5"
     assert builtin.exact_answer(["#### 1,250.00"], answer=["1250"]) == [1.0]

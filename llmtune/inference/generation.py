@@ -51,10 +51,15 @@ def generate(
 @torch.inference_mode()
 def replies(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]],
             max_new_tokens: int, samples: int = 0, temperature: float = 1.0, top_p: float = 1.0,
-            batch_size: int = 16, **sampling: Any) -> list[list[dict[str, Any]]]:
-    """Replies to each conversation in the chat template, many prompts per left-padded batch: the greedy one
-    (samples=0), or `samples` sampled ones (`sampling`: more generate options, e.g. top_k=0). Each reply:
-    {"text", "ids", "stopped"} (stopped on its own, not cut)."""
+            batch_rows: int = 64, progress: str | None = None, **sampling: Any) -> list[list[dict[str, Any]]]:
+    """Replies to each conversation in the chat template, many prompts per left-padded batch of about `batch_rows`
+    sequences: the greedy one (samples=0), or `samples` sampled ones (`sampling`: more generate options, e.g.
+    top_k=0). Each reply: {"text", "ids", "stopped"} (stopped on its own, not cut). `progress`: a bar's title.
+
+    Decoding a small model on a CPU is bound by reading the weights, not by the rows: SmolLM2-135M decodes 64 rows
+    x 64 tokens in 2x the time of 16 rows (fp32, 2-core EPYC), so batches are counted in rows, not prompts."""
+    from tqdm.auto import tqdm
+
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -63,6 +68,8 @@ def replies(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversa
                **sampling} if samples else {"do_sample": False}
     out: list[list[dict[str, Any]]] = []
     try:
+        bar = tqdm(total=len(conversations), desc=progress, unit="prompt", disable=progress is None)
+        batch_size = max(1, batch_rows // max(samples, 1))
         for start in range(0, len(conversations), batch_size):
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in conversations[start:start + batch_size]]
@@ -72,6 +79,8 @@ def replies(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, conversa
             rows = [_reply(ids.tolist(), tokenizer, stop_ids) for ids in generated]
             per = max(samples, 1)
             out += [rows[i:i + per] for i in range(0, len(rows), per)]
+            bar.update(len(texts))
+        bar.close()
     finally:
         model.train(was_training)
         tokenizer.padding_side = side

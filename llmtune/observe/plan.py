@@ -176,19 +176,27 @@ def advice(plan: Plan, recipe: Recipe) -> list[str]:
 
 
 def format_plan(plan: Plan) -> str:
-    lines = [f"parameters   {plan.parameters['total']:,} total, {plan.parameters['trainable']:,} trainable",
-             f"data         {plan.tokens['train']:,} training tokens (longest example {plan.tokens['longest']}, "
-             f"mean {plan.tokens['mean']})",
-             f"steps        {plan.steps['optimizer_steps']} optimizer steps x {plan.steps['micro_batches_per_step']} "
-             f"micro-batches, {plan.steps['evaluations']} evaluations",
-             f"memory per device ({plan.device}), estimated for the worst batch:"]
+    lines = [f"parameters   {plan.parameters['total']:,} total, {plan.parameters['trainable']:,} trainable"]
+    if "prompts" in plan.tokens:  # task grpo: prompts whose completions are sampled in training
+        lines += [f"data         {plan.tokens['prompts']:,} training prompts, each with its completion at most "
+                  f"{plan.tokens['longest']} tokens",
+                  f"steps        {plan.steps['optimizer_steps']} optimizer steps of "
+                  f"{plan.steps['completions_per_step']} sampled completions, {plan.steps['evaluations']} "
+                  f"evaluations, {plan.steps['held_out_prompts']} held-out prompts replied to before and after"]
+    else:
+        lines += [f"data         {plan.tokens['train']:,} training tokens (longest example {plan.tokens['longest']}, "
+                  f"mean {plan.tokens['mean']})",
+                  f"steps        {plan.steps['optimizer_steps']} optimizer steps x "
+                  f"{plan.steps['micro_batches_per_step']} micro-batches, {plan.steps['evaluations']} evaluations"]
+    lines.append(f"memory per device ({plan.device}), estimated for the worst batch:")
     for name, value in plan.memory.items():
         lines.append(f"  {name:<32s} {value / GIB:8.3f} GiB")
     lines.append(f"  {'sum: longest rows in one batch':<32s} {plan.estimate_bytes / GIB:8.3f} GiB  "
                  "(process baseline not included)")
     if plan.measured_peak_bytes is not None:
-        lines.append(f"measured     peak {plan.measured_peak_bytes / GIB:.2f} GiB over steps on the run's largest "
-                     f"batch; {plan.step_seconds:.2f} s for that step")
+        where = "real steps (sampling included)" if "prompts" in plan.tokens else "steps on the run's largest batch"
+        lines.append(f"measured     peak {plan.measured_peak_bytes / GIB:.2f} GiB over {where}; "
+                     f"{plan.step_seconds:.2f} s a step")
         lines.append(f"predicted    peak {plan.predicted_peak_bytes / GIB:.2f} GiB, time {_duration(plan.time_seconds)}")
     if plan.device_memory is not None:
         verdict = "fits" if plan.fits else "will NOT fit"

@@ -26,6 +26,7 @@ from llmtune.models.loading import load_tokenizer
 from llmtune.models.quantization import keep_adapters_in_compute_dtype
 from llmtune.models.sources import ResolvedModel
 from llmtune.rewards.constraints import constrain, constraint_problem
+from llmtune.run.checkpoints import checkpoint_step, newest_complete
 from llmtune.run.distributed import main_process_first
 from llmtune.run.precision import resolved_precision
 from llmtune.tasks.grpo_heldout import HeldOut
@@ -59,6 +60,8 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
 
     # 4. trl's trainer, its reward callables writing completions.jsonl
     ledger = CompletionLedger(run_dir / COMPLETIONS_FILE, names, weights)
+    if resume and (checkpoint := newest_complete(run_dir)[0]):
+        ledger.keep_until(checkpoint_step(checkpoint) or 0)  # the steps after it are trained, and logged, again
     rewards = [ledger.reward(name, scorer, f"rl.rewards[{i}]") for i, (name, scorer) in enumerate(zip(names, scorers))]
     watch = RewardWatch()
     callbacks = [watch]
@@ -69,7 +72,7 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
                             resume, callbacks, new_adapter)
     ledger.trainer = trainer
     keep_adapters_in_compute_dtype(trainer.model, recipe.method)
-    held_out = HeldOut(recipe, splits["eval"], names, weights, scorers) if "eval" in splits else None
+    held_out = HeldOut(recipe, splits["eval"], names, weights, scorers, resume) if "eval" in splits else None
     if held_out:
         held_out.model, held_out.tokenizer = trainer.model, tokenizer
 

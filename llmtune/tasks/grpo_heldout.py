@@ -24,12 +24,13 @@ from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError
 from llmtune.inference.generation import replies
 from llmtune.run.distributed import is_main_process, launched_with
-from llmtune.run.files import write_text
+from llmtune.run.files import read_json, write_json, write_text
 from llmtune.tasks.grpo_rewards import call_reward, weighted_total
 
 logger = logging.getLogger(__name__)
 
 HELD_OUT_FILE = "held_out.jsonl"
+HELD_OUT_BEFORE = "held_out_before.json"  # the untrained scores, read back by --resume
 SCORE_RANGE = {"constraints": (0.0, 1.0), "all_constraints": (0.0, 1.0), "exact_answer": (0.0, 1.0),
                "regex": (0.0, 1.0), "soft_overlong": (-1.0, 0.0)}  # (lowest, highest)
 
@@ -37,9 +38,10 @@ SCORE_RANGE = {"constraints": (0.0, 1.0), "all_constraints": (0.0, 1.0), "exact_
 class HeldOut:
     """Scores the model on the held-out prompts; `before` once training is about to start, `after` once it ends."""
 
-    def __init__(self, recipe: Recipe, prompts: Any, names: list[str], weights: list[float], scorers: list[Any]
-                 ) -> None:
+    def __init__(self, recipe: Recipe, prompts: Any, names: list[str], weights: list[float], scorers: list[Any],
+                 resume: bool = False) -> None:
         self.rl, self.prompts, self.names, self.weights, self.scorers = recipe.rl, prompts, names, weights, scorers
+        self.resume = resume
         self.best = {name: SCORE_RANGE[item["function"]][1 if weight > 0 else 0]
                      for name, item, weight in zip(names, recipe.rl.rewards, weights)
                      if item.get("function") in SCORE_RANGE and weight != 0}
@@ -52,9 +54,15 @@ class HeldOut:
             logger.info("Held-out replies are not scored under FSDP or DeepSpeed (the weights are sharded across "
                         "processes); trl's own sampled evaluation still runs.")
             return
-        if is_main_process():
-            with torch.random.fork_rng():  # sampling here leaves training's random stream as it was
-                self.first = self.score()
+        if not is_main_process():
+            return
+        saved = run_dir / HELD_OUT_BEFORE
+        if self.resume and saved.exists():  # the first start scored the untrained model: read it back
+            self.first = read_json(saved)
+            return
+        with torch.random.fork_rng():  # sampling here leaves training's random stream as it was
+            self.first = self.score()
+        write_json(saved, self.first)
 
     def after(self, run_dir: Path) -> dict[str, Any]:
         if not is_main_process() or self.first is None:
@@ -68,6 +76,7 @@ class HeldOut:
         write_text(run_dir / HELD_OUT_FILE, "".join(
             json.dumps({"prompt": a["prompt"], "before": a["replies"], "after": b["replies"]}, ensure_ascii=False) + "\n"
             for a, b in zip(self.first["per_prompt"], last["per_prompt"])))
+        (run_dir / HELD_OUT_BEFORE).unlink(missing_ok=True)  # now in held_out.jsonl
         result = {"prompts": len(self.prompts), "before": self.first["summary"], "after": last["summary"]}
         if self.best:
             result["sign_test"] = {kind: sign_test([p[kind] for p in self.first["per_prompt"]],
@@ -78,9 +87,12 @@ class HeldOut:
     def score(self) -> dict[str, Any]:
         conversations = list(self.prompts["prompt"])
         columns = {c: list(self.prompts[c]) for c in self.prompts.column_names if c != "prompt"}
-        greedy = replies(self.model, self.tokenizer, conversations, self.rl.max_completion_length)
+        greedy = replies(self.model, self.tokenizer, conversations, self.rl.max_completion_length,
+                         progress="Held-out prompts, greedy replies")
         sampled = replies(self.model, self.tokenizer, conversations, self.rl.max_completion_length,
-                          self.rl.num_generations, self.rl.temperature, self.rl.top_p, top_k=0, repetition_penalty=1.0)
+                          self.rl.num_generations, self.rl.temperature, self.rl.top_p,
+                          progress=f"Held-out prompts, {self.rl.num_generations} sampled replies each", top_k=0,
+                          repetition_penalty=1.0)
         summary, per_prompt = {}, [{"prompt": c[-1]["content"], "replies": {}} for c in conversations]
         for kind, groups in (("greedy", greedy), ("sampled", sampled)):
             flat = [(i, reply) for i, group in enumerate(groups) for reply in group]

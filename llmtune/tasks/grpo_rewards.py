@@ -18,6 +18,8 @@ from typing import Any
 from llmtune.data.preference import as_text
 from llmtune.errors import LlmtuneError
 from llmtune.rewards.builtin import bind, load_function, text_of
+from llmtune.run.distributed import is_main_process
+from llmtune.run.files import write_text
 
 Scorer = Callable[..., list[float | None]]
 
@@ -143,6 +145,16 @@ class CompletionLedger:
         call.__name__ = name  # trl logs each reward under its callable's name
         return call
 
+    def keep_until(self, step: int) -> None:
+        """On --resume from checkpoint-`step`: drop the rows of the steps after it, which are trained again (the
+        file is rewritten whole, so a crash leaves the old one)."""
+        if not self.path.exists() or not is_main_process():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if (row := _row(line)) and row["step"] <= step]
+        if len(kept) < len(lines):
+            write_text(self.path, "".join(kept))
+
     def write(self, prompts: list[Any], completions: list[Any], constraints: list[Any] | None) -> None:
         from accelerate.utils import gather_object
 
@@ -164,6 +176,14 @@ class CompletionLedger:
                 return
         with self.path.open("a", encoding="utf-8") as handle:  # appended and flushed: readable while training
             handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """One ledger line, or None for a blank one or one a crash cut short."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def call_reward(scorer: Scorer, name: str, where: str, texts: list[str], **arguments: Any) -> list[float | None]:
