@@ -3,7 +3,7 @@ constraints, reward = share of constraints met + a soft overlong penalty) traine
 prompts scored before and after by the run itself (greedy and sampled pass rates, an exact one-sided sign test
 over prompts; held_out.jsonl keeps every reply).
 
-    .venv/bin/python benchmarks/grpo_quality.py --steps 150 --held-out 300      # the measurement
+    .venv/bin/python benchmarks/grpo_quality.py --steps 100 --held-out 300      # the README's measurement
     .venv/bin/python benchmarks/grpo_quality.py --steps 20 --held-out 48        # a quick look
 
 Prints a table and writes benchmarks/results/grpo_quality.json (CPU named, times included).
@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--held-out", type=int, default=300, help="held-out prompts scored before and after")
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grpo_quality.json"))
     args = parser.parse_args()
 
