@@ -33,6 +33,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from llmtune import api, load_recipe
+    from llmtune.run.files import write_json
     from llmtune.run.run_dir import _cpu_name
 
     with tempfile.TemporaryDirectory() as folder:
@@ -58,8 +59,7 @@ def main() -> int:
     result = {"steps": args.steps, "learning_rate": args.learning_rate, "held_out": held,
               "train_reward": train_rewards, "warnings": metrics.get("rl_warnings"), "seconds": seconds,
               "cpu": _cpu_name(), "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(args.out), result)  # the project's writer: folders made, a crash leaves the old file
     print(f"Wrote {args.out}")
     return 0
 

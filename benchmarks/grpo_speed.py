@@ -131,6 +131,7 @@ def main() -> int:
         print(json.dumps(worker(args.worker, Path(args.prompts), args.steps)))
         return 0
 
+    from llmtune.run.files import write_json
     from llmtune.run.run_dir import _cpu_name
 
     with tempfile.TemporaryDirectory() as folder:
@@ -153,8 +154,7 @@ def main() -> int:
             print(f"llmtune / {other}: {by['llmtune']['completions_per_s'] / by[other]['completions_per_s']:.2f}x")
     report = {"settings": {**SETTINGS, "steps": args.steps}, "results": results, "cpu": _cpu_name(),
               "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())), "date": time.strftime("%Y-%m-%d")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(args.out), report)  # the project's writer: folders made, a crash leaves the old file
     print(f"Wrote {args.out}")
     return 0
 

@@ -25,10 +25,6 @@ DRY_STEPS = 2
 class _StepClock(TrainerCallback):
     def __init__(self) -> None:
         self.ends: list[float] = []
-        self.start = 0.0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.start = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.ends.append(time.perf_counter())
