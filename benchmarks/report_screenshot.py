@@ -27,7 +27,10 @@ def screenshot(report: Path, out: Path, browser: str) -> dict:
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no first-run state, no network needed
+        # The virtual-time budget lets the page finish decoding its images before the picture is taken: on a busy
+        # machine a screenshot straight after load caught the page without its plots.
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--virtual-time-budget=10000",
                         f"--user-data-dir={profile}", "--window-size=1400,2400", f"--screenshot={out}",
                         report.resolve().as_uri()], check=True, capture_output=True, timeout=120)
     image = Image.open(out).convert("RGB")

@@ -34,6 +34,7 @@ from llmtune.run.checkpoints import MARKER, describe_write_error, prepare_resume
 from llmtune.run.distributed import barrier
 from llmtune.run.files import make_public, write_json
 from llmtune.run.precision import resolved_precision
+from llmtune.run.process import recorded_process
 from llmtune.run.run_dir import (
     METRICS_FILE,
     RUN_RECORD,
@@ -108,7 +109,13 @@ def train(recipe: Recipe, resume: bool = False, overrides: list[str] | None = No
         claim_run_dir(run_dir, recipe.output.overwrite, resume)
         write_run_record(run_dir, run_record(run, overrides))
     barrier()  # nobody trains into the directory before it is claimed
+    with recorded_process(run_dir, trainer.is_world_process_zero()):  # process.json: running, then how it ended
+        return train_save_report(run)
 
+
+def train_save_report(run: Run) -> dict[str, Any]:
+    """A claimed run: evaluate before, train, evaluate after, save, write metrics.json and the report, push."""
+    recipe, job, run_dir, trainer = run.recipe, run.job, run.run_dir, run.job.trainer
     before = benchmarks_before(run)
     if job.before_training:
         job.before_training(run_dir)

@@ -18,6 +18,7 @@ from llmtune import __version__
 from llmtune.cli.observe_commands import add_observe_commands
 from llmtune.cli.ship_commands import add_ship_commands
 from llmtune.cli.train_commands import add_train_commands
+from llmtune.cli.ui_command import add_ui_command
 from llmtune.cli.use_commands import add_use_commands
 from llmtune.errors import LlmtuneError
 
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     add_use_commands(commands)
     add_observe_commands(commands)
     add_ship_commands(commands)
+    add_ui_command(commands)
     return parser
 
 

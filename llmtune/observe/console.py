@@ -22,6 +22,8 @@ logger = logging.getLogger("llmtune")
 
 VERBOSE_ENV = "LLMTUNE_VERBOSE"
 EVALUATIONS_FILE = "evaluations.jsonl"  # one line per evaluation, written as the run goes
+PROGRESS_FILE = "progress.jsonl"  # the run as it goes, for `llmtune ui`: steps (every few seconds) and every log
+_TICK_SECONDS = 2.0
 _TIMINGS = ("runtime", "per_second", "epoch", "preparation_time", "total_flos")
 
 
@@ -89,6 +91,8 @@ class Console(TrainerCallback):
 
     def __init__(self, run_dir: Path | None = None, stream: TextIO | None = None) -> None:
         self.evaluations = Path(run_dir) / EVALUATIONS_FILE if run_dir is not None else None
+        self.progress = Path(run_dir) / PROGRESS_FILE if run_dir is not None else None
+        self._last_tick = 0.0
         self.stream = stream or sys.stderr
         self.bar = None
         self._mark: tuple[float, int, float] | None = None  # time, step, tokens seen at the previous training log
@@ -104,6 +108,7 @@ class Console(TrainerCallback):
         now = time.perf_counter()
         self._mark = (now, state.global_step, float(state.num_input_tokens_seen or 0))
         self._session = (now, state.global_step)
+        self._record(state, event="begin")
         if self.interactive:
             from tqdm.auto import tqdm
 
@@ -115,10 +120,14 @@ class Console(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+        if state.is_world_process_zero and time.time() - self._last_tick >= _TICK_SECONDS:
+            self._record(state, event="step")
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if self.bar is not None:
             self.bar.set_description("evaluating", refresh=False)
+        if state.is_world_process_zero and time.time() - self._last_tick >= _TICK_SECONDS:
+            self._record(state, event="evaluating")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.bar is not None:
@@ -133,7 +142,12 @@ class Console(TrainerCallback):
             return
         if "loss" in logs and self._mark is not None:
             self._training_line(args, state, logs)
-        elif (prefix := _eval_prefix(logs)) is not None:
+        latest = state.log_history[-1] if state.log_history else {}
+        shown = latest if all(latest.get(key) == value for key, value in logs.items()) else logs  # + throughput
+        self._record(state, log={k: v for k, v in shown.items() if isinstance(v, int | float | str)})
+        if "loss" in logs:
+            return
+        if (prefix := _eval_prefix(logs)) is not None:
             values = _evaluation_values(prefix, logs)
             self._say(_evaluation_line(prefix, values, logs, state))
             if self.evaluations is not None:  # as it happens: a sweep prunes on these; a user can follow a long run
@@ -145,6 +159,20 @@ class Console(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if state.is_world_process_zero:
+            self._record(state, event="end")
+
+    def _record(self, state, **entry: Any) -> None:
+        """One line of progress.jsonl (appended: a reader never sees a half-rewritten file, only maybe a half line)."""
+        if self.progress is None:
+            return
+        self._last_tick = time.time()
+        line = {"time": round(self._last_tick, 3), "step": state.global_step, "max_steps": state.max_steps, **entry}
+        try:
+            with self.progress.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+        except OSError:
+            pass  # progress for onlookers must never stop the run
 
     def _training_line(self, args, state, logs: dict[str, Any]) -> None:
         now = time.perf_counter()

@@ -1,0 +1,138 @@
+"""`llmtune ui`: the FastAPI app - the guard, the page, and the routers (llmtune/ui/routes_*.py).
+
+One page (static/index.html + app.js + style.css, shipped in the package: no build step, nothing from a CDN) talks
+to a JSON API under /api/. Live runs reach the page as server-sent events, so curves grow point by point.
+
+Security: localhost unless told otherwise; another address needs an API key (or --insecure, said loudly). With a
+key, every route but the login page wants it - as `Authorization: Bearer KEY`, or as the session cookie the login
+page sets (a random token, never the key itself); both are compared in constant time and neither is logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from llmtune.errors import LlmtuneError
+from llmtune.ui.settings import UiSettings
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+COOKIE = "llmtune_ui_session"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def make_app(settings: UiSettings) -> FastAPI:
+    from llmtune.ui.routes_new import new_run_router
+    from llmtune.ui.routes_runs import runs_router
+    from llmtune.ui.routes_use import use_router
+
+    app = FastAPI(title="llmtune", docs_url=None, redoc_url=None, openapi_url=None)
+    sessions: set[str] = set()
+    _add_guard(app, settings.api_key, sessions)
+    _add_error_handler(app)
+    _add_pages(app, settings.api_key, sessions)
+    app.state.routers = [runs_router(settings), new_run_router(settings), use_router(settings)]
+    for router in app.state.routers:
+        app.include_router(router)
+    return app
+
+
+def _key_matches(given: str, key: str) -> bool:
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def _add_guard(app: FastAPI, api_key: str | None, sessions: set[str]) -> None:
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable) -> Any:
+        if api_key is None or request.url.path == "/login":
+            return await call_next(request)
+        given = request.headers.get("authorization", "")
+        bearer = given[7:] if given.lower().startswith("bearer ") else ""
+        cookie = request.cookies.get(COOKIE, "")
+        known = any([_key_matches(cookie, token) for token in sessions])  # a list: compare with every token
+        if _key_matches(bearer, api_key) or known:
+            return await call_next(request)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": "Missing or wrong API key: log in at /login, or send the header "
+                                          "'Authorization: Bearer <key>'."}, status_code=401)
+        return RedirectResponse("/login", status_code=303)
+
+
+def _add_error_handler(app: FastAPI) -> None:
+    @app.exception_handler(LlmtuneError)
+    async def llmtune_error(request: Request, error: LlmtuneError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+
+def _add_pages(app: FastAPI, api_key: str | None, sessions: set[str]) -> None:
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> Response:
+        if name not in PAGE_FILES:  # a fixed list: no path from the browser reaches the disk
+            return JSONResponse({"error": f"No file '{name}'."}, status_code=404)
+        return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers={"Cache-Control": "no-store"})
+
+    @app.get("/login")
+    async def login_page() -> HTMLResponse:
+        return HTMLResponse(_login_html("" if api_key else "This UI needs no key."))
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        given = (form.get("key") or [""])[0]
+        if api_key is None or not _key_matches(given, api_key):
+            return HTMLResponse(_login_html("Wrong key."), status_code=401)
+        token = secrets.token_urlsafe(32)
+        sessions.add(token)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+
+def _login_html(message: str) -> str:
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>llmtune - log in</title>"
+            "<style>body{font:16px system-ui,sans-serif;margin:15vh auto;max-width:22em}input{font:inherit;"
+            "padding:.4em;width:100%;box-sizing:border-box;margin:.4em 0}</style></head><body><h1>llmtune</h1>"
+            f"<p id='message'>{message}</p><form method='post' action='/login'><label>API key "
+            "<input id='key' name='key' type='password' autofocus></label><button id='login'>Log in</button>"
+            "</form></body></html>")
+
+
+def check_host(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to listen beyond this machine without a key, unless --insecure says so."""
+    if host not in LOCAL_HOSTS and api_key is None and not insecure:
+        raise LlmtuneError(
+            f"--host {host} would let anyone who can reach this machine start and stop trainings and read your runs, "
+            "and there is no API key. Set one with --api-key or LLMTUNE_API_KEY, or add --insecure if the network "
+            "is yours alone."
+        )
+
+
+def run_ui(settings: UiSettings, host: str, port: int, insecure: bool = False) -> None:
+    """Serve the UI until Ctrl-C."""
+    import uvicorn
+
+    from llmtune.ship.serve import check_port_free
+
+    check_host(host, settings.api_key, insecure)
+    check_port_free(host, port)
+    if host not in LOCAL_HOSTS and settings.api_key is None:
+        logger.warning("Listening on %s with no API key (--insecure): anyone who can reach it controls your runs.", host)
+    logger.info("llmtune UI on http://%s:%d (runs: %s, recipes: %s)%s", "localhost" if host in LOCAL_HOSTS else host,
+                port, settings.runs, settings.recipes, " - log in with your API key" if settings.api_key else "")
+    # Open event streams would hold a graceful shutdown forever: give them a few seconds, then close them.
+    uvicorn.run(make_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

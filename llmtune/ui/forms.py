@@ -1,0 +1,120 @@
+"""The new-run form, generated from the recipe schema: every key with its default, valid values and help (what
+`llmtune validate --explain` prints), the chosen recipe's values, and each change checked by the recipe loader's
+own rules, with its message placed beside the field it names."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmtune.config.explain import valid_values
+from llmtune.config.loader import load_recipe, parse_override
+from llmtune.config.schema import Recipe
+from llmtune.errors import LlmtuneError
+
+_NAMED_KEY = re.compile(r"'([a-z_]+(?:\.[a-z_]+)+)'")
+
+
+def schema_fields(cls: type = Recipe, prefix: str = "") -> list[dict[str, Any]]:
+    """Every recipe key as a form field: key, section, default (as YAML text), kind of input, choices, help."""
+    fields: list[dict[str, Any]] = []
+    hints = typing.get_type_hints(cls)
+    for fld in dataclasses.fields(cls):
+        tp = hints[fld.name]
+        if dataclasses.is_dataclass(tp):
+            fields += schema_fields(tp, f"{prefix}{fld.name}.")
+            continue
+        default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+        choices = fld.metadata.get("choices") or (typing.get_args(tp) if typing.get_origin(tp) is Literal else None)
+        kind = "bool" if tp is bool else "choice" if choices and typing.get_origin(tp) is not list else "text"
+        fields.append({"key": f"{prefix}{fld.name}", "section": prefix.rstrip(".") or fld.name,
+                       "default": as_text(default), "kind": kind, "choices": [str(c) for c in choices or ()],
+                       "valid": valid_values(tp, fld.metadata), "help": fld.metadata.get("help", "")})
+    return fields
+
+
+def as_text(value: Any) -> str:
+    """A value as the text an override takes (`key=TEXT`): YAML flow style, empty for None."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if _reads_back(value) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _reads_back(text: str) -> bool:
+    try:
+        return yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        return False
+
+
+def recipe_values(recipe_path: Path) -> dict[str, str]:
+    """The values the recipe file gives each key (defaults filled in), as override texts."""
+    recipe = load_recipe(recipe_path)
+    return {key: as_text(value) for key, value in _flatten(dataclasses.asdict(recipe)).items()}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and not prefix:
+            flat |= _flatten(value, f"{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def overrides_for(recipe_path: Path, values: dict[str, str]) -> list[str]:
+    """`key=value` for each field whose text differs from the recipe's own value (in the form's key order)."""
+    own = recipe_values(recipe_path)
+    return [f"{key}={text}" for key, text in values.items() if key in own and text.strip() != own[key]] + [
+        f"{key}={text}" for key, text in values.items() if key not in own]
+
+
+def check(recipe_path: Path, values: dict[str, str], display_path: str) -> dict[str, Any]:
+    """Validate the form: each changed field on its own (its message goes beside it), then all together (a rule
+    across fields goes beside the first key it names, or above the form). Also the YAML and the command."""
+    overrides = overrides_for(recipe_path, values)
+    errors: dict[str, str] = {}
+    general: list[str] = []
+    for item in overrides:
+        try:
+            load_recipe(recipe_path, [item])
+        except LlmtuneError as error:
+            errors[item.split("=", 1)[0]] = str(error)
+    if not errors:
+        try:
+            load_recipe(recipe_path, overrides)
+        except LlmtuneError as error:
+            named = [key for key in _NAMED_KEY.findall(str(error)) if key in values]
+            if named:
+                errors[named[0]] = str(error)
+            else:
+                general.append(str(error))
+    return {"errors": errors, "general": general, "overrides": overrides,
+            "yaml": recipe_yaml(recipe_path, overrides),
+            "command": shlex.join(["llmtune", "train", display_path, *overrides])}
+
+
+def recipe_yaml(recipe_path: Path, overrides: list[str]) -> str:
+    """The recipe file with the overrides written in: what the run will train."""
+    raw = yaml.safe_load(recipe_path.read_text()) or {}
+    for item in overrides:
+        try:
+            keys, value = parse_override(item)
+        except LlmtuneError:
+            continue
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node[keys[-1]] = value
+    return yaml.safe_dump(raw, sort_keys=False)

@@ -1,0 +1,107 @@
+"""A new run: the recipes, the form (from the schema), checking it, `plan`, the data preview, and launching."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from llmtune.config.loader import load_recipe
+from llmtune.errors import LlmtuneError
+from llmtune.ui import forms, jobs
+from llmtune.ui.runs import run_folder
+
+if TYPE_CHECKING:
+    from llmtune.ui.settings import UiSettings
+
+
+class FormRequest(BaseModel):
+    recipe: str  # a recipe file under the recipes folder, or "run:NAME" for a previous run's recipe
+    values: dict[str, str] = {}
+
+
+class LaunchRequest(FormRequest):
+    name: str | None = None
+    accelerate: str | None = None
+
+
+def recipe_file(settings: UiSettings, name: str) -> tuple[Path, str]:
+    """(the file, how a command line names it) for a recipe under the recipes folder or a previous run's recipe;
+    nothing outside those folders is read."""
+    if name.startswith("run:"):
+        path = jobs.resume_recipe(settings.runs, run_folder(settings.runs, name[4:]))
+        return Path(path), _shown(Path(path))
+    path = (settings.recipes / name).resolve()
+    if not path.is_relative_to(settings.recipes) or path.suffix not in (".yaml", ".yml") or not path.is_file():
+        raise LlmtuneError(f"'{name}' is not a recipe in {settings.recipes}; pick one of the listed .yaml files.")
+    return path, _shown(path)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def new_run_router(settings: UiSettings) -> APIRouter:
+    router = APIRouter(prefix="/api")
+
+    @router.get("/recipes")
+    def recipes() -> dict[str, Any]:
+        found = sorted(str(p.relative_to(settings.recipes)) for p in settings.recipes.rglob("*.y*ml")
+                       if p.suffix in (".yaml", ".yml") and "data" not in p.relative_to(settings.recipes).parts[:-1])
+        return {"recipes": found, "folder": str(settings.recipes)}
+
+    @router.get("/schema")
+    def schema() -> dict[str, Any]:
+        return {"fields": forms.schema_fields()}
+
+    @router.post("/form")
+    def form(body: FormRequest) -> dict[str, Any]:
+        path, _ = recipe_file(settings, body.recipe)
+        return {"values": forms.recipe_values(path)}
+
+    @router.post("/check")
+    def check(body: FormRequest) -> dict[str, Any]:
+        path, shown = recipe_file(settings, body.recipe)
+        return forms.check(path, body.values, shown)
+
+    @router.post("/plan")
+    def plan(body: FormRequest) -> dict[str, Any]:
+        from llmtune import api
+        from llmtune.observe.plan import format_plan
+
+        path, _ = recipe_file(settings, body.recipe)
+        result = api.plan(load_recipe(path, forms.overrides_for(path, body.values)), dry_run=False)
+        return {"text": format_plan(result), "plan": dataclasses.asdict(result)}
+
+    @router.post("/preview")
+    def preview(body: FormRequest) -> dict[str, Any]:
+        from llmtune import api
+
+        path, _ = recipe_file(settings, body.recipe)
+        return {"text": api.preview(load_recipe(path, forms.overrides_for(path, body.values)), samples=3,
+                                    colour=False)}
+
+    @router.post("/launch")
+    def launch(body: LaunchRequest) -> dict[str, Any]:
+        path, shown = recipe_file(settings, body.recipe)
+        checked = forms.check(path, body.values, shown)
+        problems = list(checked["errors"].values()) + checked["general"]
+        if problems:
+            raise LlmtuneError(problems[0])
+        stem = path.stem.removesuffix(".resume")
+        name = body.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = run_folder(settings.runs, name)
+        if folder.exists() or jobs.read_job(settings.runs, name):
+            raise LlmtuneError(f"A run named '{name}' already exists in {settings.runs}; choose another name.")
+        command = jobs.train_command(shown, checked["overrides"], folder, accelerate=body.accelerate or None)
+        job = jobs.launch(settings.runs, name, command, shown, checked["overrides"])
+        return {**job, "command": job["command"]}
+
+    return router

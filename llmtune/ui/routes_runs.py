@@ -1,0 +1,117 @@
+"""The runs: list, one run (live as server-sent events), stop, resume, compare."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from llmtune.errors import LlmtuneError
+from llmtune.ui import jobs
+from llmtune.ui.runs import headline, history, list_runs, progress_since, read_dict, run_folder, summarize
+
+if TYPE_CHECKING:
+    from llmtune.ui.settings import UiSettings
+
+POLL_SECONDS = 0.5
+
+
+class CompareRequest(BaseModel):
+    runs: list[str]
+
+
+def runs_router(settings: UiSettings) -> APIRouter:
+    router = APIRouter(prefix="/api")
+    root = settings.runs
+
+    @router.get("/runs")
+    def runs() -> dict[str, Any]:
+        return {"runs": [summary.as_dict() for summary in list_runs(root)], "folder": str(root)}
+
+    @router.get("/runs/{name}")
+    def run(name: str) -> dict[str, Any]:
+        folder = run_folder(root, name)
+        logs, offset = history(folder)
+        return {"summary": summarize(root, name).as_dict(), "history": logs, "offset": offset, "log": jobs.log_tail(root, name),
+                "record": read_dict(folder / "run.json"), "metrics": read_dict(folder / "metrics.json"),
+                "job": jobs.read_job(root, name)}
+
+    @router.get("/runs/{name}/events")
+    async def events(name: str, request: Request, offset: int = 0) -> StreamingResponse:
+        run_folder(root, name)  # a bad name fails now, with a status code
+        resumed = request.headers.get("last-event-id", "")  # a reconnecting page carries on where it was
+        offset = int(resumed) if resumed.isdigit() else offset
+        return StreamingResponse(_events(root, name, request, max(offset, 0)), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @router.post("/runs/{name}/stop")
+    def stop(name: str) -> dict[str, Any]:
+        return {"signalled": jobs.stop(root, name, run_folder(root, name))}
+
+    @router.post("/runs/{name}/resume")
+    def resume(name: str) -> dict[str, Any]:
+        return resume_run(root, name)
+
+    @router.post("/compare")
+    def compare(body: CompareRequest) -> dict[str, Any]:
+        return {"runs": compared(root, body.runs)}
+
+    return router
+
+
+def resume_run(root: Path, name: str) -> dict[str, Any]:
+    """`llmtune train --resume` on the run's own recorded recipe, detached; refused while it runs or without a
+    complete checkpoint."""
+    folder = run_folder(root, name)
+    summary = summarize(root, name)
+    if summary.state in ("running", "starting"):
+        raise LlmtuneError(f"The run '{name}' is {summary.state}; stop it before resuming it.")
+    if not summary.can_resume:
+        raise LlmtuneError(f"The run '{name}' has no complete checkpoint to resume from (it is {summary.state}).")
+    recipe = jobs.resume_recipe(root, folder)
+    return jobs.launch(root, name, jobs.train_command(recipe, [], folder, resume=True), recipe, [])
+
+
+def compared(root: Path, names: list[str]) -> dict[str, Any]:
+    """Each run's curves and before -> after scores (the data `llmtune report A B` draws)."""
+    if not names:
+        raise LlmtuneError("Pick at least one run to compare.")
+    out = {}
+    for name in names:
+        folder = run_folder(root, name)
+        out[name] = {"history": history(folder)[0], "headline": headline(read_dict(folder / "metrics.json")),
+                     "summary": summarize(root, name).as_dict()}
+    return out
+
+
+async def _events(root: Path, name: str, request: Request, offset: int) -> AsyncIterator[str]:
+    """Progress lines after byte `offset`, the run's summary and the log's tail, whenever one of them changes."""
+    folder = run_folder(root, name)
+    last_summary, last_log, quiet = None, None, 0
+    while not await request.is_disconnected():
+        entries, offset = progress_since(folder, offset)
+        summary = summarize(root, name).as_dict()
+        summary_key = {k: v for k, v in summary.items() if k != "duration"}
+        log = jobs.log_tail(root, name)
+        payload: dict[str, Any] = {}
+        if entries:
+            payload["progress"] = entries
+        if summary_key != last_summary:
+            payload["summary"], last_summary = summary, summary_key
+        if log != last_log:
+            payload["log"], last_log = log, log
+        if payload:
+            quiet = 0
+            yield f"id: {offset}\ndata: {json.dumps(payload, default=str)}\n\n"  # id: the progress read so far
+        else:
+            quiet += 1
+            if quiet % 30 == 0:
+                yield ": still here\n\n"  # keeps proxies from closing an idle stream
+        await asyncio.sleep(POLL_SECONDS)
+
