@@ -128,7 +128,7 @@ def sst2_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sst2")
     train = (source / "train.tsv").read_text().splitlines()
     dev = (source / "dev.tsv").read_text().splitlines()
-    (folder / "train.tsv").write_text("\n".join(train[:641]) + "\n")  # header + 640 sentences
+    (folder / "train.tsv").write_text("\n".join(train[:481]) + "\n")  # header + 480 sentences: 15 steps of 32
     (folder / "dev.tsv").write_text("\n".join(dev[:122]) + "\n")  # header + 121: an odd number to split over 2
     return folder
 
@@ -170,7 +170,8 @@ def test_two_process_classification_trains_together_and_evaluates_every_sample_o
     assert alone["f1"] == pytest.approx(metrics["after"]["f1"], abs=1e-9)
 
     # A single process with the same global batch (32) ends near the same held-out loss; the two differ only in
-    # the order examples are drawn and the head's random init (measured: 0.6684 vs 0.6653).
+    # the order examples are drawn and the head's random init (measured at 640 sentences: 0.6684 vs 0.6653; at the
+    # 480 used now, one process goes 0.6931 -> 0.6779).
     single_metrics = json.loads((single_process_sst2 / "metrics.json").read_text())
     assert metrics["after"]["loss"] == pytest.approx(single_metrics["after"]["loss"], abs=0.02)
     assert metrics["after"]["loss"] < metrics["before"]["loss"]

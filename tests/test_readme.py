@@ -112,6 +112,8 @@ def as_run(argv: list[str], real: bool) -> list[str] | None:
         (run_dir / "metrics.json").unlink(missing_ok=True)
     if argv[0] == "eval" and "--tasks" in argv:  # benchmarks: a few items of each task (their scores: other tests)
         argv = [a for i, a in enumerate(argv) if a != "--limit" and argv[i - 1] != "--limit"] + ["--limit", "3"]
+    if argv[0] == "generate" and "--max-new-tokens" not in argv:  # a reply's first tokens show the command works
+        argv = [*argv, "--max-new-tokens", "16"]
     if argv[0] == "plan":  # two real steps of 4 short completions (one group), on a few rows
         return [*argv, *SMALL_DATA, "training.max_steps=2", "training.batch_size=4", "training.gradient_accumulation=1",
                 "rl.max_completion_length=16"]
