@@ -22,6 +22,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # pytest caches its assertion-rewritten test modules only where bytecode may be written; an environment with
 # PYTHONDONTWRITEBYTECODE=1 would otherwise rewrite all of them in every run (~4 s of each fast-tier worker's start).
 sys.dont_write_bytecode = False
+# The test command installs with `pip --no-compile` (about 90 s less install; the modules a test uses are compiled on
+# first import instead): the processes the tests start must then cache what they compile, or each would compile
+# torch and transformers again (+9 s each).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 # Under pytest-xdist (`-n N`), each worker - and every process a test starts, which inherits this - computes with its
 # share of the cores: N workers each running a core count of OpenMP threads would oversubscribe them (up to 10x
 # slower on 2 cores). Set before torch is imported anywhere.

@@ -171,6 +171,23 @@ def test_plan_says_plainly_when_a_recipe_will_not_fit_and_what_helps(tiny_bert, 
     assert any("training.gradient_checkpointing=true" in line for line in advice)
 
 
+def test_the_sweeps_plots_leave_matplotlibs_style_as_it_was(tmp_path):
+    """optuna's matplotlib plots switch the whole process to the ggplot style; after a sweep in a notebook (or a
+    test), run reports would be drawn in it. The sweep's plots undo it."""
+    import matplotlib
+    import optuna
+
+    from llmtune.observe.sweep import _plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1) + trial.suggest_float("y", 0, 1), n_trials=3)
+    before = dict(matplotlib.rcParams)
+    assert "optimization_history.png" in _plots(study, tmp_path)
+    changed = {k: v for k, v in matplotlib.rcParams.items() if before[k] != v and not k.startswith("backend")}
+    assert changed == {}  # (the Agg backend it picks is meant: no screen needed)
+
+
 def test_the_median_pruner_stops_a_trial_whose_evaluations_lag_behind(tmp_path):
     import optuna
 

@@ -54,7 +54,9 @@ def runs_root(tmp_path) -> Path:
 
 
 def client(root: Path, api_key: str | None = None) -> TestClient:
-    return TestClient(make_app(UiSettings(root, REPO / "recipes", api_key)))
+    """The app as the page reaches it: addressed as 127.0.0.1, actions with the page's X-Llmtune header."""
+    return TestClient(make_app(UiSettings(root, REPO / "recipes", api_key)), base_url="http://127.0.0.1:7860",
+                      headers={"X-Llmtune": "1"})
 
 
 def states(root: Path) -> dict[str, str]:
@@ -204,8 +206,9 @@ def test_the_form_is_checked_by_the_loaders_rules_with_each_message_beside_its_f
     good = app_client.post("/api/check", json={"recipe": "quickstart.yaml",
                                                "values": {**values, "training.epochs": "1"}}).json()
     assert good["errors"] == {} and good["general"] == [] and good["overrides"] == ["training.epochs=1"]
-    assert good["command"].endswith("quickstart.yaml training.epochs=1") and good["command"].startswith("llmtune train")
-    assert "epochs: 1" in good["yaml"]
+    assert good["command"].startswith("llmtune train recipes/quickstart.yaml training.epochs=1 output.dir=")
+    assert good["command"].endswith(f"{runs_root}/{good['name']}") and good["name"].startswith("quickstart-")
+    assert "epochs: 1" in good["yaml"] and f"dir: {runs_root}/{good['name']}" in good["yaml"]
     typo = app_client.post("/api/check", json={"recipe": "quickstart.yaml", "values": {"method.type": "lorra"}}).json()
     assert 'Did you mean "lora"' in typo["errors"]["method.type"]
 
@@ -215,6 +218,12 @@ def test_a_launch_with_an_invalid_form_starts_nothing(runs_root):
                                                            "values": {"training.batch_size": "0"}})
     assert response.status_code == 400 and "'training.batch_size' is 0" in response.json()["error"]
     assert not (runs_root / JOBS_FOLDER).exists() and not any(runs_root.iterdir())
+
+
+def test_launch_takes_llmtunes_accelerate_configs_only(runs_root):
+    response = client(runs_root).post("/api/launch", json={"recipe": "quickstart.yaml", "accelerate": "/tmp/mine.yaml"})
+    assert response.status_code == 400 and "cpu_ddp" in response.json()["error"]
+    assert not any(runs_root.iterdir())
 
 
 def test_a_hundred_runs_list_in_under_a_second(runs_root):
@@ -244,3 +253,51 @@ def test_stop_refuses_a_run_that_is_not_running(runs_root):
     fake_run(runs_root, "done", {"state": "finished", "exit_code": 0, "pid": 1})
     response = client(runs_root).post("/api/runs/done/stop")
     assert response.status_code == 400 and "not running" in response.json()["error"]
+
+
+def test_a_page_of_another_site_gets_nothing_from_a_local_ui_without_a_key(runs_root):
+    """DNS rebinding (another site's name resolving to 127.0.0.1) and cross-site forms: refused before any route."""
+    fake_run(runs_root, "done", {"state": "finished", "exit_code": 0, "pid": 1}, {"after": {"accuracy": 1.0}})
+    app = make_app(UiSettings(runs_root, REPO / "recipes"))
+    rebound = TestClient(app, base_url="http://evil.example:7860")
+    response = rebound.get("/api/runs")
+    assert response.status_code == 403 and "done" not in response.text
+    form_post = TestClient(app, base_url="http://127.0.0.1:7860")  # a form's POST: no X-Llmtune header
+    response = form_post.post("/api/launch", data={"recipe": "quickstart.yaml"})
+    assert response.status_code == 403 and not (runs_root / JOBS_FOLDER).exists()
+    assert TestClient(app, base_url="http://localhost:7860").get("/api/runs").status_code == 200
+
+
+def test_an_unknown_run_is_404_and_a_strange_name_400(runs_root):
+    app_client = client(runs_root)
+    assert app_client.get("/api/runs/no-such-run").status_code == 404
+    assert app_client.post("/api/runs/no-such-run/stop").status_code == 404
+    assert app_client.get("/api/runs/a%00b").status_code == 400
+    assert app_client.get(f"/api/runs/{'x' * 300}").status_code == 400
+
+
+def test_a_resume_launched_but_not_yet_claimed_is_starting_and_its_early_failure_shows(runs_root):
+    from llmtune.ui import jobs
+
+    me = {"pid": os.getpid(), "process_started": process_started(os.getpid())}
+    fake_run(runs_root, "r", {**me, "state": "stopped", "exit_code": 143, "started": time.time() - 60}, checkpoint=True)
+    folder = runs_root / JOBS_FOLDER
+    folder.mkdir()
+    (folder / "r.json").write_text(json.dumps({**me, "name": "r", "started": time.time()}))  # the resume's job, alive
+    app_client = client(runs_root)
+    summary = app_client.get("/api/runs/r").json()["summary"]
+    assert summary["state"] == "starting" and not summary["can_resume"]
+    assert "starting" in app_client.post("/api/runs/r/resume").json()["error"]  # a second click starts nothing
+    (folder / "r.exit").write_text(json.dumps({"exit_code": 2, "ended": time.time()}))
+    (folder / "r.log").write_text("$ llmtune train ...\nerror: 'data.train_file' is gone.\n")
+    summary = app_client.get("/api/runs/r").json()["summary"]
+    assert (summary["state"], summary["exit_code"]) == ("resumable", 2)  # failed, with the stop's checkpoint intact
+    assert summary["message"] == "'data.train_file' is gone." and summary["can_resume"]
+    assert jobs.read_job(runs_root, "r")["exit_code"] == 2
+
+
+def test_a_run_training_on_another_machine_offers_no_stop_or_resume(runs_root):
+    fake_run(runs_root, "elsewhere", {"pid": 1, "host": "another-machine", "state": "running", "started": 1.0},
+             checkpoint=True)
+    summary = client(runs_root).get("/api/runs/elsewhere").json()["summary"]
+    assert (summary["state"], summary["host"], summary["can_resume"]) == ("running", "another-machine", False)

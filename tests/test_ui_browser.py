@@ -165,9 +165,10 @@ def launch_quickstart_from_the_form(browser, ui: UiProcess, tmp_path: Path) -> s
     wait(browser, lambda d: field_error(d, "training.learning_rate") == "", what="the error to go")
 
     set_field(browser, "training.log_every", "2")  # the override
-    wait(browser, lambda d: d.find_element(By.ID, "command").text.endswith("training.log_every=2"))
+    wait(browser, lambda d: "training.log_every=2 output.dir=" in d.find_element(By.ID, "command").text)
     command = browser.find_element(By.ID, "command").text
     assert command.startswith("llmtune train recipes/quickstart.yaml") and "learning_rate" not in command
+    assert f"output.dir={ui.runs}/quickstart-" in command  # the run's folder, inside the UI's runs folder
     assert "log_every: 2" in browser.find_element(By.ID, "yaml").text
     browser.execute_script("window.scrollTo(0, 0)")
     shot(browser, tmp_path, "ui-new-run")

@@ -244,7 +244,8 @@ def _plots(study: Any, out: Path) -> list[str]:
                        ("param_importances.png", optuna_plots.plot_param_importances),
                        ("intermediate_values.png", optuna_plots.plot_intermediate_values)):
         try:
-            axes = plot(study)
+            with matplotlib.rc_context():  # optuna switches the whole process to its ggplot style: undone after
+                axes = plot(study)
         except (ValueError, RuntimeError) as exc:  # e.g. importances need two complete trials
             logger.info("No %s: %s", name, exc)
             continue

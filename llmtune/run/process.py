@@ -62,7 +62,8 @@ def recorded_process(run_dir: Path, main: bool) -> Iterator[None]:
     now = time.time()
     record: dict[str, Any] = {"pid": pid, "host": socket.gethostname(), "process_started": process_started(pid),
                               "started": now, "first_started": earlier.get("first_started", earlier.get("started", now)),
-                              "seconds_before": earlier.get("seconds", 0.0), "state": "running"}
+                              "seconds_before": earlier.get("seconds", earlier.get("seconds_before", 0.0)),
+                              "state": "running"}
     write_json(run_dir / PROCESS_FILE, record)
     try:
         yield

@@ -39,9 +39,11 @@ from llmtune.ship.serve_routes import (
     info_router,
 )
 
-__all__ = ["LanguageModel", "Limits", "TextClassifier", "check_port_free", "make_app", "serve"]
+__all__ = ["LOCAL_HOSTS", "LanguageModel", "Limits", "TextClassifier", "check_port_free", "make_app", "serve"]
 
 logger = logging.getLogger(__name__)
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # addresses only this machine reaches
 
 
 def make_app(engine: LanguageModel | TextClassifier, name: str, api_key: str | None = None,
@@ -92,7 +94,7 @@ def serve(engine: LanguageModel | TextClassifier, name: str, host: str, port: in
         "causal LM, chat template" if engine.chat else "causal LM, no chat template")
     logger.info("Serving '%s' (%s) on http://%s:%d - API key %s", name, kind, host, port,
                 "required" if api_key else "not required")
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and host not in LOCAL_HOSTS:
         logger.warning("Listening on %s without an API key: anyone who can reach this port can use the model "
                        "(set LLMTUNE_API_KEY or --api-key).", host)
     uvicorn.run(make_app(engine, name, api_key, limits), host=host, port=port, log_level="info")

@@ -22,14 +22,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from llmtune.errors import LlmtuneError
+from llmtune.ship.serve import LOCAL_HOSTS
 from llmtune.ui.settings import UiSettings
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+PAGE_FILES = {"app.js": "text/javascript", "charts.js": "text/javascript", "run.js": "text/javascript",
+              "new.js": "text/javascript", "style.css": "text/css"}
 COOKIE = "llmtune_ui_session"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+ACTION_HEADER = "X-Llmtune"
 
 
 def make_app(settings: UiSettings) -> FastAPI:
@@ -39,8 +41,8 @@ def make_app(settings: UiSettings) -> FastAPI:
 
     app = FastAPI(title="llmtune", docs_url=None, redoc_url=None, openapi_url=None)
     sessions: set[str] = set()
-    _add_guard(app, settings.api_key, sessions)
-    _add_error_handler(app)
+    _add_guard(app, settings, sessions)
+    _add_error_handlers(app)
     _add_pages(app, settings.api_key, sessions)
     app.state.routers = [runs_router(settings), new_run_router(settings), use_router(settings)]
     for router in app.state.routers:
@@ -52,27 +54,57 @@ def _key_matches(given: str, key: str) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-def _add_guard(app: FastAPI, api_key: str | None, sessions: set[str]) -> None:
+def _refusal(request: Request, settings: UiSettings, sessions: set[str]) -> Response | None:
+    """Why this request may not go on, as the response to send; None when it may.
+
+    - Host: a page of another site that resolves its own name to 127.0.0.1 (DNS rebinding) sends its own name;
+      a UI listening on this machine only answers to this machine's names.
+    - Actions (anything but GET) carry the X-Llmtune header the page's script sends: a form on another site cannot
+      set a header, and a script there cannot without a CORS preflight, which this app never grants.
+    - The key, when there is one: the bearer header or the login's session cookie, compared in constant time."""
+    host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+    if settings.local_only and host not in LOCAL_HOSTS:
+        return JSONResponse({"error": f"This UI answers to localhost only, not to '{host[:80]}'."}, status_code=403)
+    if request.method != "GET" and request.url.path != "/login" and request.headers.get(ACTION_HEADER) != "1":
+        return JSONResponse({"error": f"Actions need the {ACTION_HEADER}: 1 header (the page sends it)."}, status_code=403)
+    if settings.api_key is None or request.url.path == "/login":
+        return None
+    given = request.headers.get("authorization", "")
+    bearer = given[7:] if given.lower().startswith("bearer ") else ""
+    cookie = request.cookies.get(COOKIE, "")
+    known = any([_key_matches(cookie, token) for token in sessions])  # a list: compared with every token
+    if _key_matches(bearer, settings.api_key) or known:
+        return None
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": "Missing or wrong API key: log in at /login, or send the header "
+                                      "'Authorization: Bearer <key>'."}, status_code=401)
+    return RedirectResponse("/login", status_code=303)
+
+
+def _add_guard(app: FastAPI, settings: UiSettings, sessions: set[str]) -> None:
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Any:
-        if api_key is None or request.url.path == "/login":
-            return await call_next(request)
-        given = request.headers.get("authorization", "")
-        bearer = given[7:] if given.lower().startswith("bearer ") else ""
-        cookie = request.cookies.get(COOKIE, "")
-        known = any([_key_matches(cookie, token) for token in sessions])  # a list: compare with every token
-        if _key_matches(bearer, api_key) or known:
-            return await call_next(request)
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": "Missing or wrong API key: log in at /login, or send the header "
-                                          "'Authorization: Bearer <key>'."}, status_code=401)
-        return RedirectResponse("/login", status_code=303)
+        return _refusal(request, settings, sessions) or await call_next(request)
 
 
-def _add_error_handler(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure as JSON {"error": ...}: llmtune's own errors (400), the model queue's (its status), the rest
+    (500, logged with its traceback; the page shows what failed)."""
+    from llmtune.ship.serve_requests import ApiError
+
     @app.exception_handler(LlmtuneError)
     async def llmtune_error(request: Request, error: LlmtuneError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(ApiError)
+    async def queue_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, error: Exception) -> JSONResponse:
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return JSONResponse({"error": f"{request.method} {request.url.path} failed ({type(error).__name__}: "
+                                      f"{str(error)[:300]}); the UI's log has the details."}, status_code=500)
 
 
 def _add_pages(app: FastAPI, api_key: str | None, sessions: set[str]) -> None:
@@ -129,6 +161,7 @@ def run_ui(settings: UiSettings, host: str, port: int, insecure: bool = False) -
     from llmtune.ship.serve import check_port_free
 
     check_host(host, settings.api_key, insecure)
+    settings.local_only = host in LOCAL_HOSTS
     check_port_free(host, port)
     if host not in LOCAL_HOSTS and settings.api_key is None:
         logger.warning("Listening on %s with no API key (--insecure): anyone who can reach it controls your runs.", host)

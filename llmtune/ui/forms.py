@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shlex
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -80,9 +79,9 @@ def overrides_for(recipe_path: Path, values: dict[str, str]) -> list[str]:
         f"{key}={text}" for key, text in values.items() if key not in own]
 
 
-def check(recipe_path: Path, values: dict[str, str], display_path: str) -> dict[str, Any]:
+def check(recipe_path: Path, values: dict[str, str]) -> dict[str, Any]:
     """Validate the form: each changed field on its own (its message goes beside it), then all together (a rule
-    across fields goes beside the first key it names, or above the form). Also the YAML and the command."""
+    across fields goes beside the first key it names, or above the form). Returns the errors and the overrides."""
     overrides = overrides_for(recipe_path, values)
     errors: dict[str, str] = {}
     general: list[str] = []
@@ -100,9 +99,7 @@ def check(recipe_path: Path, values: dict[str, str], display_path: str) -> dict[
                 errors[named[0]] = str(error)
             else:
                 general.append(str(error))
-    return {"errors": errors, "general": general, "overrides": overrides,
-            "yaml": recipe_yaml(recipe_path, overrides),
-            "command": shlex.join(["llmtune", "train", display_path, *overrides])}
+    return {"errors": errors, "general": general, "overrides": overrides}
 
 
 def recipe_yaml(recipe_path: Path, overrides: list[str]) -> str:

@@ -55,15 +55,20 @@ def log_path(runs_root: Path, name: str) -> Path:
     return jobs_folder(runs_root) / f"{name}.log"
 
 
+def tail_text(path: Path, size: int) -> str:
+    """The last `size` bytes of a file as text ('' when there is no file)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - size))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def log_tail(runs_root: Path, name: str, size: int = 6000) -> str:
     """The end of what the job printed (the progress lines, an error paragraph)."""
-    path = log_path(runs_root, name)
-    if not path.is_file():
-        return ""
-    with path.open("rb") as handle:
-        handle.seek(0, 2)
-        handle.seek(max(0, handle.tell() - size))
-        return handle.read().decode("utf-8", "replace")
+    return tail_text(log_path(runs_root, name), size)
 
 
 def last_error(runs_root: Path, name: str) -> str:
@@ -86,7 +91,22 @@ def train_command(recipe: str, overrides: list[str], run_dir: Path, resume: bool
     return command
 
 
-def launch(runs_root: Path, name: str, command: list[str], recipe: str, overrides: list[str]) -> dict[str, Any]:
+def accelerate_configs() -> list[str]:
+    """The short names `llmtune train --accelerate` takes (llmtune/accelerate_configs/*.yaml)."""
+    from importlib.resources import files
+
+    return sorted(p.name.removesuffix(".yaml") for p in files("llmtune").joinpath("accelerate_configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def check_accelerate(name: str | None) -> None:
+    if name and name not in accelerate_configs():
+        raise LlmtuneError(f"accelerate is '{name}'; from the UI it is one of llmtune's configs: "
+                           f"{', '.join(accelerate_configs())} (a config file of your own: use the command line).")
+
+
+def launch(runs_root: Path, name: str, command: list[str], recipe: str, overrides: list[str],
+           accelerate: str | None = None) -> dict[str, Any]:
     """Start `command` (an `llmtune ...` argv) detached; returns the job record."""
     folder = jobs_folder(runs_root)
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,7 +123,7 @@ def launch(runs_root: Path, name: str, command: list[str], recipe: str, override
         )
     threading.Thread(target=process.wait, daemon=True).start()  # reaps it when it ends: no zombie stays behind
     job = {"name": name, "pid": process.pid, "process_started": process_started(process.pid), "started": time.time(),
-           "command": shlex.join(command), "recipe": recipe, "overrides": overrides}
+           "command": shlex.join(command), "recipe": recipe, "overrides": overrides, "accelerate": accelerate}
     write_json(folder / f"{name}.json", job)
     return job
 
@@ -120,14 +140,21 @@ def resume_recipe(runs_root: Path, run_dir: Path) -> str:
     return str(path)
 
 
-def stop(runs_root: Path, name: str, run_dir: Path) -> str:
-    """SIGTERM to the run's training: llmtune saves a checkpoint and exits 143. Returns what was signalled."""
+def stop(runs_root: Path, name: str, run_dir: Path, force: bool = False) -> str:
+    """SIGTERM to the run's training: llmtune saves a checkpoint and exits 143 (`force`: SIGKILL, for a training
+    that does not answer SIGTERM - its newest complete checkpoint stays). Returns what was signalled."""
+    sig = signal.SIGKILL if force else signal.SIGTERM
     job = read_job(runs_root, name)
-    if job and "exit_code" not in job and is_alive(job.get("pid"), job.get("process_started")):
-        os.killpg(job["pid"], signal.SIGTERM)  # the runner ignores it; the training process (and its ranks) stop
-        return f"process group {job['pid']}"
-    process = read_process_record(run_dir) or {}
-    if process.get("state") == "running" and is_alive(process.get("pid"), process.get("process_started")):
-        os.kill(process["pid"], signal.SIGTERM)
-        return f"process {process['pid']}"
+    try:
+        if job and "exit_code" not in job and is_alive(job.get("pid"), job.get("process_started")):
+            os.killpg(job["pid"], sig)  # the runner ignores SIGTERM; the training process (and its ranks) stop
+            return f"process group {job['pid']}"
+        process = read_process_record(run_dir) or {}
+        if process.get("state") == "running" and is_alive(process.get("pid"), process.get("process_started")):
+            os.kill(process["pid"], sig)
+            return f"process {process['pid']}"
+    except ProcessLookupError:
+        pass  # it ended between the check and the signal
+    except PermissionError:
+        raise LlmtuneError(f"The run '{name}' is trained by another user's process; this UI may not stop it.") from None
     raise LlmtuneError(f"The run '{name}' is not running; there is nothing to stop.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +23,20 @@ if TYPE_CHECKING:
 class FormRequest(BaseModel):
     recipe: str  # a recipe file under the recipes folder, or "run:NAME" for a previous run's recipe
     values: dict[str, str] = {}
+    name: str | None = None  # the new run's folder name (default: the recipe's name and the time)
+    accelerate: str | None = None  # one of llmtune's accelerate configs (default: one process)
 
 
-class LaunchRequest(FormRequest):
-    name: str | None = None
-    accelerate: str | None = None
+def planned_run(settings: UiSettings, body: FormRequest) -> dict[str, Any]:
+    """The form checked, and what Launch would run: the run's folder, the command, the recipe as it will train."""
+    path, shown = recipe_file(settings, body.recipe)
+    jobs.check_accelerate(body.accelerate)
+    checked = forms.check(path, body.values)
+    name = body.name or f"{path.stem.removesuffix('.resume')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = run_folder(settings.runs, name)
+    command = jobs.train_command(shown, checked["overrides"], folder, accelerate=body.accelerate or None)
+    return {**checked, "name": name, "folder": folder, "shown": shown, "command": shlex.join(command), "argv": command,
+            "yaml": forms.recipe_yaml(path, [*checked["overrides"], f"output.dir={folder}"])}
 
 
 def recipe_file(settings: UiSettings, name: str) -> tuple[Path, str]:
@@ -55,7 +65,7 @@ def new_run_router(settings: UiSettings) -> APIRouter:
     def recipes() -> dict[str, Any]:
         found = sorted(str(p.relative_to(settings.recipes)) for p in settings.recipes.rglob("*.y*ml")
                        if p.suffix in (".yaml", ".yml") and "data" not in p.relative_to(settings.recipes).parts[:-1])
-        return {"recipes": found, "folder": str(settings.recipes)}
+        return {"recipes": found, "folder": str(settings.recipes), "accelerate": jobs.accelerate_configs()}
 
     @router.get("/schema")
     def schema() -> dict[str, Any]:
@@ -68,8 +78,8 @@ def new_run_router(settings: UiSettings) -> APIRouter:
 
     @router.post("/check")
     def check(body: FormRequest) -> dict[str, Any]:
-        path, shown = recipe_file(settings, body.recipe)
-        return forms.check(path, body.values, shown)
+        planned = planned_run(settings, body)
+        return {key: planned[key] for key in ("errors", "general", "overrides", "name", "command", "yaml")}
 
     @router.post("/plan")
     def plan(body: FormRequest) -> dict[str, Any]:
@@ -89,19 +99,15 @@ def new_run_router(settings: UiSettings) -> APIRouter:
                                     colour=False)}
 
     @router.post("/launch")
-    def launch(body: LaunchRequest) -> dict[str, Any]:
-        path, shown = recipe_file(settings, body.recipe)
-        checked = forms.check(path, body.values, shown)
-        problems = list(checked["errors"].values()) + checked["general"]
+    def launch(body: FormRequest) -> dict[str, Any]:
+        planned = planned_run(settings, body)
+        problems = list(planned["errors"].values()) + planned["general"]
         if problems:
             raise LlmtuneError(problems[0])
-        stem = path.stem.removesuffix(".resume")
-        name = body.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        folder = run_folder(settings.runs, name)
+        name, folder = planned["name"], planned["folder"]
         if folder.exists() or jobs.read_job(settings.runs, name):
             raise LlmtuneError(f"A run named '{name}' already exists in {settings.runs}; choose another name.")
-        command = jobs.train_command(shown, checked["overrides"], folder, accelerate=body.accelerate or None)
-        job = jobs.launch(settings.runs, name, command, shown, checked["overrides"])
-        return {**job, "command": job["command"]}
+        return jobs.launch(settings.runs, name, planned["argv"], planned["shown"], planned["overrides"],
+                           body.accelerate or None)
 
     return router

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -36,7 +36,7 @@ def runs_router(settings: UiSettings) -> APIRouter:
 
     @router.get("/runs/{name}")
     def run(name: str) -> dict[str, Any]:
-        folder = run_folder(root, name)
+        folder = existing_run(root, name)
         logs, offset = history(folder)
         return {"summary": summarize(root, name).as_dict(), "history": logs, "offset": offset, "log": jobs.log_tail(root, name),
                 "record": read_dict(folder / "run.json"), "metrics": read_dict(folder / "metrics.json"),
@@ -44,7 +44,7 @@ def runs_router(settings: UiSettings) -> APIRouter:
 
     @router.get("/runs/{name}/events")
     async def events(name: str, request: Request, offset: int = 0) -> StreamingResponse:
-        run_folder(root, name)  # a bad name fails now, with a status code
+        existing_run(root, name)  # a bad name fails now, with a status code
         resumed = request.headers.get("last-event-id", "")  # a reconnecting page carries on where it was
         offset = int(resumed) if resumed.isdigit() else offset
         return StreamingResponse(_events(root, name, request, max(offset, 0)), media_type="text/event-stream",
@@ -52,7 +52,11 @@ def runs_router(settings: UiSettings) -> APIRouter:
 
     @router.post("/runs/{name}/stop")
     def stop(name: str) -> dict[str, Any]:
-        return {"signalled": jobs.stop(root, name, run_folder(root, name))}
+        return {"signalled": jobs.stop(root, name, existing_run(root, name))}
+
+    @router.post("/runs/{name}/kill")
+    def kill(name: str) -> dict[str, Any]:
+        return {"signalled": jobs.stop(root, name, existing_run(root, name), force=True)}
 
     @router.post("/runs/{name}/resume")
     def resume(name: str) -> dict[str, Any]:
@@ -65,17 +69,27 @@ def runs_router(settings: UiSettings) -> APIRouter:
     return router
 
 
-def resume_run(root: Path, name: str) -> dict[str, Any]:
-    """`llmtune train --resume` on the run's own recorded recipe, detached; refused while it runs or without a
-    complete checkpoint."""
+def existing_run(root: Path, name: str) -> Path:
+    """The run's folder; 404 when there is neither a run nor a job of that name."""
     folder = run_folder(root, name)
+    if not folder.is_dir() and jobs.read_job(root, name) is None:
+        raise HTTPException(404, f"There is no run '{name}' in {root}.")
+    return folder
+
+
+def resume_run(root: Path, name: str) -> dict[str, Any]:
+    """`llmtune train --resume` on the run's own recorded recipe (and launch), detached; refused while it runs or
+    without a complete checkpoint."""
+    folder = existing_run(root, name)
     summary = summarize(root, name)
     if summary.state in ("running", "starting"):
         raise LlmtuneError(f"The run '{name}' is {summary.state}; stop it before resuming it.")
     if not summary.can_resume:
         raise LlmtuneError(f"The run '{name}' has no complete checkpoint to resume from (it is {summary.state}).")
+    accelerate = (jobs.read_job(root, name) or {}).get("accelerate")  # a multi-process run resumes as one
     recipe = jobs.resume_recipe(root, folder)
-    return jobs.launch(root, name, jobs.train_command(recipe, [], folder, resume=True), recipe, [])
+    return jobs.launch(root, name, jobs.train_command(recipe, [], folder, resume=True, accelerate=accelerate),
+                       recipe, [], accelerate)
 
 
 def compared(root: Path, names: list[str]) -> dict[str, Any]:
@@ -84,21 +98,20 @@ def compared(root: Path, names: list[str]) -> dict[str, Any]:
         raise LlmtuneError("Pick at least one run to compare.")
     out = {}
     for name in names:
-        folder = run_folder(root, name)
+        folder = existing_run(root, name)
         out[name] = {"history": history(folder)[0], "headline": headline(read_dict(folder / "metrics.json")),
                      "summary": summarize(root, name).as_dict()}
     return out
 
 
 async def _events(root: Path, name: str, request: Request, offset: int) -> AsyncIterator[str]:
-    """Progress lines after byte `offset`, the run's summary and the log's tail, whenever one of them changes."""
+    """Progress lines after byte `offset`, the run's summary and the log's tail, whenever one of them changes
+    (each event's id is the offset read so far, so a reconnecting page carries on where it was)."""
     folder = run_folder(root, name)
     last_summary, last_log, quiet = None, None, 0
     while not await request.is_disconnected():
-        entries, offset = progress_since(folder, offset)
-        summary = summarize(root, name).as_dict()
+        entries, offset, summary, log = await asyncio.to_thread(_read_run_now, root, name, folder, offset)
         summary_key = {k: v for k, v in summary.items() if k != "duration"}
-        log = jobs.log_tail(root, name)
         payload: dict[str, Any] = {}
         if entries:
             payload["progress"] = entries
@@ -108,10 +121,16 @@ async def _events(root: Path, name: str, request: Request, offset: int) -> Async
             payload["log"], last_log = log, log
         if payload:
             quiet = 0
-            yield f"id: {offset}\ndata: {json.dumps(payload, default=str)}\n\n"  # id: the progress read so far
+            yield f"id: {offset}\ndata: {json.dumps(payload, default=str)}\n\n"
         else:
             quiet += 1
             if quiet % 30 == 0:
                 yield ": still here\n\n"  # keeps proxies from closing an idle stream
-        await asyncio.sleep(POLL_SECONDS)
+        live = summary["state"] in ("running", "starting")
+        await asyncio.sleep(POLL_SECONDS if live else 4 * POLL_SECONDS)  # a finished run changes only on a Resume
 
+
+def _read_run_now(root: Path, name: str, folder: Path, offset: int) -> tuple[list, int, dict, str]:
+    """The file reads of one poll, off the event loop."""
+    entries, offset = progress_since(folder, offset)
+    return entries, offset, summarize(root, name).as_dict(), jobs.log_tail(root, name)

@@ -3,6 +3,7 @@ export, merge, push - each through the same `llmtune.api` function the CLI calls
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 from pathlib import Path
@@ -13,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from llmtune.errors import LlmtuneError
+from llmtune.ui.routes_runs import existing_run
 from llmtune.ui.runs import read_dict, run_folder
 
 if TYPE_CHECKING:
@@ -52,16 +54,36 @@ class Models:
 
         self.loaded: dict[str, LanguageModel] = {}
         self.queue = ModelQueue(max_waiting=8)
+        self.loading = asyncio.Lock()  # two first requests for one model load it once
 
     async def get(self, path: str) -> LanguageModel:
-        if path not in self.loaded:
-            from llmtune.inference.loading import load_language_model
+        async with self.loading:
+            if path not in self.loaded:
+                from llmtune.inference.loading import load_language_model
 
-            model = await self.queue.run(lambda: load_language_model(path, "ui chat"))
-            while len(self.loaded) >= 2:
-                self.loaded.pop(next(iter(self.loaded)))
-            self.loaded[path] = model
-        return self.loaded[path]
+                while len(self.loaded) >= 2:  # dropped before the next loads: two models at most, even at the peak
+                    self.loaded.pop(next(iter(self.loaded)))
+                self.loaded[path] = await self.queue.run(lambda: load_language_model(path, "ui chat"))
+            return self.loaded[path]
+
+
+def chat_job(lm: LanguageModel, body: ChatRequest) -> Any:
+    """The generation job of one chat request, as `llmtune serve` makes it: the run's chat template, the prompt
+    checked against the model's context."""
+    from jinja2 import TemplateError
+
+    from llmtune.inference.generation import encode_prompt
+    from llmtune.ship.serve_generation import Job
+
+    prompt = body.messages if lm.chat else body.messages[-1]["content"]
+    try:
+        ids = encode_prompt(lm.tokenizer, prompt, lm.chat).input_ids[0].tolist()
+    except TemplateError as error:
+        raise LlmtuneError(f"The model's chat template refuses this conversation: {error}.") from None
+    if len(ids) + body.max_new_tokens > lm.context:
+        raise LlmtuneError(f"The conversation is {len(ids)} tokens; with max_new_tokens={body.max_new_tokens} it "
+                           f"exceeds the model's context of {lm.context} tokens. Start a new chat or ask for fewer.")
+    return Job(ids, body.max_new_tokens, body.temperature, body.top_p, body.seed, [])
 
 
 def base_model_path(folder: Path) -> str:
@@ -79,16 +101,14 @@ def use_router(settings: UiSettings) -> APIRouter:
 
     @router.post("/chat")
     async def chat(name: str, body: ChatRequest) -> StreamingResponse:
-        from llmtune.inference.generation import encode_prompt
-        from llmtune.ship.serve_generation import Job, stream_events
+        from llmtune.ship.serve_generation import stream_events
 
-        folder = run_folder(root, name)
-        lm = await models.get(base_model_path(folder) if body.base else str(folder))
-        if not body.messages or any(set(m) != {"role", "content"} for m in body.messages):
+        folder = existing_run(root, name)
+        if not body.messages or any(set(m) != {"role", "content"} for m in body.messages) or \
+                body.messages[-1]["role"] != "user":
             raise LlmtuneError("messages must be a list of {role, content}, the last one the user's.")
-        prompt = body.messages if lm.chat else body.messages[-1]["content"]
-        ids = encode_prompt(lm.tokenizer, prompt, lm.chat).input_ids[0].tolist()
-        job = Job(ids, body.max_new_tokens, body.temperature, body.top_p, body.seed, [])
+        lm = await models.get(base_model_path(folder) if body.base else str(folder))
+        job = chat_job(lm, body)
         models.queue.check_room()
         return StreamingResponse(stream_events(lm, job, lambda text, finish: {"text": text, "finish": finish},
                                                models.queue.run, {"chat_template": lm.chat}),
@@ -98,13 +118,13 @@ def use_router(settings: UiSettings) -> APIRouter:
     def classify(name: str, body: ClassifyRequest) -> dict[str, Any]:
         from llmtune import api
 
-        return {"predictions": api.predict(run_folder(root, name), body.texts)}
+        return {"predictions": api.predict(existing_run(root, name), body.texts)}
 
     @router.post("/export")
     def export(name: str, body: ExportRequest) -> dict[str, Any]:
         from llmtune import api
 
-        folder = run_folder(root, name)
+        folder = existing_run(root, name)
         result = api.export(folder, body.format, body.quant)
         command = ["llmtune", "export", str(folder), "--format", body.format] + (["--quant", body.quant] if body.quant else [])
         files = [str(f) for p in result.files for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
@@ -115,7 +135,7 @@ def use_router(settings: UiSettings) -> APIRouter:
     def merge(name: str) -> dict[str, Any]:
         from llmtune import api
 
-        folder = run_folder(root, name)
+        folder = existing_run(root, name)
         out = run_folder(root, f"{name}-merged")
         result = api.merge(folder, out)
         return {"out": str(result.out), "base": result.base, "max_logit_difference": result.max_logit_difference,
@@ -125,7 +145,7 @@ def use_router(settings: UiSettings) -> APIRouter:
     def push(name: str, body: PushRequest) -> dict[str, Any]:
         from llmtune import api
 
-        folder = run_folder(root, name)
+        folder = existing_run(root, name)
         url = api.push(folder, body.repo_id, body.private)
         return {"url": url, "command": shlex.join(["llmtune", "push", str(folder), "--repo-id", body.repo_id]
                                                   + (["--private"] if body.private else []))}

@@ -9,6 +9,8 @@ restarts, and after the training process crashed or was killed. A run launched f
 from __future__ import annotations
 
 import json
+import re
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from llmtune.run.checkpoints import MARKER
 from llmtune.run.process import is_alive, read_process_record
 from llmtune.ui import jobs
 
+RUN_NAME = re.compile(r"[\w.-]{1,200}", re.ASCII)
 STATES = ("starting", "running", "finished", "stopped", "failed", "resumable")
 
 
@@ -41,6 +44,7 @@ class RunSummary:
     message: str = ""
     exit_code: int | None = None
     can_resume: bool = False
+    host: str = ""  # set when another machine trains it (a shared runs folder): nothing to stop or resume here
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,8 +52,9 @@ class RunSummary:
 
 def run_folder(runs_root: Path, name: str) -> Path:
     """The folder of the run called `name` inside the runs root, refusing any name that would leave it."""
-    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
-        raise LlmtuneError(f"'{name}' is not a run name: a run is one folder directly inside {runs_root}.")
+    if not RUN_NAME.fullmatch(name) or name.startswith("."):
+        raise LlmtuneError(f"'{name[:80]}' is not a run name: a run is one folder directly inside {runs_root}, named "
+                           "with letters, digits, '.', '_' and '-' (up to 200).")
     folder = (runs_root / name).resolve()
     if folder.parent != runs_root.resolve():
         raise LlmtuneError(f"'{name}' is not a run inside {runs_root}.")
@@ -86,27 +91,42 @@ def summarize(runs_root: Path, name: str) -> RunSummary:
 
 
 def _apply_state(summary: RunSummary, folder: Path, job: dict | None, process: dict, metrics: dict) -> None:
-    """The run's state from its job record, process record and files, newest evidence first."""
-    has_checkpoint = any(folder.glob(f"checkpoint-*/{MARKER}"))
-    job_alive = bool(job) and "exit_code" not in job and is_alive(job.get("pid"), job.get("process_started"))
-    trainer_alive = process.get("state") == "running" and is_alive(process.get("pid"), process.get("process_started"))
-    exit_code = (job or {}).get("exit_code")
-    if trainer_alive or (job_alive and process.get("state") in (None, "running")):
-        summary.state = "running" if process.get("state") == "running" else "starting"
-    elif process.get("state") == "finished" or (metrics and not process):
-        summary.state = "finished"
-    elif process.get("state") == "stopped" or exit_code in (130, 143):
-        summary.state = "stopped"
-        summary.message = process.get("message", "")
+    """The run's state, newest evidence first: a job launched since the training process last started speaks for
+    the run until the new process claims the folder; then the process record (checked against the live process);
+    then the files."""
+    job = job or {}
+    if job and job.get("started", 0.0) > process.get("started", 0.0):
+        _job_state(summary, folder, job)
+    elif process.get("state") == "running":
+        if process.get("host") not in (None, socket.gethostname()):  # no pid of ours to check: trust the record
+            summary.state, summary.host = "running", process["host"]
+            summary.message = f"Training on {process['host']}: stop or resume it there."
+        elif is_alive(process.get("pid"), process.get("process_started")):
+            summary.state = "running"
+        else:
+            summary.state, summary.message = "failed", "The training process ended without a word (killed, or out of memory?)."
+    elif process.get("state") in ("finished", "stopped", "failed"):
+        summary.state, summary.message = process["state"], process.get("message", "")
+        summary.exit_code = process.get("exit_code")
+    elif metrics:
+        summary.state = "finished"  # a run made before llmtune kept process.json
     else:
-        summary.state = "failed"
-        summary.message = process.get("message") or (jobs.last_error(folder.parent, summary.name) if job else "") or (
-            "The training process ended without a word (killed, or out of memory?).")
-    summary.exit_code = process.get("exit_code", exit_code) if summary.state not in ("running", "starting") else None
-    if summary.state in ("stopped", "failed") and has_checkpoint:
+        summary.state, summary.message = "failed", "The run left no record of its process and no metrics.json."
+    if summary.state in ("stopped", "failed") and not summary.host and any(folder.glob(f"checkpoint-*/{MARKER}")):
         summary.can_resume = True
         if summary.state == "failed":
             summary.state = "resumable"
+
+
+def _job_state(summary: RunSummary, folder: Path, job: dict[str, Any]) -> None:
+    """A job that has not (yet) claimed the run's folder: starting while its process lives, else how it ended."""
+    if "exit_code" not in job and is_alive(job.get("pid"), job.get("process_started")):
+        summary.state = "starting"
+        return
+    code = job.get("exit_code")
+    summary.state = "stopped" if code in (130, 143) else "failed"
+    summary.exit_code = code
+    summary.message = jobs.last_error(folder.parent, summary.name) or "The command ended before training started."
 
 
 def training_seconds(process: dict[str, Any], state: str) -> float | None:
@@ -127,14 +147,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def last_progress(folder: Path) -> dict[str, Any]:
     """The newest line of progress.jsonl (the step the run is at)."""
-    path = folder / PROGRESS_FILE
-    if not path.is_file():
-        return {}
-    with path.open("rb") as handle:
-        handle.seek(0, 2)
-        handle.seek(max(0, handle.tell() - 8192))
-        lines = handle.read().decode("utf-8", "replace").splitlines()
-    for line in reversed(lines):
+    for line in reversed(jobs.tail_text(folder / PROGRESS_FILE, 8192).splitlines()):
         try:
             return json.loads(line)
         except ValueError:
