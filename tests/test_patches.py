@@ -116,13 +116,21 @@ def test_accelerate_fsdp_plugin_still_switches_state_dict_type():
 
 
 @pytest.mark.slow
-def test_gguf_loaded_model_still_refuses_to_save_without_the_patch(smollm2_gguf, tmp_path):
+def test_gguf_loaded_model_still_refuses_to_save_without_the_patch(tiny_llama, tmp_path):
     """patches/gguf_save.py: a model loaded from a GGUF file refuses save_pretrained until its quantizer marker is
-    dropped; with the patch it saves and reloads with the same outputs."""
-    from llmtune.patches.gguf_save import make_gguf_model_savable
+    dropped; with the patch it saves and reloads with the same outputs. (A tiny GGUF written here: transformers
+    marks every GGUF-loaded model alike, and dequantizing the installed SmolLM2 file took 12 s of CI; the real file
+    goes through the same patch in every SmolLM2 test.)"""
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32)
+    from llmtune.patches.gguf_save import make_gguf_model_savable
+    from llmtune.ship.gguf_file import write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), tokenizer, path, "f32", "tiny",
+               {tokenizer.eos_token_id})
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
     with pytest.raises(ValueError, match="gguf"):
         model.save_pretrained(tmp_path / "refused")
     make_gguf_model_savable(model)

@@ -194,7 +194,7 @@ def test_the_form_has_every_recipe_key_with_its_help_as_validate_explain_prints_
 def test_the_form_is_checked_by_the_loaders_rules_with_each_message_beside_its_field(runs_root):
     app_client = client(runs_root)
     values = app_client.post("/api/form", json={"recipe": "quickstart.yaml"}).json()["values"]
-    assert values["training.epochs"] == "3.0" and values["task"] == "classification"
+    assert values["training.epochs"] == "3" and values["task"] == "classification"
     bad = app_client.post("/api/check", json={"recipe": "quickstart.yaml",
                                               "values": {**values, "training.learning_rate": "-1"}}).json()
     assert list(bad["errors"]) == ["training.learning_rate"]
@@ -301,3 +301,23 @@ def test_a_run_training_on_another_machine_offers_no_stop_or_resume(runs_root):
              checkpoint=True)
     summary = client(runs_root).get("/api/runs/elsewhere").json()["summary"]
     assert (summary["state"], summary["host"], summary["can_resume"]) == ("running", "another-machine", False)
+
+
+def test_a_task_template_fills_the_form_with_defaults_and_names_what_is_missing(runs_root):
+    app_client = client(runs_root)
+    assert "sft" in app_client.get("/api/recipes").json()["tasks"]
+    values = app_client.post("/api/form", json={"recipe": "task:sft"}).json()["values"]
+    assert values["task"] == "sft" and values["data.train_file"] == ""
+    checked = app_client.post("/api/check", json={"recipe": "task:sft"}).json()
+    assert any("data.train_file" in message for message in [*checked["errors"].values(), *checked["general"]])
+    assert app_client.post("/api/form", json={"recipe": "task:nonsense"}).status_code == 400
+
+
+def test_a_runs_newest_samples_come_with_it(runs_root):
+    folder = fake_run(runs_root, "grpo", {"state": "finished", "exit_code": 0, "pid": 1})
+    rows = [{"step": s, "split": "train", "prompt": f"p{s}", "completion": f"c{s}", "rewards": {"x": 1.0}, "reward": s / 10}
+            for s in range(1, 21)]
+    (folder / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shown = client(runs_root).get("/api/runs/grpo").json()["samples"]
+    assert [r["step"] for r in shown] == list(range(13, 21)) and shown[-1] == {
+        "step": 20, "split": "train", "prompt": "p20", "completion": "c20", "reward": 2.0}

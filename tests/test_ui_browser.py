@@ -127,15 +127,14 @@ def field_error(driver, key: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, f'.field-error[data-key="{key}"]').text
 
 
-def test_a_run_from_the_form_goes_live_survives_a_ui_restart_stops_resumes_finishes_and_exports(browser, tmp_path):
+def test_a_run_from_the_form_goes_live_stops_resumes_survives_a_ui_restart_finishes_and_exports(browser, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     ui = UiProcess(runs).start()
     try:
         name = launch_quickstart_from_the_form(browser, ui, tmp_path)
-        watch_restart_and_stop(browser, ui, runs, name, tmp_path)
-        browser.find_element(By.ID, "resume").click()
-        wait(browser, lambda d: text_of(d, "#run-state") == "finished", 300, "the resumed run to finish")
+        watch_and_stop(browser, runs, name, tmp_path)
+        resume_across_a_ui_restart(browser, ui, name)
         check_the_finished_run(browser, runs, name, tmp_path)
 
         # ship: an ONNX export from the page, the files and the equivalent command shown
@@ -177,17 +176,12 @@ def launch_quickstart_from_the_form(browser, ui: UiProcess, tmp_path: Path) -> s
     return browser.current_url.split("/#/run/")[1]
 
 
-def watch_restart_and_stop(browser, ui: UiProcess, runs: Path, name: str, tmp_path: Path) -> None:
-    """The loss curve gains points; the UI is killed and started again and the run is still live; Stop: exit 143."""
+def watch_and_stop(browser, runs: Path, name: str, tmp_path: Path) -> None:
+    """The loss curve gains points as the run trains; Stop: a checkpoint, exit 143."""
     wait(browser, lambda d: curve_points(d) >= 1, 240, "a first point on the loss curve")
     first = curve_points(browser)
-    ui.stop()
-    ui.start()
-    browser.get(f"{ui.url}/#/run/{name}")
-    wait(browser, lambda d: text_of(d, "#run-state") == "running", 60, "the run still running after a UI restart")
     wait(browser, lambda d: curve_points(d) > first, 120, "the curve to gain points")
     shot(browser, tmp_path, "ui-live-run")
-
     browser.find_element(By.ID, "stop").click()
     browser.switch_to.alert.accept()
     wait(browser, lambda d: text_of(d, "#run-state") == "stopped", 120, "the run to stop")
@@ -196,6 +190,21 @@ def watch_restart_and_stop(browser, ui: UiProcess, runs: Path, name: str, tmp_pa
     wait(browser, lambda d: exit_file.is_file(), 60, "the training process to exit")
     assert json.loads(exit_file.read_text())["exit_code"] == 143
     assert any((runs / name).glob("checkpoint-*"))
+
+
+def resume_across_a_ui_restart(browser, ui: UiProcess, name: str) -> None:
+    """Resume, then kill the UI process and start it again while the resumed run loads and trains: the run is still
+    live on the new UI, its curve keeps growing, and it finishes."""
+    stopped_points = curve_points(browser)
+    browser.find_element(By.ID, "resume").click()
+    wait(browser, lambda d: text_of(d, "#run-state") in ("starting", "running"), 60, "the resumed run to start")
+    ui.stop()
+    ui.start()
+    browser.get(f"{ui.url}/#/run/{name}")
+    wait(browser, lambda d: text_of(d, "#run-state") in ("starting", "running", "finished"), 60)
+    assert text_of(browser, "#run-state") != "finished", "the resumed run ended before the UI was back: no live check"
+    wait(browser, lambda d: curve_points(d) > stopped_points, 240, "the curve to grow after the UI restart")
+    wait(browser, lambda d: text_of(d, "#run-state") == "finished", 300, "the resumed run to finish")
 
 
 def check_the_finished_run(browser, runs: Path, name: str, tmp_path: Path) -> None:

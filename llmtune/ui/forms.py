@@ -14,6 +14,7 @@ import yaml
 
 from llmtune.config.explain import valid_values
 from llmtune.config.loader import load_recipe, parse_override
+from llmtune.config.renames import rename_keys
 from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError
 
@@ -57,9 +58,18 @@ def _reads_back(text: str) -> bool:
 
 
 def recipe_values(recipe_path: Path) -> dict[str, str]:
-    """The values the recipe file gives each key (defaults filled in), as override texts."""
-    recipe = load_recipe(recipe_path)
-    return {key: as_text(value) for key, value in _flatten(dataclasses.asdict(recipe)).items()}
+    """The value of every key for a recipe file, as override texts: the file's own (as written: a relative path stays
+    relative to the recipe's folder), else the schema's default. A recipe that does not validate yet - a task
+    template without its data - still fills the form; its errors come from `check`."""
+    values = {field["key"]: field["default"] for field in schema_fields()}
+    try:
+        raw = rename_keys(yaml.safe_load(recipe_path.read_text()) or {}, warn=False)
+    except (OSError, yaml.YAMLError) as error:
+        raise LlmtuneError(f"Recipe file '{recipe_path.name}' cannot be read: {error}") from None
+    if not isinstance(raw, dict):
+        raise LlmtuneError(f"Recipe file '{recipe_path.name}' must hold a mapping of sections (model:, data:, ...).")
+    values |= {key: as_text(value) for key, value in _flatten(raw).items()}
+    return values
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

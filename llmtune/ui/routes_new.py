@@ -12,7 +12,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from llmtune.config.loader import load_recipe
+from llmtune.config.vocab import TASKS
 from llmtune.errors import LlmtuneError
+from llmtune.run.files import write_text
 from llmtune.ui import forms, jobs
 from llmtune.ui.runs import run_folder
 
@@ -42,6 +44,14 @@ def planned_run(settings: UiSettings, body: FormRequest) -> dict[str, Any]:
 def recipe_file(settings: UiSettings, name: str) -> tuple[Path, str]:
     """(the file, how a command line names it) for a recipe under the recipes folder or a previous run's recipe;
     nothing outside those folders is read."""
+    if name.startswith("task:"):  # a blank recipe of one task: the form shows every default, and what is missing
+        task = name[5:]
+        if task not in TASKS:
+            raise LlmtuneError(f"'{task}' is not a task; one of {', '.join(TASKS)}.")
+        path = jobs.jobs_folder(settings.runs) / "templates" / f"{task}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, f"task: {task}\n")
+        return path, _shown(path)
     if name.startswith("run:"):
         path = jobs.resume_recipe(settings.runs, run_folder(settings.runs, name[4:]))
         return Path(path), _shown(Path(path))
@@ -65,7 +75,8 @@ def new_run_router(settings: UiSettings) -> APIRouter:
     def recipes() -> dict[str, Any]:
         found = sorted(str(p.relative_to(settings.recipes)) for p in settings.recipes.rglob("*.y*ml")
                        if p.suffix in (".yaml", ".yml") and "data" not in p.relative_to(settings.recipes).parts[:-1])
-        return {"recipes": found, "folder": str(settings.recipes), "accelerate": jobs.accelerate_configs()}
+        return {"recipes": found, "folder": str(settings.recipes), "accelerate": jobs.accelerate_configs(),
+                "tasks": list(TASKS)}
 
     @router.get("/schema")
     def schema() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from llmtune.errors import LlmtuneError
 from llmtune.ui import jobs
-from llmtune.ui.runs import headline, history, list_runs, progress_since, read_dict, run_folder, summarize
+from llmtune.ui.runs import headline, history, list_runs, progress_since, read_dict, run_folder, samples, summarize
 
 if TYPE_CHECKING:
     from llmtune.ui.settings import UiSettings
@@ -39,6 +39,7 @@ def runs_router(settings: UiSettings) -> APIRouter:
         folder = existing_run(root, name)
         logs, offset = history(folder)
         return {"summary": summarize(root, name).as_dict(), "history": logs, "offset": offset, "log": jobs.log_tail(root, name),
+                "samples": samples(folder),
                 "record": read_dict(folder / "run.json"), "metrics": read_dict(folder / "metrics.json"),
                 "job": jobs.read_job(root, name)}
 
@@ -108,9 +109,9 @@ async def _events(root: Path, name: str, request: Request, offset: int) -> Async
     """Progress lines after byte `offset`, the run's summary and the log's tail, whenever one of them changes
     (each event's id is the offset read so far, so a reconnecting page carries on where it was)."""
     folder = run_folder(root, name)
-    last_summary, last_log, quiet = None, None, 0
+    last_summary, last_log, last_samples, quiet = None, None, None, 0
     while not await request.is_disconnected():
-        entries, offset, summary, log = await asyncio.to_thread(_read_run_now, root, name, folder, offset)
+        entries, offset, summary, log, newest = await asyncio.to_thread(_read_run_now, root, name, folder, offset)
         summary_key = {k: v for k, v in summary.items() if k != "duration"}
         payload: dict[str, Any] = {}
         if entries:
@@ -119,6 +120,8 @@ async def _events(root: Path, name: str, request: Request, offset: int) -> Async
             payload["summary"], last_summary = summary, summary_key
         if log != last_log:
             payload["log"], last_log = log, log
+        if newest != last_samples:
+            payload["samples"], last_samples = newest, newest
         if payload:
             quiet = 0
             yield f"id: {offset}\ndata: {json.dumps(payload, default=str)}\n\n"
@@ -130,7 +133,7 @@ async def _events(root: Path, name: str, request: Request, offset: int) -> Async
         await asyncio.sleep(POLL_SECONDS if live else 4 * POLL_SECONDS)  # a finished run changes only on a Resume
 
 
-def _read_run_now(root: Path, name: str, folder: Path, offset: int) -> tuple[list, int, dict, str]:
+def _read_run_now(root: Path, name: str, folder: Path, offset: int) -> tuple[list, int, dict, str, list]:
     """The file reads of one poll, off the event loop."""
     entries, offset = progress_since(folder, offset)
-    return entries, offset, summarize(root, name).as_dict(), jobs.log_tail(root, name)
+    return entries, offset, summarize(root, name).as_dict(), jobs.log_tail(root, name), samples(folder)

@@ -197,6 +197,24 @@ def add_logs(logs: list[dict[str, Any]], entries: list[dict[str, Any]]) -> list[
     return logs
 
 
+SAMPLE_FILES = ("completions.jsonl", "generations.jsonl")  # GRPO's scored completions; SFT / preference generations
+
+
+def samples(folder: Path, count: int = 8) -> list[dict[str, Any]]:
+    """The newest generations the run logged (step, prompt, completion and, for GRPO, the reward)."""
+    path = next((folder / name for name in SAMPLE_FILES if (folder / name).is_file()), None)
+    if path is None:
+        return []
+    rows, lines = [], jobs.tail_text(path, 65536).splitlines()
+    for line in lines[1:] if path.stat().st_size > 65536 else lines:  # a tail's first line may be cut
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        rows.append({key: row.get(key) for key in ("step", "split", "prompt", "completion", "reward") if key in row})
+    return rows[-count:]
+
+
 def read_dict(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())

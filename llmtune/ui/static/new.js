@@ -12,7 +12,8 @@ async function newRunView(params) {
 function newRunPage(recipes, runs, fields) {
   const select = el("select", {id: "recipe-select"},
     el("optgroup", {label: `recipes (${recipes.folder})`}, recipes.recipes.map(r => el("option", {value: r}, r))),
-    runs.length ? el("optgroup", {label: "a previous run's recipe"}, runs.map(r => el("option", {value: `run:${r.name}`}, r.name))) : "");
+    runs.length ? el("optgroup", {label: "a previous run's recipe"}, runs.map(r => el("option", {value: `run:${r.name}`}, r.name))) : "",
+    el("optgroup", {label: "a blank recipe of a task"}, recipes.tasks.map(t => el("option", {value: `task:${t}`}, t))));
   const runName = el("input", {id: "run-name", placeholder: "(recipe name + time)", spellcheck: "false"});
   const accelerate = el("select", {id: "accelerate"}, ["", ...recipes.accelerate].map(a => el("option", {value: a}, a || "one process")));
   const out = {general: el("div", {id: "general-errors"}), yaml: el("pre", {id: "yaml", class: "code"}),

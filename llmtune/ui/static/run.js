@@ -38,12 +38,13 @@ function runPage(name, data) {
   const charts = el("div", {id: "charts", class: "charts"}), headline = el("div", {id: "headline"});
   const log = el("pre", {id: "log", class: "log"}, data.log || "(no log: this run was started outside the UI)");
   const details = el("div", {id: "run-details"}, ...runTools(name, data));
+  const sampled = el("section", {id: "samples", hidden: !data.samples.length}, el("h2", {}, "Samples (newest)"), samplesTable(data.samples));
   const root = el("div", {},
     el("div", {class: "toolbar"}, el("h1", {}, name), state, stopButton, killButton, resumeButton),
     el("div", {class: "progress"}, progressBar, progressText), message,
     el("section", {}, el("h2", {}, "Curves"), charts),
     el("section", {}, el("h2", {}, "Before -> after"), headline),
-    details, el("section", {}, el("h2", {}, "Log"), log));
+    sampled, details, el("section", {}, el("h2", {}, "Log"), log));
   const progress = (step, maxSteps, event) => {  // the bar's numbers, and how the run ended once it has
     progressBar.value = maxSteps ? step / maxSteps : 0;
     const parts = maxSteps ? [`step ${step}/${maxSteps} (${Math.round(step / maxSteps * 100)}%)`] : [];
@@ -78,8 +79,18 @@ function runPage(name, data) {
       if (last && last.max_steps) progress(last.step, last.max_steps, last.event);
     }
     if (change.log !== undefined) { log.textContent = change.log; log.scrollTop = log.scrollHeight; }
+    if (change.samples) { sampled.hidden = !change.samples.length; sampled.replaceChildren(el("h2", {}, "Samples (newest)"), samplesTable(change.samples)); }
   };
   return {root, show, draw, update};
+}
+
+// The generations a run logs as it trains: SFT / preference prompts at each evaluation, GRPO's scored completions.
+function samplesTable(rows) {
+  const reward = rows.some(r => r.reward !== undefined);
+  return el("table", {class: "table samples"},
+    el("thead", {}, el("tr", {}, el("th", {}, "step"), el("th", {}, "prompt"), el("th", {}, "completion"), reward ? el("th", {}, "reward") : "")),
+    el("tbody", {}, rows.map(r => el("tr", {}, el("td", {}, r.step ?? ""), el("td", {class: "text"}, r.prompt ?? ""),
+      el("td", {class: "text"}, r.completion ?? ""), reward ? el("td", {}, number(r.reward)) : ""))));
 }
 
 function runTools(name, data) {
