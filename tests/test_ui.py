@@ -321,3 +321,15 @@ def test_a_runs_newest_samples_come_with_it(runs_root):
     shown = client(runs_root).get("/api/runs/grpo").json()["samples"]
     assert [r["step"] for r in shown] == list(range(13, 21)) and shown[-1] == {
         "step": 20, "split": "train", "prompt": "p20", "completion": "c20", "reward": 2.0}
+
+
+def test_validate_reads_the_data_as_llmtune_validate_does_and_names_a_missing_file(runs_root, tmp_path):
+    from llmtune import api
+    from llmtune.config.loader import load_recipe
+
+    app_client = client(runs_root)
+    shown = app_client.post("/api/validate", json={"recipe": "quickstart.yaml"}).json()["summary"]
+    assert shown == json.loads(json.dumps(api.validate(load_recipe(REPO / "recipes" / "quickstart.yaml")), default=str))
+    missing = app_client.post("/api/validate", json={"recipe": "quickstart.yaml",
+                                                     "values": {"data.train_file": str(tmp_path / "gone.jsonl")}})
+    assert missing.status_code == 400 and "gone.jsonl" in missing.json()["error"]

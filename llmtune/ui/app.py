@@ -35,7 +35,7 @@ ACTION_HEADER = "X-Llmtune"
 
 
 def make_app(settings: UiSettings) -> FastAPI:
-    from llmtune.ui.routes_new import new_run_router
+    from llmtune.ui.routes_new import new_run_router, recipe_tools_router
     from llmtune.ui.routes_runs import runs_router
     from llmtune.ui.routes_use import use_router
 
@@ -44,7 +44,8 @@ def make_app(settings: UiSettings) -> FastAPI:
     _add_guard(app, settings, sessions)
     _add_error_handlers(app)
     _add_pages(app, settings.api_key, sessions)
-    app.state.routers = [runs_router(settings), new_run_router(settings), use_router(settings)]
+    app.state.routers = [runs_router(settings), new_run_router(settings), recipe_tools_router(settings),
+                         use_router(settings)]
     for router in app.state.routers:
         app.include_router(router)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import time
 from pathlib import Path
@@ -92,23 +93,6 @@ def new_run_router(settings: UiSettings) -> APIRouter:
         planned = planned_run(settings, body)
         return {key: planned[key] for key in ("errors", "general", "overrides", "name", "command", "yaml")}
 
-    @router.post("/plan")
-    def plan(body: FormRequest) -> dict[str, Any]:
-        from llmtune import api
-        from llmtune.observe.plan import format_plan
-
-        path, _ = recipe_file(settings, body.recipe)
-        result = api.plan(load_recipe(path, forms.overrides_for(path, body.values)), dry_run=False)
-        return {"text": format_plan(result), "plan": dataclasses.asdict(result)}
-
-    @router.post("/preview")
-    def preview(body: FormRequest) -> dict[str, Any]:
-        from llmtune import api
-
-        path, _ = recipe_file(settings, body.recipe)
-        return {"text": api.preview(load_recipe(path, forms.overrides_for(path, body.values)), samples=3,
-                                    colour=False)}
-
     @router.post("/launch")
     def launch(body: FormRequest) -> dict[str, Any]:
         planned = planned_run(settings, body)
@@ -120,5 +104,38 @@ def new_run_router(settings: UiSettings) -> APIRouter:
             raise LlmtuneError(f"A run named '{name}' already exists in {settings.runs}; choose another name.")
         return jobs.launch(settings.runs, name, planned["argv"], planned["shown"], planned["overrides"],
                            body.accelerate or None)
+
+    return router
+
+
+def recipe_tools_router(settings: UiSettings) -> APIRouter:
+    """What the CLI does with a recipe before training it: validate, plan, data preview."""
+    router = APIRouter(prefix="/api")
+
+    @router.post("/plan")
+    def plan(body: FormRequest) -> dict[str, Any]:
+        from llmtune import api
+        from llmtune.observe.plan import format_plan
+
+        path, _ = recipe_file(settings, body.recipe)
+        result = api.plan(load_recipe(path, forms.overrides_for(path, body.values)), dry_run=False)
+        return {"text": format_plan(result), "plan": dataclasses.asdict(result)}
+
+    @router.post("/validate")
+    def validate(body: FormRequest) -> dict[str, Any]:
+        """`llmtune validate`: the model resolves, the data loads and tokenizes - nothing is trained."""
+        from llmtune import api
+
+        path, _ = recipe_file(settings, body.recipe)
+        summary = api.validate(load_recipe(path, forms.overrides_for(path, body.values)))
+        return {"summary": json.loads(json.dumps(summary, default=str))}
+
+    @router.post("/preview")
+    def preview(body: FormRequest) -> dict[str, Any]:
+        from llmtune import api
+
+        path, _ = recipe_file(settings, body.recipe)
+        return {"text": api.preview(load_recipe(path, forms.overrides_for(path, body.values)), samples=3,
+                                    colour=False)}
 
     return router

@@ -47,6 +47,9 @@ function newRunPage(recipes, runs, fields) {
   const launch = el("button", {id: "launch", class: "primary", onclick: () => busy(launch, api("/api/launch", request())
     .then(job => { location.hash = `#/run/${encodeURIComponent(job.name)}`; })
     .catch(e => out.general.replaceChildren(notice(e.message))))}, "Launch");
+  const validateButton = el("button", {id: "validate-button", onclick: () => { out.plan.hidden = false; out.plan.textContent = "validating (resolves the model, reads the data)...";
+    busy(validateButton, api("/api/validate", request()).then(v => { out.plan.textContent = JSON.stringify(v.summary, null, 2); })
+      .catch(e => { out.plan.textContent = e.message; })); }}, "Validate model and data");
   const planButton = el("button", {id: "plan-button", onclick: () => { out.plan.hidden = false; out.plan.textContent = "planning (loads the model)...";
     busy(planButton, api("/api/plan", request()).then(p => { out.plan.textContent = p.text; }).catch(e => { out.plan.textContent = e.message; })); }},
     "Plan memory and time");
@@ -62,7 +65,7 @@ function newRunPage(recipes, runs, fields) {
         out.general, form.root),
       el("div", {class: "side-column"},
         el("h3", {}, "Command"), out.command,
-        el("div", {class: "row"}, launch, planButton, previewButton),
+        el("div", {class: "row"}, launch, validateButton, planButton, previewButton),
         out.plan, out.preview,
         el("h3", {}, "Recipe as it will run"), out.yaml)));
   return {root, select, load};
