@@ -333,3 +333,26 @@ def test_validate_reads_the_data_as_llmtune_validate_does_and_names_a_missing_fi
     missing = app_client.post("/api/validate", json={"recipe": "quickstart.yaml",
                                                      "values": {"data.train_file": str(tmp_path / "gone.jsonl")}})
     assert missing.status_code == 400 and "gone.jsonl" in missing.json()["error"]
+
+
+def test_a_filled_in_task_template_checks_clean_and_errors_go_beside_the_keys_they_name(runs_root):
+    app_client = client(runs_root)
+    reviews = REPO / "recipes" / "data" / "reviews"
+    filled = app_client.post("/api/check", json={"recipe": "task:classification", "values": {
+        "data.train_file": str(reviews / "train.jsonl"), "data.eval_file": str(reviews / "eval.jsonl")}}).json()
+    assert filled["errors"] == {} and filled["general"] == []
+    both = app_client.post("/api/check", json={"recipe": "quickstart.yaml", "values": {"training.epochs": "-1"}}).json()
+    assert list(both["errors"]) == ["training.epochs"] and "0 or more" in both["errors"]["training.epochs"]
+
+
+def test_a_relative_path_typed_in_the_form_is_read_from_the_recipes_folder(runs_root):
+    checked = client(runs_root).post("/api/check", json={"recipe": "quickstart.yaml",
+                                                         "values": {"data.eval_file": "data/reviews/test.jsonl"}}).json()
+    assert checked["errors"] == {}
+    assert checked["overrides"] == [f"data.eval_file={REPO / 'recipes' / 'data' / 'reviews' / 'test.jsonl'}"]
+
+
+def test_compare_leaves_out_a_run_that_is_not_there_and_says_so(runs_root):
+    fake_run(runs_root, "a", {"state": "finished", "exit_code": 0, "pid": 1}, {"after": {"accuracy": 1.0}})
+    data = client(runs_root).post("/api/compare", json={"runs": ["a", "gone", "../x"]}).json()
+    assert list(data["runs"]) == ["a"] and data["missing"] == ["gone", "../x"]

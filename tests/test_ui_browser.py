@@ -36,6 +36,7 @@ if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip("no chromium + chromedriver to drive (apt-get install chromium chromium-driver)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402 - only once the browser is known to exist
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -94,12 +95,14 @@ def browser():
 
 
 def wait(driver, condition, seconds: float = 120, what: str = ""):
-    return WebDriverWait(driver, seconds, poll_frequency=0.2).until(lambda d: condition(d), message=what)
+    # The page redraws parts of itself as events arrive: an element found a moment ago may be gone (stale).
+    return WebDriverWait(driver, seconds, poll_frequency=0.2, ignored_exceptions=(
+        StaleElementReferenceException, NoSuchElementException)).until(lambda d: condition(d), message=what)
 
 
 def text_of(driver, css: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    """The element's text, read in one step in the page (a redraw cannot slip between finding and reading)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css)
 
 
 def shot(driver, tmp_path: Path, name: str) -> None:
@@ -111,8 +114,8 @@ def shot(driver, tmp_path: Path, name: str) -> None:
 
 
 def curve_points(driver) -> int:
-    charts = driver.find_elements(By.CSS_SELECTOR, "#chart-loss svg")
-    return int(charts[0].get_attribute("data-points")) if charts else 0
+    return int(driver.execute_script(
+        "const svg = document.querySelector('#chart-loss svg'); return svg ? svg.getAttribute('data-points') : 0"))
 
 
 def set_field(driver, key: str, value: str) -> None:

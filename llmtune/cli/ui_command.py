@@ -19,7 +19,7 @@ def add_ui_command(commands: Any) -> None:
     ui.add_argument("--runs", default="runs", help="Folder of runs to show; new runs go here (default: runs).")
     ui.add_argument("--recipes", default="recipes", help="Folder of recipes to start from (default: recipes).")
     ui.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: this machine only).")
-    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--port", type=int, default=7860, help="Port to listen on (default: 7860).")
     ui.add_argument("--api-key", help=f"Require this key (default: ${API_KEY_ENV} if set); needed for a --host other "
                     "than this machine. Prefer the environment variable: command lines are visible to other users.")
     ui.add_argument("--insecure", action="store_true", help="Allow another --host without an API key.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -131,7 +132,8 @@ def _add_pages(app: FastAPI, api_key: str | None, sessions: set[str]) -> None:
             return HTMLResponse(_login_html("Wrong key."), status_code=401)
         token = secrets.token_urlsafe(32)
         sessions.add(token)
-        response = RedirectResponse("/", status_code=303)
+        wanted = (form.get("next") or [""])[0]
+        response = RedirectResponse("/" + (wanted if re.fullmatch(r"#/[\w./?=,%-]*", wanted) else ""), status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
         return response
 
@@ -141,8 +143,10 @@ def _login_html(message: str) -> str:
             "<style>body{font:16px system-ui,sans-serif;margin:15vh auto;max-width:22em}input{font:inherit;"
             "padding:.4em;width:100%;box-sizing:border-box;margin:.4em 0}</style></head><body><h1>llmtune</h1>"
             f"<p id='message'>{message}</p><form method='post' action='/login'><label>API key "
-            "<input id='key' name='key' type='password' autofocus></label><button id='login'>Log in</button>"
-            "</form></body></html>")
+            "<input id='key' name='key' type='password' autofocus></label><input type='hidden' id='next' name='next'>"
+            "<button id='login'>Log in</button></form>"
+            # the page asked for (#/run/NAME) is in the address's fragment, which only the page sees
+            "<script>document.getElementById('next').value = location.hash</script></body></html>")
 
 
 def check_host(host: str, api_key: str | None, insecure: bool) -> None:

@@ -5,6 +5,7 @@ own rules, with its message placed beside the field it names."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 from pathlib import Path
@@ -19,8 +20,10 @@ from llmtune.config.schema import Recipe
 from llmtune.errors import LlmtuneError
 
 _NAMED_KEY = re.compile(r"'([a-z_]+(?:\.[a-z_]+)+)'")
+_PROBLEMS = re.compile(r"The recipe has \d+ problems:\n1\. ")
 
 
+@functools.cache  # the schema is fixed for the process: read once
 def schema_fields(cls: type = Recipe, prefix: str = "") -> list[dict[str, Any]]:
     """Every recipe key as a form field: key, section, default (as YAML text), kind of input, choices, help."""
     fields: list[dict[str, Any]] = []
@@ -34,6 +37,7 @@ def schema_fields(cls: type = Recipe, prefix: str = "") -> list[dict[str, Any]]:
         choices = fld.metadata.get("choices") or (typing.get_args(tp) if typing.get_origin(tp) is Literal else None)
         kind = "bool" if tp is bool else "choice" if choices and typing.get_origin(tp) is not list else "text"
         fields.append({"key": f"{prefix}{fld.name}", "section": prefix.rstrip(".") or fld.name,
+                       "path": bool(fld.metadata.get("path")),
                        "default": as_text(default), "kind": kind, "choices": [str(c) for c in choices or ()],
                        "valid": valid_values(tp, fld.metadata), "help": fld.metadata.get("help", "")})
     return fields
@@ -83,33 +87,48 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def overrides_for(recipe_path: Path, values: dict[str, str]) -> list[str]:
-    """`key=value` for each field whose text differs from the recipe's own value (in the form's key order)."""
-    own = recipe_values(recipe_path)
-    return [f"{key}={text}" for key, text in values.items() if key in own and text.strip() != own[key]] + [
-        f"{key}={text}" for key, text in values.items() if key not in own]
+    """`key=value` for each field whose text differs from the recipe's own value. A relative path typed into a path
+    field is read from the recipe's folder, as the recipe's own paths are (written out in full, so the command
+    line means the same)."""
+    own, paths = recipe_values(recipe_path), {f["key"] for f in schema_fields() if f["path"]}
+    changed = {key: text for key, text in values.items() if text.strip() != own.get(key)}
+    return [f"{key}={_anchored(text, recipe_path.parent) if key in paths else text}" for key, text in changed.items()]
+
+
+def _anchored(text: str, folder: Path) -> str:
+    value = text.strip()
+    if not value or value.startswith(("~", "/")) or "://" in value or not ("/" in value or "." in value):
+        return text  # empty, absolute, a URL, or a Hub-style bare name
+    candidate = folder / value
+    return str(candidate.resolve()) if candidate.exists() or candidate.parent.is_dir() else text
 
 
 def check(recipe_path: Path, values: dict[str, str]) -> dict[str, Any]:
-    """Validate the form: each changed field on its own (its message goes beside it), then all together (a rule
-    across fields goes beside the first key it names, or above the form). Returns the errors and the overrides."""
+    """Validate the form as `llmtune validate` reads a recipe: the recipe file with every change applied, each
+    problem the loader reports placed beside the key it names (a key the user changed first), or above the form.
+    Returns the errors and the overrides."""
     overrides = overrides_for(recipe_path, values)
     errors: dict[str, str] = {}
     general: list[str] = []
-    for item in overrides:
-        try:
-            load_recipe(recipe_path, [item])
-        except LlmtuneError as error:
-            errors[item.split("=", 1)[0]] = str(error)
-    if not errors:
-        try:
-            load_recipe(recipe_path, overrides)
-        except LlmtuneError as error:
-            named = [key for key in _NAMED_KEY.findall(str(error)) if key in values]
-            if named:
-                errors[named[0]] = str(error)
+    try:
+        load_recipe(recipe_path, overrides)
+    except LlmtuneError as error:
+        keys = {field["key"] for field in schema_fields()}
+        for problem in problems_in(str(error)):
+            named = [key for key in _NAMED_KEY.findall(problem) if key in keys]
+            key = next((k for k in named if k in values), named[0] if named else None)
+            if key is None:
+                general.append(problem)
             else:
-                general.append(str(error))
+                errors[key] = f"{errors[key]} {problem}" if key in errors else problem
     return {"errors": errors, "general": general, "overrides": overrides}
+
+
+def problems_in(message: str) -> list[str]:
+    """The loader's message as its separate problems ('The recipe has 2 problems: 1. ... 2. ...')."""
+    if not _PROBLEMS.match(message):
+        return [message]
+    return [part.strip() for part in re.split(r"\n\d+\. ", message)[1:]]
 
 
 def recipe_yaml(recipe_path: Path, overrides: list[str]) -> str:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from llmtune.errors import LlmtuneError
 from llmtune.ui import jobs
-from llmtune.ui.runs import headline, history, list_runs, progress_since, read_dict, run_folder, samples, summarize
+from llmtune.ui.runs import RUN_NAME, headline, history, list_runs, progress_since, read_dict, run_folder, samples, summarize
 
 if TYPE_CHECKING:
     from llmtune.ui.settings import UiSettings
@@ -65,7 +65,8 @@ def runs_router(settings: UiSettings) -> APIRouter:
 
     @router.post("/compare")
     def compare(body: CompareRequest) -> dict[str, Any]:
-        return {"runs": compared(root, body.runs)}
+        known = [name for name in body.runs if (root / name).is_dir() and RUN_NAME.fullmatch(name)]
+        return {"runs": compared(root, known), "missing": [name[:80] for name in body.runs if name not in known]}
 
     return router
 
@@ -85,6 +86,9 @@ def resume_run(root: Path, name: str) -> dict[str, Any]:
     summary = summarize(root, name)
     if summary.state in ("running", "starting"):
         raise LlmtuneError(f"The run '{name}' is {summary.state}; stop it before resuming it.")
+    if summary.state == "finished":
+        raise LlmtuneError(f"The run '{name}' has finished: there is nothing left to train. Start a new run from its "
+                           "recipe (New run, 'a previous run's recipe') to train further.")
     if not summary.can_resume:
         raise LlmtuneError(f"The run '{name}' has no complete checkpoint to resume from (it is {summary.state}).")
     accelerate = (jobs.read_job(root, name) or {}).get("accelerate")  # a multi-process run resumes as one
@@ -96,7 +100,7 @@ def resume_run(root: Path, name: str) -> dict[str, Any]:
 def compared(root: Path, names: list[str]) -> dict[str, Any]:
     """Each run's curves and before -> after scores (the data `llmtune report A B` draws)."""
     if not names:
-        raise LlmtuneError("Pick at least one run to compare.")
+        raise LlmtuneError("None of the runs to compare is in the runs folder: tick runs in the Runs table.")
     out = {}
     for name in names:
         folder = existing_run(root, name)

@@ -26,7 +26,7 @@ function el(tag, attrs = {}, ...children) {
 async function api(path, body) {
   const options = body === undefined ? {} : {method: "POST", headers: ACTION_HEADERS, body: JSON.stringify(body)};
   const response = await fetch(path, options);
-  if (response.status === 401) { location.href = "/login"; throw new Error("Log in first."); }
+  if (response.status === 401) { location.href = `/login${location.hash}`; throw new Error("Log in first."); }
   const data = await response.json().catch(() => ({error: `${response.status} ${response.statusText}`}));
   if (!response.ok) throw new Error(data.error || errorText(data) || `${response.status} ${response.statusText}`);
   return data;
@@ -110,16 +110,19 @@ async function compareView(params) {
     return;
   }
   const data = await api("/api/compare", {runs: names});
+  const found = names.filter(n => n in data.runs);
   const charts = el("div", {id: "charts", class: "charts"});
   const metrics = [...new Set(Object.values(data.runs).flatMap(r => Object.keys(r.headline)))];
-  view.replaceChildren(el("h1", {}, "Compare"), el("section", {}, el("h2", {}, "Curves"), charts),
-    el("section", {}, el("h2", {}, "Metrics after training (before)"), el("table", {id: "compare-table", class: "table"},
-      el("thead", {}, el("tr", {}, el("th", {}, "metric"), names.map(n => el("th", {}, n)))),
-      el("tbody", {}, metrics.map(m => el("tr", {}, el("td", {}, m), names.map(n => {
+  view.replaceChildren(el("h1", {}, "Compare"),
+    data.missing.length ? notice(`Not found in the runs folder (left out): ${data.missing.join(", ")}`, "info") : "",
+    el("section", {}, el("h2", {}, "Curves"), charts),
+    el("section", {}, el("h2", {}, "Scores: before -> after training"), el("table", {id: "compare-table", class: "table"},
+      el("thead", {}, el("tr", {}, el("th", {}, "metric"), found.map(n => el("th", {}, n)))),
+      el("tbody", {}, metrics.map(m => el("tr", {}, el("td", {}, m), found.map(n => {
         const v = data.runs[n].headline[m];
-        return el("td", {}, v ? `${number(v.after)} (${number(v.before)})` : "-");
+        return el("td", {}, v ? `${number(v.before)} -> ${number(v.after)}` : "-");
       })))))));
-  drawCharts(charts, Object.fromEntries(names.map(n => [n, curveGroups(data.runs[n].history)])));
+  drawCharts(charts, Object.fromEntries(found.map(n => [n, curveGroups(data.runs[n].history)])));
 }
 
 // --- routing -------------------------------------------------------------------------------------------------

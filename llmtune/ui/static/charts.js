@@ -43,7 +43,7 @@ function lineChart(title, series, domain) {
     if (points.length > 1) add("polyline", {points: points.map(p => `${X(p[0])},${Y(p[1])}`).join(" "), fill: "none",
                                             stroke: colour, "stroke-width": 2});
     for (const p of points.length <= 60 ? points : [points[points.length - 1]]) add("circle", {cx: X(p[0]), cy: Y(p[1]), r: 2.5, fill: colour});
-    if (series.length > 1) add("text", {x: width - pad.right, y: pad.top + 12 * (i + 1), "text-anchor": "end", fill: colour, class: "tick"}, s.name);
+
   });
   return svg;
 }
@@ -72,7 +72,7 @@ function curveGroups(logs) {
   return groups;
 }
 
-function drawCharts(container, groupsByRun) {
+function drawCharts(container, groupsByRun, maxSteps = 0) {
   // groupsByRun: {runName: curveGroups}; one chart per group, one line per run (and per series within a run)
   container.replaceChildren();
   const names = [...new Set(Object.values(groupsByRun).flatMap(g => Object.keys(g)))];
@@ -80,7 +80,7 @@ function drawCharts(container, groupsByRun) {
   names.sort((a, b) => (order.indexOf(a) + 1 || 99) - (order.indexOf(b) + 1 || 99) || a.localeCompare(b));
   const single = Object.keys(groupsByRun).length === 1;
   const steps = Object.values(groupsByRun).flatMap(g => Object.values(g).flatMap(s => Object.values(s).flat().map(p => p[0])));
-  const domain = [0, Math.max(1, ...steps)];  // every chart on the same steps, from the start
+  const domain = [0, Math.max(1, maxSteps, ...steps)];  // every chart on the same steps: the whole run's, from 0
   for (const group of names) {
     const series = [];
     for (const [run, groups] of Object.entries(groupsByRun)) {
@@ -88,9 +88,16 @@ function drawCharts(container, groupsByRun) {
         series.push({name: single ? name : `${run} ${name}`, points});
       }
     }
-    container.append(el("div", {class: "chart-box", id: `chart-${group.replace(/\W+/g, "-")}`}, lineChart(group, series, domain)));
+    const legend = series.length > 1 ? el("div", {class: "legend"}, series.map((s, i) =>
+      el("span", {}, el("i", {style: `background:${COLOURS[i % COLOURS.length]}`}), s.name))) : "";
+    container.append(el("div", {class: "chart-box", id: `chart-${group.replace(/\W+/g, "-")}`}, lineChart(group, series, domain), legend));
   }
   if (!names.length) container.append(el("p", {class: "muted"}, "No curves yet: the first log comes after training.log_every steps."));
+}
+
+// Whether a change is an improvement: lower is better for losses and perplexity, higher for the rest.
+function better(name, before, after) {
+  return /(loss|perplexity)$/.test(name) ? after < before : after > before;
 }
 
 function headlineTable(headline) {
@@ -100,7 +107,7 @@ function headlineTable(headline) {
     el("thead", {}, el("tr", {}, el("th", {}, "metric"), el("th", {}, "before"), el("th", {}, "after"), el("th", {}, "change"))),
     el("tbody", {}, rows.map(([name, v]) => el("tr", {"data-metric": name}, el("td", {}, name), el("td", {}, number(v.before)),
       el("td", {}, number(v.after)),
-      el("td", {class: typeof v.before === "number" ? (v.after >= v.before ? "up" : "down") : ""},
+      el("td", {class: typeof v.before === "number" && v.after !== v.before ? (better(name, v.before, v.after) ? "up" : "down") : ""},
          typeof v.before === "number" ? (v.after - v.before >= 0 ? "+" : "") + number(v.after - v.before) : "")))));
 }
 

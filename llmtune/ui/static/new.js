@@ -4,8 +4,11 @@
 async function newRunView(params) {
   const [recipes, schema, listed] = await Promise.all([api("/api/recipes"), api("/api/schema"), api("/api/runs")]);
   const page = newRunPage(recipes, listed.runs.filter(r => r.task), schema.fields);
-  if (params.get("recipe")) page.select.value = params.get("recipe");
+  const asked = params.get("recipe");
+  page.select.value = asked || "quickstart.yaml";
+  if (!page.select.value) page.select.selectedIndex = 0;  // a recipe folder without the quickstart
   view.replaceChildren(page.root);
+  if (asked && page.select.value !== asked) page.notice(`There is no recipe '${asked}' here; showing ${page.select.value} instead.`);
   await page.load();
 }
 
@@ -16,7 +19,8 @@ function newRunPage(recipes, runs, fields) {
     el("optgroup", {label: "a blank recipe of a task"}, recipes.tasks.map(t => el("option", {value: `task:${t}`}, t))));
   const runName = el("input", {id: "run-name", placeholder: "(recipe name + time)", spellcheck: "false"});
   const accelerate = el("select", {id: "accelerate"}, ["", ...recipes.accelerate].map(a => el("option", {value: a}, a || "one process")));
-  const out = {general: el("div", {id: "general-errors"}), yaml: el("pre", {id: "yaml", class: "code"}),
+  const out = {general: el("div", {id: "general-errors"}), problems: el("div", {id: "launch-problems"}),
+               yaml: el("pre", {id: "yaml", class: "code"}),
                command: el("pre", {id: "command", class: "code"}),
                plan: el("pre", {id: "plan-output", class: "code", hidden: true}),
                preview: el("div", {id: "preview-output", class: "preview", hidden: true})};
@@ -33,6 +37,10 @@ function newRunPage(recipes, runs, fields) {
     if (mine !== asked) return;
     form.showErrors(result.errors);
     out.general.replaceChildren(...result.general.map(g => notice(g)));
+    const fieldErrors = Object.entries(result.errors);  // why Launch is off, beside it: each links to its field
+    out.problems.replaceChildren(...fieldErrors.map(([key, message]) => el("div", {class: "notice error"},
+      el("a", {href: "#", onclick: event => { event.preventDefault(); form.focus(key); }}, key), `: ${message}`)));
+    previewButton.hidden = !["sft", "pretrain"].includes(form.value("task"));
     out.yaml.textContent = result.yaml;
     out.command.textContent = result.command;
     launch.disabled = Object.keys(result.errors).length + result.general.length > 0;
@@ -66,9 +74,9 @@ function newRunPage(recipes, runs, fields) {
       el("div", {class: "side-column"},
         el("h3", {}, "Command"), out.command,
         el("div", {class: "row"}, launch, validateButton, planButton, previewButton),
-        out.plan, out.preview,
+        out.problems, out.plan, out.preview,
         el("h3", {}, "Recipe as it will run"), out.yaml)));
-  return {root, select, load};
+  return {root, select, load, notice: text => out.general.replaceChildren(notice(text, "info"))};
 }
 
 // Every recipe key as an input, grouped by section; `changes()` is what differs from the recipe's own values.
@@ -107,6 +115,14 @@ function recipeForm(fields, onInput, onChange) {
       mark();
     },
     changes() { return Object.fromEntries(Object.entries(values).filter(([key, value]) => value !== own[key])); },
+    value(key) { return key in values ? values[key] : own[key]; },
+    focus(key) {
+      const input = inputs[key];
+      if (!input) return;
+      input.closest("details").open = true;
+      input.scrollIntoView({block: "center"});
+      input.focus();
+    },
     showErrors(errors) {
       for (const box of root.querySelectorAll(".field-error")) {
         const error = errors[box.getAttribute("data-key")];

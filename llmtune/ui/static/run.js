@@ -50,6 +50,7 @@ function runPage(name, data) {
     const parts = maxSteps ? [`step ${step}/${maxSteps} (${Math.round(step / maxSteps * 100)}%)`] : [];
     if (event === "evaluating") parts.push("evaluating");
     if (data.summary.exit_code !== null) parts.push(`exit code ${data.summary.exit_code}`);
+    if (data.summary.state === "starting" && !maxSteps) parts.push("starting: loading the model and the data...");
     progressText.textContent = parts.join(", ");
   };
   const show = summary => {
@@ -61,7 +62,7 @@ function runPage(name, data) {
     message.replaceChildren(summary.message ? notice(summary.message, ["stopped", "running"].includes(summary.state) ? "info" : "error") : "");
     headline.replaceChildren(headlineTable(summary.headline));
   };
-  const draw = () => drawCharts(charts, {[name]: curveGroups(logs)});
+  const draw = () => drawCharts(charts, {[name]: curveGroups(logs)}, data.summary.max_steps);
   const update = change => {
     if (change.summary) {
       const finishedNow = change.summary.state !== data.summary.state && change.summary.state === "finished";
@@ -101,7 +102,7 @@ function runTools(name, data) {
   if (["sft", "pretrain", "dpo", "ipo", "kto", "orpo", "simpo", "grpo"].includes(task) || (data.record.recipe || {}).task === "sft")
     sections.push(chatSection(name));
   if (["classification", "image_classification", "distill"].includes(task)) sections.push(classifySection(name));
-  sections.push(shipSection(name, task));
+  sections.push(shipSection(name, task, ((data.record.recipe || {}).method || {}).type !== "full"));
   return sections;
 }
 
@@ -184,7 +185,7 @@ function classifySection(name) {
   return el("section", {id: "try"}, el("h2", {}, "Try it"), input, el("div", {class: "row"}, button), output);
 }
 
-function shipSection(name, task) {
+function shipSection(name, task, adapter) {
   const formats = ["classification", "distill"].includes(task) ? ["onnx"] : task === "image_classification" ? [] : ["gguf", "ollama"];
   const output = el("div", {id: "ship-output"});
   const shown = data => output.replaceChildren(el("div", {class: "notice info"},
@@ -203,7 +204,7 @@ function shipSection(name, task) {
     api(`/api/runs/${encodeURIComponent(name)}/push`, {repo_id: repo.value, private: true}).then(shown).catch(failed))}, "Push (private)");
   return el("section", {id: "ship"}, el("h2", {}, "Ship"),
     formats.length ? el("div", {class: "row"}, "Export as ", format, formats[0] === "onnx" ? "" : quant, exportButton) : "",
-    el("div", {class: "row"}, mergeButton, el("span", {class: "muted"}, "an adapter run folded into its base, in a new folder beside it")),
+    adapter ? el("div", {class: "row"}, mergeButton, el("span", {class: "muted"}, "the adapter folded into its base, in a new folder beside the run")) : "",
     el("div", {class: "row"}, repo, pushButton), output);
 }
 
