@@ -356,3 +356,13 @@ def test_compare_leaves_out_a_run_that_is_not_there_and_says_so(runs_root):
     fake_run(runs_root, "a", {"state": "finished", "exit_code": 0, "pid": 1}, {"after": {"accuracy": 1.0}})
     data = client(runs_root).post("/api/compare", json={"runs": ["a", "gone", "../x"]}).json()
     assert list(data["runs"]) == ["a"] and data["missing"] == ["gone", "../x"]
+
+
+def test_the_command_refuses_another_address_without_a_key_before_listening(runs_root, capsys, monkeypatch):
+    from llmtune.cli import main
+
+    monkeypatch.delenv("LLMTUNE_API_KEY", raising=False)
+    assert main(["ui", "--runs", str(runs_root), "--recipes", str(REPO / "recipes"), "--host", "0.0.0.0"]) == 2
+    assert "--api-key or LLMTUNE_API_KEY" in capsys.readouterr().err
+    assert main(["ui", "--runs", str(runs_root), "--recipes", str(runs_root / "none")]) == 2
+    assert "--recipes is" in capsys.readouterr().err
