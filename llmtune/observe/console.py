@@ -120,14 +120,12 @@ class Console(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-        if state.is_world_process_zero and time.time() - self._last_tick >= _TICK_SECONDS:
-            self._record(state, event="step")
+        self._tick(state, "step")
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if self.bar is not None:
             self.bar.set_description("evaluating", refresh=False)
-        if state.is_world_process_zero and time.time() - self._last_tick >= _TICK_SECONDS:
-            self._record(state, event="evaluating")
+        self._tick(state, "evaluating")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.bar is not None:
@@ -161,6 +159,11 @@ class Console(TrainerCallback):
             self.bar = None
         if state.is_world_process_zero:
             self._record(state, event="end")
+
+    def _tick(self, state, event: str) -> None:
+        """Where the run is, every few seconds at most (on the main process)."""
+        if state.is_world_process_zero and time.time() - self._last_tick >= _TICK_SECONDS:
+            self._record(state, event=event)
 
     def _record(self, state, **entry: Any) -> None:
         """One line of progress.jsonl (appended: a reader never sees a half-rewritten file, only maybe a half line)."""

@@ -62,6 +62,16 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a file another process may be writing or may never have written: {} when the file is
+    missing, unreadable, not JSON or not an object."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def make_public(folder: Path) -> None:
     """Give a folder made by tempfile (and everything in it) the modes a plain mkdir / open would have."""
     files_mode, folders_mode = file_mode(), folder_mode()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.errors import LlmtuneError, TrainingStopped
-from llmtune.run.files import read_json, write_json
+from llmtune.run.files import read_json_object, write_json
 
 PROCESS_FILE = "process.json"
 
@@ -36,19 +36,16 @@ def process_started(pid: int) -> float | None:
 
 def is_alive(pid: int | None, started: float | None) -> bool:
     """Whether `pid` is the same live process that started at `started` (a reused pid is another process)."""
+    import psutil
+
     if not pid:
         return False
-    actual = process_started(pid)
-    if actual is None:
-        return False
     try:
-        import psutil
-
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            return False
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        process = psutil.Process(pid)
+        actual, status = process.create_time(), process.status()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
-    return started is None or abs(actual - started) < 2.0
+    return status != psutil.STATUS_ZOMBIE and (started is None or abs(actual - started) < 2.0)
 
 
 @contextmanager
@@ -58,7 +55,7 @@ def recorded_process(run_dir: Path, main: bool) -> Iterator[None]:
         yield
         return
     pid = os.getpid()
-    earlier = read_process_record(run_dir) or {}  # a resumed run: its first start and the time trained before
+    earlier = read_process_record(run_dir)  # a resumed run: its first start and the time trained before
     now = time.time()
     record: dict[str, Any] = {"pid": pid, "host": socket.gethostname(), "process_started": process_started(pid),
                               "started": now, "first_started": earlier.get("first_started", earlier.get("started", now)),
@@ -70,11 +67,9 @@ def recorded_process(run_dir: Path, main: bool) -> Iterator[None]:
     except TrainingStopped as stop:
         _ended(run_dir, record, "stopped", exit_code=stop.exit_code, message=str(stop))
         raise
-    except LlmtuneError as error:
-        _ended(run_dir, record, "failed", exit_code=1, message=str(error))
-        raise
-    except BaseException as error:
-        _ended(run_dir, record, "failed", exit_code=1, message=f"{type(error).__name__}: {error}")
+    except BaseException as error:  # llmtune's own paragraph as it is; anything else named by its type
+        message = str(error) if isinstance(error, LlmtuneError) else f"{type(error).__name__}: {error}"
+        _ended(run_dir, record, "failed", exit_code=1, message=message)
         raise
     _ended(run_dir, record, "finished", exit_code=0)
 
@@ -89,8 +84,6 @@ def _ended(run_dir: Path, record: dict[str, Any], state: str, exit_code: int, me
         pass  # a full disk must not hide the error that ended the run
 
 
-def read_process_record(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return read_json(run_dir / PROCESS_FILE)
-    except (OSError, ValueError):
-        return None
+def read_process_record(run_dir: Path) -> dict[str, Any]:
+    """The run's process.json ({} when there is none yet)."""
+    return read_json_object(run_dir / PROCESS_FILE)

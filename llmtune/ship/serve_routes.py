@@ -53,18 +53,26 @@ class ModelQueue:
             self.waiting -= 1
 
 
+def same_secret(given: str, key: str) -> bool:
+    """Compare a secret in constant time (how long it takes says nothing about how much of it matched)."""
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def bearer_matches(request: Request, key: str) -> bool:
+    """Whether the request carries `Authorization: Bearer KEY`."""
+    given = request.headers.get("authorization", "")
+    return same_secret(given[7:] if given.lower().startswith("bearer ") else "", key)
+
+
 def add_guard(app: FastAPI, api_key: str | None, limits: Limits) -> None:
     """Refuse a request without the API key (compared in constant time) or with a body over the limit."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Any:
         try:
-            if api_key is not None and request.url.path.startswith("/v1/"):
-                given = request.headers.get("authorization", "")
-                token = given[7:] if given.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(token.encode(), api_key.encode()):
-                    raise ApiError(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.",
-                                   "invalid_api_key")
+            if api_key is not None and request.url.path.startswith("/v1/") and not bearer_matches(request, api_key):
+                raise ApiError(401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.",
+                               "invalid_api_key")
             size = request.headers.get("content-length")
             if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
                 raise ApiError(413, f"The request body is {int(size):,} bytes; this server takes at most "

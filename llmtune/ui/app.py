@@ -10,7 +10,6 @@ page sets (a random token, never the key itself); both are compared in constant 
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import secrets
@@ -24,6 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 
 from llmtune.errors import LlmtuneError
 from llmtune.ship.serve import LOCAL_HOSTS
+from llmtune.ship.serve_routes import bearer_matches, same_secret
 from llmtune.ui.settings import UiSettings
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ def make_app(settings: UiSettings) -> FastAPI:
     return app
 
 
-def _key_matches(given: str, key: str) -> bool:
-    return hmac.compare_digest(given.encode(), key.encode())
-
-
 def _refusal(request: Request, settings: UiSettings, sessions: set[str]) -> Response | None:
     """Why this request may not go on, as the response to send; None when it may.
 
@@ -71,11 +67,9 @@ def _refusal(request: Request, settings: UiSettings, sessions: set[str]) -> Resp
         return JSONResponse({"error": f"Actions need the {ACTION_HEADER}: 1 header (the page sends it)."}, status_code=403)
     if settings.api_key is None or request.url.path == "/login":
         return None
-    given = request.headers.get("authorization", "")
-    bearer = given[7:] if given.lower().startswith("bearer ") else ""
     cookie = request.cookies.get(COOKIE, "")
-    known = any([_key_matches(cookie, token) for token in sessions])  # a list: compared with every token
-    if _key_matches(bearer, settings.api_key) or known:
+    known = any([same_secret(cookie, token) for token in sessions])  # a list: compared with every token
+    if bearer_matches(request, settings.api_key) or known:
         return None
     if request.url.path.startswith("/api/"):
         return JSONResponse({"error": "Missing or wrong API key: log in at /login, or send the header "
@@ -128,7 +122,7 @@ def _add_pages(app: FastAPI, api_key: str | None, sessions: set[str]) -> None:
     async def login(request: Request) -> Response:
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         given = (form.get("key") or [""])[0]
-        if api_key is None or not _key_matches(given, api_key):
+        if api_key is None or not same_secret(given, api_key):
             return HTMLResponse(_login_html("Wrong key."), status_code=401)
         token = secrets.token_urlsafe(32)
         sessions.add(token)

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from llmtune.errors import LlmtuneError
-from llmtune.run.files import read_json, write_json, write_text
+from llmtune.run.files import read_json, read_json_object, write_json, write_text
 from llmtune.run.process import is_alive, process_started, read_process_record
 
 JOBS_FOLDER = ".llmtune-ui"
@@ -40,15 +40,8 @@ def job_names(runs_root: Path) -> list[str]:
 
 def read_job(runs_root: Path, name: str) -> dict[str, Any] | None:
     folder = jobs_folder(runs_root)
-    try:
-        job = read_json(folder / f"{name}.json")
-    except (OSError, ValueError):
-        return None
-    try:
-        job |= read_json(folder / f"{name}.exit")
-    except (OSError, ValueError):
-        pass
-    return job
+    job = read_json_object(folder / f"{name}.json")
+    return job | read_json_object(folder / f"{name}.exit") if job else None
 
 
 def log_path(runs_root: Path, name: str) -> Path:
@@ -149,7 +142,7 @@ def stop(runs_root: Path, name: str, run_dir: Path, force: bool = False) -> str:
         if job and "exit_code" not in job and is_alive(job.get("pid"), job.get("process_started")):
             os.killpg(job["pid"], sig)  # the runner ignores SIGTERM; the training process (and its ranks) stop
             return f"process group {job['pid']}"
-        process = read_process_record(run_dir) or {}
+        process = read_process_record(run_dir)
         if process.get("state") == "running" and is_alive(process.get("pid"), process.get("process_started")):
             os.kill(process["pid"], sig)
             return f"process {process['pid']}"

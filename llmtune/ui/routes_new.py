@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from llmtune.config.loader import load_recipe
+from llmtune.config.schema import Recipe
 from llmtune.config.vocab import TASKS
 from llmtune.errors import LlmtuneError
 from llmtune.run.files import write_text
@@ -108,6 +109,12 @@ def new_run_router(settings: UiSettings) -> APIRouter:
     return router
 
 
+def form_recipe(settings: UiSettings, body: FormRequest) -> Recipe:
+    """The recipe the form describes: the chosen recipe file with the form's changes applied."""
+    path, _ = recipe_file(settings, body.recipe)
+    return load_recipe(path, forms.overrides_for(path, body.values))
+
+
 def recipe_tools_router(settings: UiSettings) -> APIRouter:
     """What the CLI does with a recipe before training it: validate, plan, data preview."""
     router = APIRouter(prefix="/api")
@@ -117,8 +124,7 @@ def recipe_tools_router(settings: UiSettings) -> APIRouter:
         from llmtune import api
         from llmtune.observe.plan import format_plan
 
-        path, _ = recipe_file(settings, body.recipe)
-        result = api.plan(load_recipe(path, forms.overrides_for(path, body.values)), dry_run=False)
+        result = api.plan(form_recipe(settings, body), dry_run=False)
         return {"text": format_plan(result), "plan": dataclasses.asdict(result)}
 
     @router.post("/validate")
@@ -126,16 +132,13 @@ def recipe_tools_router(settings: UiSettings) -> APIRouter:
         """`llmtune validate`: the model resolves, the data loads and tokenizes - nothing is trained."""
         from llmtune import api
 
-        path, _ = recipe_file(settings, body.recipe)
-        summary = api.validate(load_recipe(path, forms.overrides_for(path, body.values)))
+        summary = api.validate(form_recipe(settings, body))
         return {"summary": json.loads(json.dumps(summary, default=str))}
 
     @router.post("/preview")
     def preview(body: FormRequest) -> dict[str, Any]:
         from llmtune import api
 
-        path, _ = recipe_file(settings, body.recipe)
-        return {"text": api.preview(load_recipe(path, forms.overrides_for(path, body.values)), samples=3,
-                                    colour=False)}
+        return {"text": api.preview(form_recipe(settings, body), samples=3, colour=False)}
 
     return router

@@ -13,8 +13,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from llmtune.errors import LlmtuneError
+from llmtune.run.files import read_json_object
 from llmtune.ui import jobs
-from llmtune.ui.runs import RUN_NAME, headline, history, list_runs, progress_since, read_dict, run_folder, samples, summarize
+from llmtune.ui.runs import RUN_NAME, headline, history, list_runs, progress_since, run_folder, samples, summarize
 
 if TYPE_CHECKING:
     from llmtune.ui.settings import UiSettings
@@ -40,7 +41,7 @@ def runs_router(settings: UiSettings) -> APIRouter:
         logs, offset = history(folder)
         return {"summary": summarize(root, name).as_dict(), "history": logs, "offset": offset, "log": jobs.log_tail(root, name),
                 "samples": samples(folder),
-                "record": read_dict(folder / "run.json"), "metrics": read_dict(folder / "metrics.json"),
+                "record": read_json_object(folder / "run.json"), "metrics": read_json_object(folder / "metrics.json"),
                 "job": jobs.read_job(root, name)}
 
     @router.get("/runs/{name}/events")
@@ -104,7 +105,7 @@ def compared(root: Path, names: list[str]) -> dict[str, Any]:
     out = {}
     for name in names:
         folder = existing_run(root, name)
-        out[name] = {"history": history(folder)[0], "headline": headline(read_dict(folder / "metrics.json")),
+        out[name] = {"history": history(folder)[0], "headline": headline(read_json_object(folder / "metrics.json")),
                      "summary": summarize(root, name).as_dict()}
     return out
 

@@ -14,8 +14,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from llmtune.errors import LlmtuneError
+from llmtune.run.files import read_json_object
 from llmtune.ui.routes_runs import existing_run
-from llmtune.ui.runs import read_dict, run_folder
+from llmtune.ui.runs import run_folder
 
 if TYPE_CHECKING:
     from llmtune.inference.loading import LanguageModel
@@ -87,7 +88,7 @@ def chat_job(lm: LanguageModel, body: ChatRequest) -> Any:
 
 
 def base_model_path(folder: Path) -> str:
-    record = read_dict(folder / "run.json")
+    record = read_json_object(folder / "run.json")
     path = record.get("model_path") or (record.get("recipe", {}).get("model") or {}).get("name")
     if not path:
         raise LlmtuneError(f"The run in '{folder}' does not record its base model (run.json model_path).")

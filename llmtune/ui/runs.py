@@ -19,6 +19,7 @@ from typing import Any
 from llmtune.errors import LlmtuneError
 from llmtune.observe.console import PROGRESS_FILE, is_timing
 from llmtune.run.checkpoints import MARKER
+from llmtune.run.files import read_json_object
 from llmtune.run.process import is_alive, read_process_record
 from llmtune.ui import jobs
 
@@ -72,18 +73,18 @@ def list_runs(runs_root: Path) -> list[RunSummary]:
 
 def summarize(runs_root: Path, name: str) -> RunSummary:
     folder = run_folder(runs_root, name)
-    record = read_dict(folder / "run.json")
+    record = read_json_object(folder / "run.json")
     recipe = record.get("recipe", {})
     summary = RunSummary(name=name, state="starting", task=recipe.get("task", ""),
                          model=(recipe.get("model") or {}).get("name") or "", method=(recipe.get("method") or {}).get("type", ""),
                          precision=(record.get("precision") or {}).get("training", ""))
     job = jobs.read_job(runs_root, name)
-    process = read_process_record(folder) or {}
+    process = read_process_record(folder)
     progress = last_progress(folder)
     summary.step, summary.max_steps = progress.get("step", 0), progress.get("max_steps", 0)
     summary.started = next((t for t in (process.get("first_started"), (job or {}).get("started")) if t is not None),
                            None) or _mtime(folder / "run.json")
-    metrics = read_dict(folder / "metrics.json")
+    metrics = read_json_object(folder / "metrics.json")
     summary.headline = headline(metrics)
     _apply_state(summary, folder, job, process, metrics)
     summary.duration = training_seconds(process, summary.state)
@@ -183,7 +184,7 @@ def history(folder: Path) -> tuple[list[dict[str, Any]], int]:
     logs = add_logs([], entries)
     if logs or offset:
         return logs, offset
-    return list(read_dict(folder / "trainer_state.json").get("log_history", [])), 0
+    return list(read_json_object(folder / "trainer_state.json").get("log_history", [])), 0
 
 
 def add_logs(logs: list[dict[str, Any]], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -213,14 +214,6 @@ def samples(folder: Path, count: int = 8) -> list[dict[str, Any]]:
             continue
         rows.append({key: row.get(key) for key in ("step", "split", "prompt", "completion", "reward") if key in row})
     return rows[-count:]
-
-
-def read_dict(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _mtime(path: Path) -> float | None:
