@@ -169,8 +169,10 @@ def main() -> int:
         print(f"  {seconds:7.3f}  {key:<36} {shapes}")
     suffix = ("" if run.precision == "fp32" else f"_{run.precision}") + ("_gpu" if profile.cuda else "")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"profile_{args.workload}_{args.system}{suffix}.json")
+    from speed import machine
+
     out.write_text(json.dumps({"workload": args.workload, "system": args.system, "precision": run.precision,
-                               "seconds_per_step": step, **({"gpu": gpu} if gpu else {}),
+                               "machine": machine(), "seconds_per_step": step, **({"gpu": gpu} if gpu else {}),
                                "by_category": totals, "by_operator": dict(operators),
                                "top": [{"seconds": s, "op": k, "shapes": sh} for s, k, sh in sorted(top, reverse=True)[:30]]},
                               indent=2) + "\n")

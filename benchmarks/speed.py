@@ -13,14 +13,17 @@ run 3 interleaved rounds and report the median and the spread. Then one shared e
 every model on the same held-out data.
 
 Reported per run: effective tokens/s, step time, padding share, peak RSS (and peak GPU memory on CUDA),
-held-out loss, and MFU = 6 x N x tokens/s / the matmul peak of the run's precision, measured around each
-workload (best of torch.matmul and F.linear on square fp32 and bf16 matrices). Where bf16 is native (CUDA,
+held-out loss, and MFU = model FLOPs per token (benchmarks/flops.py: what the method computes - frozen weights
+without weight gradients, the head at loss positions, each document's causal attention) x tokens/s / the matmul
+peak of the run's precision, measured around each workload (best of torch.matmul and F.linear on square fp32
+and bf16 matrices). Where bf16 is native (CUDA,
 avx512_bf16/AMX) llmtune also runs once in bf16, for an MFU in both precisions (`--bf16-run on` forces it).
 Preprocessing: every SFT system's path from the whole Alpaca 5k file to tokens, cold and with its cache warm.
 
     .venv/bin/python benchmarks/speed.py                         # about 2.5 hours on 2 CPU cores
     .venv/bin/python benchmarks/speed.py --workloads sft_lora    # one workload; the others keep their results
     .venv/bin/python benchmarks/speed.py --workloads sft_lora --size gpu
+    .venv/bin/python benchmarks/speed.py --recount-flops        # MFUs of the stored runs recounted, nothing timed
 Writes benchmarks/results/speed.json and benchmarks/RESULTS.md (with --size gpu: results/speed_gpu.json and RESULTS_GPU.md).
 """
 
@@ -39,7 +42,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from speed_run import run_system, sync  # noqa: E402
+from speed_run import count_flops, run_system, sync  # noqa: E402
 from speed_workloads import ALPACA_5K, REPO, WORKLOADS, _cuda, prepare, sft_preprocessing_seconds  # noqa: E402
 from worker import run_in_fresh_process  # noqa: E402
 
@@ -68,10 +71,14 @@ def main() -> int:
                         help="The llmtune bf16 reference run; auto: only where bf16 is native (CUDA, avx512_bf16/AMX), "
                         "since emulated bf16 is several times slower than fp32 and only gives an MFU.")
     parser.add_argument("--skip-preprocessing", action="store_true", help="Keep the last preprocessing numbers.")
+    parser.add_argument("--recount-flops", action="store_true",
+                        help="Measure nothing: count each stored run's FLOPs per token (benchmarks/flops.py) from its "
+                             "system's own batches, recompute the MFUs and rewrite the JSON and the results file.")
     parser.add_argument("--out", help="default benchmarks/results/speed.json (speed_gpu.json with --size gpu)")
     parser.add_argument("--results-md", help="default benchmarks/RESULTS.md (RESULTS_GPU.md with --size gpu)")
     for hidden in ("worker", "work", "system", "precision", "token-budget", "batch-size"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "prep":
         args.batch_size = 1
@@ -79,7 +86,7 @@ def main() -> int:
         print(json.dumps({"seconds": round(seconds, 3)}))
         return 0
     if args.worker:
-        print(json.dumps(run_system(args)))
+        print(json.dumps(count_flops(args) if args.count_flops else run_system(args)))
         return 0
     sized = [name for name, workload in WORKLOADS.items() if args.size in workload.token_budget]
     unsized = sorted(set(args.workloads or ()) - set(sized))
@@ -95,6 +102,12 @@ def main() -> int:
     from llmtune.run.run_dir import library_versions
 
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    if args.recount_flops:
+        recount_flops(previous, args)
+        write_json(Path(args.out), previous)
+        write_text(Path(args.results_md), render(previous, Path(args.results_md).resolve() == RESULTS_MD))
+        print(f"Wrote {args.out} and {args.results_md}")
+        return 0
     kept = {name: block for name, block in previous.get("workloads", {}).items() if "date" in block}  # this format
     report = {"size": args.size, "repeats": args.repeats, "workloads": kept}
     if "date" in previous.get("preprocessing_alpaca5k_s", {}):
@@ -120,7 +133,7 @@ def main() -> int:
             print(render_workload(name, report["workloads"][name]), flush=True)
     report["versions"] = library_versions()
     write_json(Path(args.out), report)
-    write_text(Path(args.results_md), render(report))
+    write_text(Path(args.results_md), render(report, Path(args.results_md).resolve() == RESULTS_MD))
     print(f"Wrote {args.out} and {args.results_md}")
     return 0
 
@@ -219,6 +232,28 @@ def preprocessing(work: Path) -> dict[str, dict[str, float | None]]:
     return times
 
 
+def recount_flops(report: dict, args: argparse.Namespace) -> None:
+    """FLOPs per token for every stored run (one count per workload and system, from that system's own batches) and
+    the MFUs recomputed from them; the measured speeds are left as they are."""
+    with tempfile.TemporaryDirectory() as work:
+        for name, block in report.get("workloads", {}).items():
+            folder = Path(work) / name
+            folder.mkdir()
+            prepare(name, folder, args.train_samples)
+            counted: dict[str, float | None] = {}
+            for result in block["results"]:
+                system = result["system"]
+                if system not in counted:  # "llmtune (bf16)" is llmtune's worker in another precision
+                    counted[system] = (run_in_fresh_process([
+                        __file__, "--worker", name, "--work", str(folder), "--system", system.split(" (")[0],
+                        "--precision", "fp32",
+                        "--token-budget", "0", "--batch-size", str(WORKLOADS[name].batch_size[report["size"]]),
+                        "--count-flops"]) or {}).get("flops_per_token")
+                    print(f"{name}: {system}: {counted[system]} FLOPs per token", file=sys.stderr, flush=True)
+                result["flops_per_token"] = counted[system]
+                result["mfu"] = mfu(result, block["matmul_peak_gflops"])
+
+
 def summarize(results: list[dict], peak: dict[str, float], baseline_system: str) -> None:
     """MFU against the peak of each run's precision; speed ratios against the workload's baseline (its first
     system: the plain Trainer script, or trl's script for DPO) and against TRL tuned where it ran."""
@@ -234,10 +269,11 @@ def summarize(results: list[dict], peak: dict[str, float], baseline_system: str)
 
 
 def mfu(result: dict, peak: dict[str, float]) -> float | None:
-    """6 x N x tokens/s over the matmul peak of the run's precision (None where that peak was not measured)."""
-    if result["precision"] not in peak:
+    """Model FLOPs per second (benchmarks/flops.py: what the method must compute per token, times tokens/s) over
+    the matmul peak of the run's precision; None where either was not measured."""
+    if result["precision"] not in peak or not result.get("flops_per_token"):
         return None
-    return 6 * result["parameters"] * result["tokens_per_s"] / (peak[result["precision"]] * 1e9)
+    return result["flops_per_token"] * result["tokens_per_s"] / (peak[result["precision"]] * 1e9)
 
 
 def render_workload(name: str, block: dict) -> str:
@@ -273,7 +309,8 @@ def _short(run: dict) -> bool:
     return run["timed_seconds"] < LONG_ENOUGH[0] or run["steps"] - 1 < LONG_ENOUGH[1]
 
 
-def render(report: dict) -> str:
+def render(report: dict, companions: bool = False) -> str:
+    """The results file; `companions`: with the tables other benchmarks write (RESULTS.md only)."""
     prep = report.get("preprocessing_alpaca5k_s", {})
     gpu = report["size"] == "gpu"
     lines = ["# Speed benchmark results" + (" on a GPU" if gpu else ""), "",
@@ -288,10 +325,12 @@ def render(report: dict) -> str:
              "the bf16 run (by default only where bf16 is native) are references, run once on a short budget. "
              "Effective tokens are tokens the model attends to (padding excluded). Held-out loss is computed by one "
              "evaluator per workload, the same for every system, after the same number of effective tokens. "
-             "MFU = 6 x N x tokens/s / matmul peak of the run's precision, N = parameters that multiply every token "
-             "(embedding lookups excluded, a tied output head included). For adapters the true work is nearer "
-             "4 x N per token (frozen weights get no weight gradients), and an SFT run that scores only answer "
-             "tokens skips part of the head, so MFU by 6 x N overstates their hardware use.", ""]
+             "MFU = model FLOPs per token x tokens/s / matmul peak of the run's precision. The FLOPs are what the "
+             "method must compute (benchmarks/flops.py, checked against torch's FLOP counter in tests/test_flops.py): "
+             "6 per trained weight and 4 per frozen one (forward and input gradient, no weight gradient), the output "
+             "head only at positions that carry a loss, attention over each document's own causal pairs; "
+             "DPO adds the reference pass (a forward of the adapter-off model); activation recomputation and "
+             "padding are the system's overhead and not counted.", ""]
     for name, block in report["workloads"].items():
         lines += [render_workload(name, block), ""]
     if prep:  # absent when a run skipped it and no earlier numbers exist
@@ -311,7 +350,78 @@ def render(report: dict) -> str:
         lines += ["On a GPU: `--size gpu` writes `benchmarks/RESULTS_GPU.md`; the short looks that fit a device "
                   "lease so far (tokens/s, MFU, peak GPU memory, a profile) are in "
                   "[`results/speed_gpu_h200.md`](results/speed_gpu_h200.md).", ""]
+    if companions:
+        lines += companion_sections()
     return "\n".join(lines)
+
+
+RESULTS_MD = (REPO / "benchmarks" / "RESULTS.md").resolve()
+# Tables other benchmarks write beside their JSON, shown in RESULTS.md under these headings.
+COMPANIONS = (("Quality per step: does the speed cost accuracy?", "quality_per_step.md"),
+              ("Upstream kernels against llmtune's", "head_kernels.md"))
+
+
+def companion_sections() -> list[str]:
+    lines = []
+    for title, name in COMPANIONS:
+        path = REPO / "benchmarks" / "results" / name
+        if path.is_file():
+            lines += [f"## {title}", "", path.read_text().strip(), ""]
+    return lines + grpo_section() + profile_section()
+
+
+def grpo_section() -> list[str]:
+    """The grpo workload (benchmarks/grpo_speed.py): sampled completions per second against trl's script."""
+    path = REPO / "benchmarks" / "results" / "grpo_speed.json"
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    base = next((r for r in record["results"] if r["system"] == "trl_script"), None)
+    settings = record["settings"]
+    lines = ["## Online RL (GRPO)", "",
+             f"`benchmarks/grpo_speed.py --steps {settings['steps']}`: SmolLM2-135M-Instruct LoRA, "
+             f"{settings['num_generations']} completions per prompt, {settings['max_completion_length']} new tokens, "
+             f"batch {settings['batch_size']} x {settings['accumulation']}; each system in a fresh process, the steps "
+             f"after a warm-up one; {record['cpu']}, {record['threads']} threads, {record['date']}.", "",
+             "| system | sampled completions/s | vs trl_script | s/step | peak RSS (MB) | precision | activation ckpt |",
+             "|---|---|---|---|---|---|---|"]
+    for r in record["results"]:
+        ratio = f"{r['completions_per_s'] / base['completions_per_s']:.2f}x" if base else "-"
+        lines.append(f"| {r['system']} | {r['completions_per_s']:.2f} | {ratio} | {r['seconds_per_step']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['precision']} | {'on' if r['activation_checkpointing'] else 'off'} |")
+    return lines + [""]
+
+
+CATEGORIES = ("matmul", "LoRA matmul", "output head", "loss", "attention", "elementwise", "optimizer", "other")
+
+
+def profile_section() -> list[str]:
+    """Where a training step's time goes, from benchmarks/profile_step.py's files: operator time by category."""
+    profiles = sorted((REPO / "benchmarks" / "results").glob("profile_*.json"))
+    if not profiles:
+        return []
+    lines = ["## Where the time goes", "",
+             "`benchmarks/profile_step.py`: operators' own time over a few training steps, by category (matmul: the "
+             "model's frozen or trained weights; on a GPU, host time included). Files written before the machine "
+             "was recorded say `-`; the README names them.", "",
+             "| file | workload | system | precision | machine | s/step | " + " | ".join(CATEGORIES) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(CATEGORIES)]
+    for path in profiles:
+        record = json.loads(path.read_text())
+        total = sum(record["by_category"].values()) or 1.0
+        shares = " | ".join(f"{record['by_category'].get(c, 0.0) / total:.0%}" for c in CATEGORIES)
+        lines.append(f"| {path.name} | {record['workload']} | {record['system']} | {record.get('precision', 'fp32')} "
+                     f"| {record.get('machine', '-')} | {record['seconds_per_step']:.2f} | {shares} |")
+    return lines + [""]
+
+
+def rewrite_results_md() -> None:
+    """RESULTS.md again from the stored speed results, with the companion tables as they are now."""
+    from llmtune.run.files import write_text
+
+    stored = REPO / "benchmarks" / "results" / "speed.json"
+    if stored.is_file():
+        write_text(RESULTS_MD, render(json.loads(stored.read_text()), companions=True))
 
 
 def _seconds(value: float | None) -> str:

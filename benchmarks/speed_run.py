@@ -11,6 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from flops import TokenStats, flops_per_token, is_causal  # noqa: E402
 from speed_eval import held_out  # noqa: E402
 from speed_workloads import REPO, WORKLOADS, build  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402 - after the offline switches
@@ -20,16 +21,19 @@ MIN_TIMED_STEPS = 3  # a run trains at least this many steps after the (untimed)
 
 
 class TokenCounter:
-    """Wraps a data collator: counts the attended (non-padding) tokens and all token slots of every batch."""
+    """Wraps a data collator: counts the attended (non-padding) tokens and all token slots of every batch, and the
+    documents, attention pairs and loss positions the FLOP count needs."""
 
-    def __init__(self, collator):
+    def __init__(self, collator, causal: bool):
         self.collator, self.effective, self.slots = collator, 0, 0
+        self.stats = TokenStats(causal)
 
     def __call__(self, features):
         batch = self.collator(features)
         mask = batch.get("attention_mask")
         self.slots += batch["input_ids"].numel()
         self.effective += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.stats.add(batch)
         return batch
 
 
@@ -51,10 +55,8 @@ class Budget(TrainerCallback):
 def run_system(args: argparse.Namespace) -> dict:
     import torch
 
-    from llmtune import load_recipe
-
     workload, work = args.worker, Path(args.work)
-    recipe = load_recipe(REPO / "recipes" / WORKLOADS[workload].recipe)
+    recipe = load_recipe_of(workload)
     args.learning_rate, args.batch_size = recipe.training.learning_rate, int(args.batch_size)
     args.compile = args.precision == "compile"
     args.precision = {"default": "fp32", "compile": "auto"}.get(args.precision, args.precision)
@@ -63,7 +65,7 @@ def run_system(args: argparse.Namespace) -> dict:
 
         args.precision = resolved_precision("auto")
     trainer = build(workload, args.system, args, work)
-    counter = TokenCounter(trainer.data_collator)
+    counter = TokenCounter(trainer.data_collator, is_causal(trainer.model))
     trainer.data_collator = counter
     budget = Budget(counter, int(args.token_budget))
     trainer.add_callback(budget)
@@ -84,12 +86,42 @@ def run_system(args: argparse.Namespace) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "parameters": matmul_parameters(trainer.model),
+        "flops_per_token": workload_flops(workload, trainer, counter),
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "activation_checkpointing": bool(trainer.args.gradient_checkpointing),
     }
     max_length = recipe.data.max_length
     return {**result, **held_out(workload, trainer.model, trainer.processing_class, work, max_length,
                                  recipe.pref.beta)}
+
+
+def count_flops(args: argparse.Namespace, batches: int = 100) -> dict:
+    """FLOPs per effective token of one system on one workload, from its first `batches` training batches: what
+    `speed.py --recount-flops` adds to results measured before the count existed."""
+    workload, work = args.worker, Path(args.work)
+    recipe = load_recipe_of(workload)
+    args.learning_rate, args.batch_size = recipe.training.learning_rate, int(args.batch_size)
+    args.compile, args.precision = False, "fp32"
+    trainer = build(workload, args.system, args, work)
+    counter = TokenCounter(trainer.data_collator, is_causal(trainer.model))
+    trainer.data_collator = counter
+    for index, _ in enumerate(trainer.get_train_dataloader()):
+        if index + 1 >= batches:
+            break
+    return {"flops_per_token": workload_flops(workload, trainer, counter)}
+
+
+def workload_flops(workload: str, trainer, counter: TokenCounter) -> float | None:
+    """FLOPs per effective token; DPO adds the reference pass (the adapter-off model's forward, both systems)."""
+    if not counter.stats.tokens:
+        return None
+    return flops_per_token(trainer.model, counter.stats, reference_forward=workload == "dpo")
+
+
+def load_recipe_of(workload: str):
+    from llmtune import load_recipe
+
+    return load_recipe(REPO / "recipes" / WORKLOADS[workload].recipe)
 
 
 def matmul_parameters(model) -> int:

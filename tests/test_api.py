@@ -117,8 +117,9 @@ def test_merge_export_and_serve_give_the_runs_own_predictions(classifier_run, tm
     exported = llmtune.export(run, "onnx", out=tmp_path / "export")
     onnx = llmtune.predict(exported.files[0], texts)
     for want, got in zip(expected, onnx):
-        assert got["label"] == want["label"]
         assert np.allclose(list(got["probabilities"].values()), list(want["probabilities"].values()), atol=1e-4)
+        if abs(np.subtract(*want["probabilities"].values())) > 1e-3:  # a tiny model near 50/50 may flip by rounding
+            assert got["label"] == want["label"]
     client = TestClient(llmtune.serve_app(run, api_key="k"))
     answer = client.post("/v1/classify", json={"input": texts}, headers={"Authorization": "Bearer k"})
     assert answer.status_code == 200

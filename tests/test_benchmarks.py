@@ -25,6 +25,13 @@ ARC = [  # (question, choices, answer)
     ("Which is a mammal?", ["shark", "trout", "salmon", "whale", "eel"], "D"),
 ]
 
+IFEVAL = {"key": 7, "prompt": "Describe a dog in fewer than 3 sentences, without commas, with at least 2 words in "
+                              "capitals.",
+          "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_sentences",
+                                  "change_case:capital_word_frequency"],
+          "kwargs": [{}, {"num_sentences": 3, "relation": "less than"},
+                     {"capital_frequency": 2, "capital_relation": "at least"}]}
+
 
 def write_benchmark_folder(folder: Path) -> Path:
     """A few items of every benchmark, each in its published layout (see ../shared/data/benchmarks/README.md)."""
@@ -54,6 +61,7 @@ def write_benchmark_folder(folder: Path) -> Path:
                                     "option1": "the cup", "option2": "the plate", "answer": "1"}])
     jsonl("gsm8k/test.jsonl", [{"question": f"What is {n} + {n}?", "answer": f"{n} + {n} = {2 * n}\n#### {2 * n}"}
                                for n in range(1, 7)])
+    jsonl("ifeval/input_data.jsonl", [IFEVAL])
     for split in ("test", "dev"):
         (folder / "mmlu" / split).mkdir(parents=True)
         (folder / "mmlu" / split / f"anatomy_{split}.csv").write_text(
@@ -75,7 +83,7 @@ def test_every_task_reads_its_published_layout_as_lm_evals_own_fields(benchmark_
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
                           metadata={"data_dir": str(benchmark_folder)})
     tasks = manager.load(["arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "gsm8k",
-                          "mmlu_anatomy"])["tasks"]
+                          "mmlu_anatomy", "ifeval"])["tasks"]
 
     def first(name: str, index: int = 0):
         task = tasks[name]
@@ -97,6 +105,27 @@ def test_every_task_reads_its_published_layout_as_lm_evals_own_fields(benchmark_
     text, choices, target, count = first("mmlu_anatomy", 1)
     assert text.startswith("Which organ pumps blood?\nA. lung") and choices == ["A", "B", "C", "D"]
     assert (target, count) == (2, 2)
+    assert first("ifeval") == (IFEVAL["prompt"], None, 0, 1)
+
+
+def test_ifeval_replies_are_scored_by_lm_evals_checkers_offline(benchmark_folder):
+    """IFEval's checkers work without nltk's downloadable data; oracle: the three rules applied by hand. "Dr." ends
+    no sentence, THE and BIG are the capital words, the comma and the fourth sentence break the rules."""
+    from lm_eval.tasks import TaskManager
+
+    from llmtune.measure.harness import TASK_DIR
+    from llmtune.patches.ifeval_without_nltk_data import ifeval_checkers
+
+    ifeval_checkers()
+    task = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                       metadata={"data_dir": str(benchmark_folder)}).load(["ifeval"])["tasks"]["ifeval"]
+    doc = task.test_docs()[0]
+    follows = task.process_results(doc, ["Dr. Smith walks THE BIG dog. It barks."])
+    assert follows["prompt_level_strict_acc"] is True and follows["inst_level_strict_acc"] == [True, True, True]
+    breaks = task.process_results(doc, ["Dr. Smith, a vet, walks the dog. It barks. It runs. It sleeps."])
+    assert breaks["prompt_level_strict_acc"] is False and breaks["inst_level_strict_acc"] == [False, False, False]
+    half = task.process_results(doc, ["Dr. Smith walks THE dog. It barks."])
+    assert half["inst_level_strict_acc"] == [True, True, False] and half["prompt_level_loose_acc"] is False
 
 
 def direct_log_likelihoods(model, tokenizer, context: str, continuations: list[str]) -> list[float]:

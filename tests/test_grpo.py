@@ -73,8 +73,10 @@ def test_each_loss_type_trains_and_logs_every_completion_it_scored(tiny_llama, p
     assert [sum(r["step"] == s for r in held_out) for s in (0, 2)] == [16, 32] and len(held_out) == 48
     held = result["held_out"]  # greedy and sampled replies to the 4 held-out prompts, before and after
     assert held["prompts"] == 4 and set(held["before"]) == set(held["after"]) == {"greedy", "sampled"}
-    assert {"reward", "reward_constraints", "reward_letters", "pass_rate"} == set(held["after"]["greedy"])
-    assert set(held["sign_test"]) == {"greedy_pass", "sampled_pass"}
+    assert {"reward", "reward_constraints", "reward_letters", "pass_rate", "distinct_1", "distinct_2",
+            "unique_replies"} == set(held["after"]["greedy"])
+    assert set(held["sign_test"]) == {"greedy_pass", "sampled_pass", "sampled_reward"}
+    assert sum(held["sign_test"]["sampled_reward"][k] for k in ("rose", "fell", "unchanged")) == 4
     replies = [json.loads(line) for line in (out / "held_out.jsonl").read_text().splitlines()]
     assert len(replies) == 4 and all(len(r["after"]["sampled"]) == 4 and len(r["after"]["greedy"]) == 1
                                      for r in replies)
@@ -82,6 +84,10 @@ def test_each_loss_type_trains_and_logs_every_completion_it_scored(tiny_llama, p
     assert held["after"]["greedy"]["pass_rate"] == greedy_pass
     assert all(r["after"]["greedy"][0]["passed"] == (r["after"]["greedy"][0]["rewards"]["constraints"] == 1.0)
                for r in replies)  # constraints is the one reward with a pass line here
+    sampled = [reply["text"] for r in replies for reply in r["after"]["sampled"]]
+    bigrams = [tuple(w[i:i + 2]) for w in (t.lower().split() for t in sampled) for i in range(len(w) - 1)]
+    assert held["after"]["sampled"]["distinct_2"] == len(set(bigrams)) / len(bigrams)
+    assert held["after"]["sampled"]["unique_replies"] == len({t.strip() for t in sampled}) / 16
     record = json.loads((out / "run.json").read_text())
     assert record["rows"] == {"train": 16, "eval": 4} and record["rewards"] == {"constraints": 1.0, "letters": 0.5}
 
@@ -223,3 +229,13 @@ def test_plan_times_real_grpo_steps_sampling_included_and_writes_no_run(tiny_lla
     text = format_plan(plan)
     assert "16 training prompts" in text and "10 optimizer steps of 4 sampled completions" in text
     assert not out.exists() and recipe.output.dir == str(out)
+
+
+def test_diversity_shows_a_collapse_into_one_repeated_reply():
+    from llmtune.tasks.grpo_heldout import diversity
+
+    varied = diversity(["A fine film.", "Dull and long.", "The cast shines here."])
+    collapsed = diversity(["A fine film."] * 3)
+    assert varied == {"distinct_1": 1.0, "distinct_2": 1.0, "unique_replies": 1.0}
+    assert collapsed == {"distinct_1": pytest.approx(1 / 3), "distinct_2": pytest.approx(1 / 3),
+                         "unique_replies": pytest.approx(1 / 3)}

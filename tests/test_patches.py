@@ -328,3 +328,21 @@ def test_transformers_still_opens_a_gguf_reader_per_load_call(tiny_llama, tmp_pa
     assert torch.equal(loaded_tokenizer("Some probe text, 12 + 30 = 42.", return_tensors="pt")["input_ids"], ids)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, source(ids).logits)
+
+
+def test_lm_eval_ifeval_still_reads_nltk_punkt_data():
+    """patches/ifeval_without_nltk_data.py: lm-eval's IFEval checkers count sentences through
+    instructions_util._get_sentence_tokenizer(), split words with instructions_util.nltk.word_tokenize and try to
+    download 'punkt_tab' on import. When any of that changes, the offline substitute must follow (or go)."""
+    import inspect
+
+    from lm_eval.tasks.ifeval import instructions
+
+    from llmtune.patches.ifeval_without_nltk_data import ifeval_checkers
+
+    util = ifeval_checkers()
+    assert "_get_sentence_tokenizer()" in inspect.getsource(util.count_sentences)
+    assert "instructions_util.nltk.word_tokenize(" in inspect.getsource(
+        instructions.CapitalWordFrequencyChecker.check_following)
+    assert '"tokenizers/punkt_tab"' in inspect.getsource(util.download_nltk_resources)
+    assert util.count_sentences("Dr. Smith came home. He slept! Did he? Yes.") == 4

@@ -80,3 +80,34 @@ def test_gsm8k_answers_are_the_models_greedy_continuations_and_exact_match_follo
             matches.append(float(clean[0] == clean[1]))
             assert sample["exact_match"] == matches[-1]
         assert ours["scores"]["gsm8k"][f"exact_match,{filter_name}"] == sum(matches) / len(matches)
+
+
+def test_ifeval_scores_the_models_chat_replies_with_lm_evals_checkers(smollm2_path, tmp_path):
+    """IFEval on the real prompts, offline: each logged reply came through the chat template and is cut at the
+    token cap asked for, each item's four scores are lm-eval's checkers re-run on the logged reply, and the task's
+    accuracies are their means."""
+    import json
+
+    from lm_eval.tasks.ifeval.utils import process_results
+    from transformers import AutoTokenizer
+
+    from llmtune import api
+
+    require_shared(BENCHMARKS / "ifeval" / "input_data.jsonl")
+    out = tmp_path / "ifeval.json"
+    ours = api.benchmark("smollm2-135m-instruct", ["ifeval"], limit=4, data_dir=BENCHMARKS, out=out,
+                         log_samples=True, chat_template=True, max_gen_tokens=32)
+    samples = [json.loads(line) for line in (tmp_path / "ifeval-samples-ifeval.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line) for line in (BENCHMARKS / "ifeval" / "input_data.jsonl").read_text().splitlines()[:4]]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    strict = []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        doc, reply = prompts[sample["doc_id"]], sample["resps"][0][0]
+        assert doc["prompt"] in sample["arguments"][0][0] and "<|im_start|>user" in sample["arguments"][0][0]
+        assert len(tokenizer(reply, add_special_tokens=False).input_ids) <= 32 + 1
+        again = process_results(doc, [reply])
+        assert sample["prompt_level_strict_acc"] == again["prompt_level_strict_acc"]
+        assert sample["inst_level_loose_acc"] == again["inst_level_loose_acc"]
+        strict.append(float(again["prompt_level_strict_acc"]))
+    assert ours["scores"]["ifeval"]["prompt_level_strict_acc"] == pytest.approx(sum(strict) / 4)
+    assert json.loads(out.read_text())["llmtune"]["settings"]["max_gen_tokens"] == 32

@@ -47,6 +47,7 @@ def benchmark(lm: LanguageModel, settings: BenchmarkSettings, source: str, resul
 
 def provenance(lm: LanguageModel, settings: BenchmarkSettings, source: str) -> dict[str, Any]:
     """What produced a score: the model as given, its precision, the settings, the data files' sha256, versions."""
+    from llmtune.patches import in_use
     from llmtune.run.run_dir import library_versions
 
     data_dir = resolve_data_dir(settings.data_dir)
@@ -55,6 +56,7 @@ def provenance(lm: LanguageModel, settings: BenchmarkSettings, source: str) -> d
         "settings": {**dataclasses.asdict(settings), "data_dir": str(data_dir) if data_dir else None},
         "data_files": data_files(data_dir, settings.tasks) if data_dir else "lm-eval's Hub datasets",
         "versions": {**library_versions(), "lm_eval": importlib.metadata.version("lm_eval")},
+        "patches": in_use(),  # e.g. ifeval_without_nltk_data: IFEval's tokenizers substituted offline
     }
 
 

@@ -153,6 +153,10 @@ def run_benchmarks(model: Any, tokenizer: Any, settings: BenchmarkSettings) -> B
 
     data_dir = resolve_data_dir(settings.data_dir)
     local_only = data_dir is not None and all(t in OFFLINE_TASKS for t in settings.tasks)
+    if "ifeval" in settings.tasks:
+        from llmtune.patches.ifeval_without_nltk_data import ifeval_checkers
+
+        ifeval_checkers()  # its checkers work offline before lm-eval imports them
     started = time.perf_counter()
     with quiet_logger("lm_eval"):  # it warns once per task about metadata kwargs: noise here
         manager = TaskManager(include_path=str(TASK_DIR) if data_dir else None, include_defaults=not local_only,

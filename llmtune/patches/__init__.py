@@ -15,6 +15,7 @@ relies on changes, so a library upgrade tells us which workaround to drop or ada
 - `gguf_read_once`: one parse of a GGUF file while transformers loads a model and its tokenizer from it.
 - `length_grouped_order`: a seeded generator for transformers' length-grouped sampler, so resumed runs see the
   same batches.
+- `ifeval_without_nltk_data`: lm-eval's IFEval checkers offline, without nltk's downloadable tokenizer data.
 
 Each hook calls `applied(__name__)` when it acts, so run.json lists the patches a run used (`patches`): a result
 can be traced to the workarounds behind it.

@@ -100,6 +100,10 @@ def build(recipe: Recipe, source: ResolvedModel | None, run_dir: Path, resume: b
         packing_strategy="bfd",
         padding_free=padding_free,
         completion_only_loss=False,  # the assistant masks already say what is trained
+        # Named, not left to trl's default: on CUDA trl's chunked head (nll) scores the labelled positions; off CUDA
+        # patches/trl_labelled_logits.py scores them instead (benchmarks/head_kernels.py: trl's CPU path, which
+        # scores every position, was 5x slower than llmtune's head loss; RESULTS.md).
+        loss_type="nll",
         assistant_only_loss=False,
         dataset_num_proc=data.preprocessing_workers,
         include_num_input_tokens_seen="non_padding",  # tokens per second on the console and in the report

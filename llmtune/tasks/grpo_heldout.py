@@ -1,6 +1,7 @@
 """Held-out prompts before and after GRPO training: the greedy reply and rl.num_generations sampled replies to each,
-every reward's mean, the pass rate, and an exact sign test over prompts - did training turn more prompts from
-failing to passing than the other way round?
+every reward's mean, the pass rate, how varied the replies are (distinct-n), and exact sign tests over prompts -
+did training turn more prompts from failing to passing than the other way round, and raise more prompts' mean
+sampled reward than it lowered?
 
 A reply passes when every built-in reward with a known range (constraints, all_constraints, exact_answer, regex:
 0 to 1; soft_overlong: -1 to 0) gives it its best score - the top for a positive weight, the bottom for a negative
@@ -78,11 +79,16 @@ class HeldOut:
             for a, b in zip(self.first["per_prompt"], last["per_prompt"])))
         (run_dir / HELD_OUT_BEFORE).unlink(missing_ok=True)  # now in held_out.jsonl
         result = {"prompts": len(self.prompts), "before": self.first["summary"], "after": last["summary"]}
-        if self.best:
-            result["sign_test"] = {kind: sign_test([p[kind] for p in self.first["per_prompt"]],
-                                                   [p[kind] for p in last["per_prompt"]])
-                                   for kind in ("greedy_pass", "sampled_pass")}
+        kinds = ("greedy_pass", "sampled_pass") if self.best else ()
+        result["sign_test"] = {kind: sign_test([p[kind] for p in self.first["per_prompt"]],
+                                               [p[kind] for p in last["per_prompt"]]) for kind in kinds}
+        # every reward, pass line or not: did each prompt's mean sampled reward rise?
+        result["sign_test"]["sampled_reward"] = sign_test([self.sampled_reward(p) for p in self.first["per_prompt"]],
+                                                          [self.sampled_reward(p) for p in last["per_prompt"]])
         return {"held_out": result}
+
+    def sampled_reward(self, record: dict[str, Any]) -> float:
+        return _mean([self.total(reply["rewards"]) for reply in record["replies"]["sampled"]])
 
     def score(self) -> dict[str, Any]:
         conversations = list(self.prompts["prompt"])
@@ -107,6 +113,7 @@ class HeldOut:
                              **{f"reward_{n}": _mean(scores[n]) for n in self.names}}
             if self.best:
                 summary[kind]["pass_rate"] = _mean([float(p) for p in passed])
+            summary[kind].update(diversity([r["text"] for _, r in flat]))
             for j, (i, reply) in enumerate(flat):
                 per_prompt[i]["replies"].setdefault(kind, []).append(
                     {"text": reply["text"], "rewards": {n: scores[n][j] for n in self.names}, "passed": passed[j]})
@@ -131,6 +138,15 @@ def sign_test(before: list[float], after: list[float]) -> dict[str, Any]:
     changed = rose + fell
     p = sum(math.comb(changed, k) for k in range(rose, changed + 1)) / 2 ** changed if changed else 1.0
     return {"rose": rose, "fell": fell, "unchanged": len(before) - changed, "p_value": p}
+
+
+def diversity(texts: list[str]) -> dict[str, float]:
+    """How varied the replies are, so a collapse into one repeated answer shows: distinct-1 and distinct-2 (unique
+    word uni- and bigrams over all of them, lower-cased, split on spaces) and the share of replies that are unique."""
+    words = [text.lower().split() for text in texts]
+    grams = {n: [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)] for n in (1, 2)}
+    return {**{f"distinct_{n}": len(set(g)) / len(g) if g else 0.0 for n, g in grams.items()},
+            "unique_replies": len({t.strip() for t in texts}) / len(texts) if texts else 0.0}
 
 
 def held_out_lines(held_out: dict[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ FILES = {
     "boolq": ["boolq/val.jsonl"],
     "winogrande": ["winogrande/dev.jsonl"],
     "gsm8k": ["gsm8k/test.jsonl"],
+    "ifeval": ["ifeval/input_data.jsonl"],
     "mmlu": ["mmlu/test/SUBJECT_test.csv", "mmlu/dev/SUBJECT_dev.csv"],
 }
 
@@ -109,6 +110,24 @@ def winogrande(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
 
 def gsm8k(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     return _splits({"test": _jsonl(_folder(data_dir) / "gsm8k" / "test.jsonl")})
+
+
+def ifeval(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """The authors' prompts with their instruction ids and each instruction's arguments (key, prompt,
+    instruction_id_list, kwargs), the fields of the Hub copy lm-eval's own task reads."""
+    return _splits({"train": _jsonl(_folder(data_dir) / "ifeval" / "input_data.jsonl")})
+
+
+def ifeval_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    return process_results(doc, results)
+
+
+def ifeval_instruction_mean(items: list[list[bool]]) -> float:
+    from lm_eval.tasks.ifeval.utils import agg_inst_level_acc
+
+    return agg_inst_level_acc(items)
 
 
 def mmlu(data_dir: str | None = None, subject: str = "", **_: Any) -> datasets.DatasetDict:
