@@ -68,7 +68,7 @@ def main() -> int:
     for kind in ("greedy", "sampled"):
         for name in held["after"][kind]:
             print(f"{kind + ' ' + name:<28} {held['before'][kind][name]:8.3f} {held['after'][kind][name]:8.3f}")
-    for kind, test in held.get("sign_test", {}).items():  # only rewards with a pass line have one
+    for kind, test in held["sign_test"].items():
         print(f"sign test, {kind}: {test['rose']} rose, {test['fell']} fell, p = {test['p_value']:.3g}")
     train_rewards = [h["reward"] for h in history if "reward" in h]
     print(f"training reward, first and last log: {train_rewards[0]:.3f} -> {train_rewards[-1]:.3f}; "

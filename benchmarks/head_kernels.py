@@ -86,8 +86,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "head_kernels.json"))
     args = parser.parse_args()
 
-    from llmtune.run.files import write_json
-    from llmtune.run.run_dir import _cpu_name
+    from speed import machine, rewrite_results_md
+
+    from llmtune.run.files import write_json, write_text
 
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
@@ -111,15 +112,11 @@ def main() -> int:
         rows.append({"kernel": name, "seconds": seconds, "speed_vs_plain": reference[0] / seconds,
                      "loss_difference": value - reference[1]})
         print(f"{name:<44} {seconds:10.4f} {reference[0] / seconds:8.2f}x {value - reference[1]:13.3g}")
-    record = {"device": str(device), "cpu": _cpu_name(), "positions": args.positions,
+    record = {"device": str(device), "cpu": machine(), "positions": args.positions,
               "labelled": int((labels != -100).sum()), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows}
     write_json(Path(args.out), record)
     if device.type == "cpu":  # the table RESULTS.md shows
-        from speed import rewrite_results_md
-
-        from llmtune.run.files import write_text
-
         write_text(Path(args.out).with_suffix(".md"), render(record))
         rewrite_results_md()
     return 0
@@ -128,7 +125,7 @@ def main() -> int:
 def render(record: dict) -> str:
     lines = [f"`benchmarks/head_kernels.py`: the output head and its loss, forward + backward, SmolLM2-135M's head "
              f"(49,152 x 576, frozen as in LoRA), {record['positions']:,} positions of which {record['labelled']:,} "
-             f"carry a loss; {record['cpu']}, threads: {record['threads']}, torch {record['torch']}.", "",
+             f"carry a loss; {record['cpu']}, torch {record['torch']}.", "",
              "| kernel | seconds (median) | vs plain | loss - plain |", "|---|---|---|---|"]
     for row in record["rows"]:
         lines.append(f"| {row['kernel']} | {row['seconds']:.3f} | {row['speed_vs_plain']:.2f}x | "

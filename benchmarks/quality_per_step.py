@@ -138,8 +138,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_per_step.json"))
     args = parser.parse_args()
 
+    from speed import machine, rewrite_results_md
+
     from llmtune.run.files import write_json, write_text
-    from llmtune.run.run_dir import _cpu_name, library_versions
+    from llmtune.run.run_dir import library_versions
 
     train, dev = read_tsv(DATA / "train.tsv"), read_tsv(DATA / "dev.tsv")
     random.Random(0).shuffle(train)
@@ -162,14 +164,12 @@ def main() -> int:
     summary = summarize(runs, args)
     table = render(summary)
     print(table)
-    write_json(Path(args.out), {"cpu": _cpu_name(), "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+    write_json(Path(args.out), {"cpu": machine(), "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
                                 "command": " ".join([Path(sys.executable).name, *sys.argv]), "runs": runs,
                                 "summary": summary, "versions": library_versions()})
     write_text(Path(args.out).with_suffix(".md"), f"`benchmarks/quality_per_step.py` ({' '.join(sys.argv[1:])}), "
-               f"{_cpu_name()}: MiniLM on SST-2, the same sentences and hyperparameters for every system, scored on "
+               f"{machine()}: MiniLM on SST-2, the same sentences and hyperparameters for every system, scored on "
                "the 872 dev sentences.\n\n" + table + "\n")
-    from speed import rewrite_results_md
-
     rewrite_results_md()  # RESULTS.md shows this table
     return 0
 

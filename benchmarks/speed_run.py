@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from flops import TokenStats, flops_per_token, is_causal  # noqa: E402
+from flops import TokenStats, flops_per_token, is_causal, linear_layers  # noqa: E402
 from speed_eval import held_out  # noqa: E402
 from speed_workloads import REPO, WORKLOADS, build  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402 - after the offline switches
@@ -25,16 +25,19 @@ class TokenCounter:
     documents, attention pairs and loss positions the FLOP count needs."""
 
     def __init__(self, collator, causal: bool):
-        self.collator, self.effective, self.slots = collator, 0, 0
+        self.collator, self.slots = collator, 0
         self.stats = TokenStats(causal)
 
     def __call__(self, features):
         batch = self.collator(features)
-        mask = batch.get("attention_mask")
         self.slots += batch["input_ids"].numel()
-        self.effective += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         self.stats.add(batch)
         return batch
+
+    @property
+    def effective(self) -> int:
+        """Attended tokens so far: each document's length, padding excluded."""
+        return self.stats.tokens
 
 
 class Budget(TrainerCallback):
@@ -64,9 +67,7 @@ def run_system(args: argparse.Namespace) -> dict:
         from llmtune.run.precision import resolved_precision
 
         args.precision = resolved_precision("auto")
-    trainer = build(workload, args.system, args, work)
-    counter = TokenCounter(trainer.data_collator, is_causal(trainer.model))
-    trainer.data_collator = counter
+    trainer, counter = counted_trainer(workload, args, work)
     budget = Budget(counter, int(args.token_budget))
     trainer.add_callback(budget)
     reset_peak_rss()
@@ -85,7 +86,7 @@ def run_system(args: argparse.Namespace) -> dict:
         "padding_share": 1 - counter.effective / max(counter.slots, 1),
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "parameters": matmul_parameters(trainer.model),
+        "parameters": sum(layer.weights for layer in linear_layers(trainer.model)),  # weights multiplying tokens
         "flops_per_token": workload_flops(workload, trainer, counter),
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "activation_checkpointing": bool(trainer.args.gradient_checkpointing),
@@ -102,13 +103,19 @@ def count_flops(args: argparse.Namespace, batches: int = 100) -> dict:
     recipe = load_recipe_of(workload)
     args.learning_rate, args.batch_size = recipe.training.learning_rate, int(args.batch_size)
     args.compile, args.precision = False, "fp32"
-    trainer = build(workload, args.system, args, work)
-    counter = TokenCounter(trainer.data_collator, is_causal(trainer.model))
-    trainer.data_collator = counter
+    trainer, counter = counted_trainer(workload, args, work)
     for index, _ in enumerate(trainer.get_train_dataloader()):
         if index + 1 >= batches:
             break
     return {"flops_per_token": workload_flops(workload, trainer, counter)}
+
+
+def counted_trainer(workload: str, args: argparse.Namespace, work: Path):
+    """The system's Trainer with its collator wrapped in a TokenCounter."""
+    trainer = build(workload, args.system, args, work)
+    counter = TokenCounter(trainer.data_collator, is_causal(trainer.model))
+    trainer.data_collator = counter
+    return trainer, counter
 
 
 def workload_flops(workload: str, trainer, counter: TokenCounter) -> float | None:
@@ -122,21 +129,6 @@ def load_recipe_of(workload: str):
     from llmtune import load_recipe
 
     return load_recipe(REPO / "recipes" / WORKLOADS[workload].recipe)
-
-
-def matmul_parameters(model) -> int:
-    """N of 6 x N x tokens: the weights that multiply every token - all but embedding lookups (an output head
-    tied to the input embedding does multiply, so it counts). 4-bit weights counted unpacked."""
-    import torch
-
-    from llmtune.models.adapters import unpacked_numel
-
-    lookups = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    count = sum(unpacked_numel(p) for p in model.parameters() if id(p) not in lookups)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and id(head.weight) in lookups:
-        count += head.weight.numel()
-    return count
 
 
 def sync() -> None:
