@@ -17,13 +17,15 @@ splits of the pooled accuracies).
     .venv/bin/python benchmarks/quality_per_step.py --steps 125 --seeds 5            # ~25 min per method, 2 cores
     .venv/bin/python benchmarks/quality_per_step.py --steps 125 500 --seeds 5 --methods full lora
 
-Writes benchmarks/results/quality_per_step.json and .md (CPU named).
+Writes benchmarks/results/quality_per_step.json and .md (CPU named); runs of other budgets, methods or systems
+already in the file are kept, so budgets can be measured one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import random
 import statistics
@@ -145,6 +147,10 @@ def main() -> int:
 
     train, dev = read_tsv(DATA / "train.tsv"), read_tsv(DATA / "dev.tsv")
     random.Random(0).shuffle(train)
+    out = Path(args.out)
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    planned = set(itertools.product(args.methods, args.steps, args.systems))
+    kept = [r for r in earlier.get("runs", []) if (r["method"], r["steps"], r["system"]) not in planned]
     runs = []
     for method, steps in itertools.product(args.methods, args.steps):
         sentences = train[:steps * BATCH]
@@ -161,25 +167,28 @@ def main() -> int:
                     runs.append({"method": method, "steps": steps, "system": system, "seed": seed, **result})
                     print(f"{method} {steps} steps, {system}, seed {seed}: accuracy {result['accuracy']:.4f}, "
                           f"{result['train_seconds']:.1f} s", flush=True)
-    summary = summarize(runs, args)
+    runs = kept + [r | {"cpu": machine()} for r in runs]  # budgets run at different times keep their own CPU
+    summary = summarize(runs)
     table = render(summary)
     print(table)
-    write_json(Path(args.out), {"cpu": machine(), "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
-                                "command": " ".join([Path(sys.executable).name, *sys.argv]), "runs": runs,
-                                "summary": summary, "versions": library_versions()})
-    write_text(Path(args.out).with_suffix(".md"), f"`benchmarks/quality_per_step.py` ({' '.join(sys.argv[1:])}), "
-               f"{machine()}: MiniLM on SST-2, the same sentences and hyperparameters for every system, scored on "
-               "the 872 dev sentences.\n\n" + table + "\n")
+    commands = [c for c in earlier.get("commands", [earlier.get("command")]) if c and kept]
+    commands.append(" ".join([Path(sys.executable).name, *sys.argv]))
+    write_json(out, {"cpu": machine(), "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+                     "commands": commands, "runs": runs, "summary": summary, "versions": library_versions()})
+    machines = sorted({r.get("cpu", earlier.get("cpu", "")) for r in runs})
+    write_text(out.with_suffix(".md"), f"`benchmarks/quality_per_step.py` ({'; '.join(commands)}), "
+               f"{', '.join(machines)}: MiniLM on SST-2, the same sentences and hyperparameters for every system, "
+               "scored on the 872 dev sentences.\n\n" + table + "\n")
     rewrite_results_md()  # RESULTS.md shows this table
     return 0
 
 
-def summarize(runs: list[dict], args: argparse.Namespace) -> list[dict]:
+def summarize(runs: list[dict]) -> list[dict]:
     rows = []
-    for method, steps in itertools.product(args.methods, args.steps):
+    for method, steps in sorted({(r["method"], r["steps"]) for r in runs}):
         mine = [r for r in runs if r["method"] == method and r["steps"] == steps]
         plain = [r["accuracy"] for r in mine if r["system"] == "plain"]
-        for system in args.systems:
+        for system in [s for s in SYSTEMS if any(r["system"] == s for r in mine)]:
             accuracy = [r["accuracy"] for r in mine if r["system"] == system]
             seconds = [r["train_seconds"] for r in mine if r["system"] == system]
             rows.append({"method": method, "steps": steps, "system": system, "seeds": len(accuracy),

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -76,7 +77,7 @@ def main() -> int:
                              "system's own batches, recompute the MFUs and rewrite the JSON and the results file.")
     parser.add_argument("--out", help="default benchmarks/results/speed.json (speed_gpu.json with --size gpu)")
     parser.add_argument("--results-md", help="default benchmarks/RESULTS.md (RESULTS_GPU.md with --size gpu)")
-    for hidden in ("worker", "work", "system", "precision", "token-budget", "batch-size"):
+    for hidden in ("worker", "work", "system", "precision", "token-budget", "batch-size", "seed"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,7 +143,8 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace,
             peak: dict[str, float]) -> tuple[list[dict], int]:
     """Every system on one workload, each run in a fresh process, and the token budget they ran with. The compared
     systems run `repeats` interleaved rounds (so a slow spell of the shared machine hits all of them alike) and
-    report the median round with the spread; TRL's defaults and the bf16 run are references, run once on a short
+    report the median round with the spread; round r seeds every system with 42 + r, so their held-out losses are
+    over seeds (mean +/- std in the table); TRL's defaults and the bf16 run are references, run once on a short
     budget. A first-round run shorter than `--min-seconds` or LONG_ENOUGH's steps raises the budget
     (`longer_budget`) and the rounds start again, so every system still sees the same tokens; llmtune, usually the
     fastest, runs first."""
@@ -158,6 +160,7 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace,
     if args.bf16_run == "on" or (args.bf16_run == "auto" and _native_bf16()):
         once.append(("llmtune", "bf16"))
     order = compared + once + compared * (args.repeats - 1)
+    seeds = [42] * len(compared + once) + [43 + i // len(compared) for i in range(len(compared) * (args.repeats - 1))]
     rounds: dict[str, list[dict]] = {}
     done = restarts = 0
     while done < len(order):
@@ -167,7 +170,8 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace,
         print(f"{name}: {system} ({precision}), {tokens} tokens ...", file=sys.stderr, flush=True)
         result = run_in_fresh_process([
             __file__, "--worker", name, "--work", str(folder), "--system", system, "--precision", precision,
-            "--token-budget", str(tokens), "--batch-size", str(workload.batch_size[args.size])])
+            "--token-budget", str(tokens), "--batch-size", str(workload.batch_size[args.size]),
+            "--seed", str(seeds[done])])
         done += 1
         if result is None:
             continue
@@ -188,7 +192,7 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace,
             budget, rounds, done, restarts = raised, {}, 0, restarts + 1
             continue
         label = {"bf16": "llmtune (bf16)", "compile": "llmtune (torch.compile)"}.get(precision, system)
-        rounds.setdefault(label, []).append({**result, "reference_only": short})
+        rounds.setdefault(label, []).append({**result, "reference_only": short, "seed": seeds[done - 1]})
     order_of_rows = [*workload.systems, "llmtune (bf16)", "llmtune (torch.compile)"]
     return [median_round(label, rounds[label]) for label in order_of_rows if label in rounds], budget
 
@@ -209,7 +213,9 @@ def median_round(label: str, runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
     middle = ordered[(len(ordered) - 1) // 2]
     speeds = [round(r["tokens_per_s"], 1) for r in runs]
-    return {"system": label, **middle, "tokens_per_s_rounds": speeds,
+    losses = [r["held_out_loss"] for r in runs]
+    return {"system": label, **middle, "tokens_per_s_rounds": speeds, "held_out_loss_rounds": losses,
+            "seeds": [r.get("seed", 42) for r in runs],
             "spread": (max(speeds) - min(speeds)) / middle["tokens_per_s"],
             "shortest_round": {"timed_seconds": min(r["timed_seconds"] for r in runs),
                                "steps": min(r["steps"] for r in runs)}}
@@ -288,7 +294,7 @@ def render_workload(name: str, block: dict) -> str:
              "tokens/s of each round |",
              "|---|---|---|---|" + ("---|" if tuned else "") + "---|---|---|---|---|---|---|---|---|"]
     for r in block["results"]:
-        loss = f"{r['held_out_loss']:.4f}" + (f" (acc {r['held_out_accuracy']:.3f})" if "held_out_accuracy" in r else "")
+        loss = _held_out(r)
         memory = f"{r['peak_rss_mb']:.0f}" + (f" / GPU {r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") else "")
         timed = f"{r['timed_seconds']:.0f} s, {r['steps'] - 1} steps"
         if r.get("reference_only"):
@@ -303,6 +309,16 @@ def render_workload(name: str, block: dict) -> str:
                      f"{utilization} | {r['precision']} | {'on' if r['activation_checkpointing'] else 'off'} | "
                      f"{', '.join(f'{x:.1f}' for x in r['tokens_per_s_rounds'])} |")
     return "\n".join(lines)
+
+
+def _held_out(result: dict) -> str:
+    """The median round's held-out loss or, where the rounds ran with different seeds, their mean +/- std."""
+    losses = result.get("held_out_loss_rounds", [])
+    if len(set(result.get("seeds", []))) > 1:
+        text = f"{statistics.mean(losses):.4f} +/- {statistics.stdev(losses):.4f} ({len(losses)} seeds)"
+    else:
+        text = f"{result['held_out_loss']:.4f}"
+    return text + (f" (acc {result['held_out_accuracy']:.3f})" if "held_out_accuracy" in result else "")
 
 
 def _short(run: dict) -> bool:
@@ -428,6 +444,12 @@ def _seconds(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "failed"
 
 
+# Environment variables that hold torch's own kernels, MKL's GEMMs and oneDNN to an instruction set: with
+# ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 LLMTUNE_CPU_BF16=0 an AVX-512
+# machine runs the code an AVX2-only CPU would (at its own clock and caches), every system in fp32.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LLMTUNE_CPU_BF16")
+
+
 def machine() -> str:
     import torch
 
@@ -438,6 +460,10 @@ def machine() -> str:
                  platform.processor())
     from llmtune.run.precision import cpu_has_native_bf16
 
+    limits = [f"{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name)]
+    if limits:  # the libraries' vector code held to an older instruction set: an AVX2-only CPU, emulated
+        return (f"{model}, {torch.get_num_threads()} CPU threads, no GPU, vector instructions limited by "
+                f"{' '.join(limits)} (torch's CPU capability: {torch.backends.cpu.get_cpu_capability()})")
     return (f"{model}, {torch.get_num_threads()} CPU threads, no GPU, "
             f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16 (no avx512_bf16/AMX)'}")
 

@@ -126,7 +126,8 @@ def llmtune_overrides(workload: str, work: Path, args) -> list[str]:
               f"training.learning_rate={args.learning_rate}", "training.epochs=100", "training.warmup=0",
               "training.scheduler=linear", "training.eval_every=no", "training.save_every=no",
               f"training.precision={args.precision}", f"training.compile={getattr(args, 'compile', False)}",
-              "data.validation_fraction=0", f"output.dir={work / 'run'}"]
+              "data.validation_fraction=0", f"output.dir={work / 'run'}", "output.overwrite=true",  # each round's
+              f"training.seed={_seed(args)}"]  # run replaces the last one's scratch folder
     if workload in SFT_WORKLOADS:
         model = [f"model.name={work / 'model'}"] if workload == "sft_lora_1b" else []  # every system loads it
         return common + model + ["data.dataset=null", f"data.train_file={work / 'train.json'}",
@@ -157,7 +158,12 @@ def build(workload: str, system: str, args, work: Path):
 def _training_args(args, work: Path, **extra) -> dict:
     return dict(output_dir=str(work / "out"), per_device_train_batch_size=args.batch_size,
                 learning_rate=args.learning_rate, num_train_epochs=100, logging_steps=1, save_strategy="no",
-                eval_strategy="no", report_to="none", use_cpu=not _cuda(), seed=42, **extra)
+                eval_strategy="no", report_to="none", use_cpu=not _cuda(), seed=_seed(args), **extra)
+
+
+def _seed(args) -> int:
+    """The run's seed: speed.py gives each round its own (42, 43, ...), the same for every system in a round."""
+    return int(getattr(args, "seed", None) or 42)
 
 
 def _cuda() -> bool:
@@ -322,7 +328,7 @@ def _plain_sst2(recipe, args, work: Path, trl: str | None):
 
     path = resolve_model(recipe.model.name).path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    set_seed(42)  # the classifier head and LoRA weights start as llmtune's (seeded before the model is built)
+    set_seed(_seed(args))  # the classifier head and LoRA weights start as llmtune's (seeded before the model is built)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     rows = load_dataset("csv", data_files=str(work / "train.tsv"), delimiter="\t", split="train")
     data = rows.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=recipe.data.max_length),
@@ -344,7 +350,7 @@ def _plain_pretrain(recipe, args, work: Path, trl: str | None):
     rows = load_dataset("text", data_files=str(work / "train.txt"), split="train")
     tokenizer = train_tokenizer(iter(rows["text"]), recipe.scratch.vocab_size)
     ensure_pad_token(tokenizer)
-    set_seed(42)
+    set_seed(_seed(args))
     model = build_model(recipe.scratch, tokenizer)
     block = recipe.data.max_length
 

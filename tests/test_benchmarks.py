@@ -240,11 +240,11 @@ def test_a_run_scores_its_benchmarks_before_and_after_and_reports_them(tiny_llam
     assert "### Benchmarks" in (run_dir / "README.md").read_text()
 
 
-@pytest.mark.slow  # ~4 s: the same tasks twice on a tiny model
-def test_the_shared_context_scorer_gives_lm_evals_own_log_likelihoods(tiny_llama, benchmark_folder):
-    """llmtune's scorer (each question once, its cache copied to every answer) against lm-eval's HF model, on tasks
-    it shares (ARC, HellaSwag: questions longer than answers) and hands back (PIQA's long answers, WinoGrande's
-    per-choice contexts)."""
+@pytest.mark.slow  # ~8 s: the same tasks four times on a tiny model
+def test_the_shared_context_scorer_gives_lm_evals_own_log_likelihoods(tiny_llama, benchmark_folder, caplog):
+    """llmtune's scorer (each question once, its answers beside it in one packed row) against lm-eval's HF model, on
+    tasks with short answers (ARC, HellaSwag), long ones (PIQA) and per-choice contexts (WinoGrande) - and, for a
+    model whose attention ignores the mask it is given, lm-eval's numbers all the same, with a warning."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -254,15 +254,64 @@ def test_the_shared_context_scorer_gives_lm_evals_own_log_likelihoods(tiny_llama
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    maskless = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    forward = maskless.forward
+    maskless.forward = lambda *args, **kwargs: forward(*args, **{k: v for k, v in kwargs.items()
+                                                                 if k not in ("attention_mask", "position_ids")})
+    unhooked = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    unhooked.get_output_embeddings = lambda: None  # no head to hook: every position's logits, the read ones picked
     tasks = ["arc_easy", "hellaswag", "piqa", "winogrande"]
     log_likelihoods = []
-    for kind in (HFLM, SharedContextLM):
+    for kind, scored in ((HFLM, model), (SharedContextLM, model), (SharedContextLM, maskless),
+                         (SharedContextLM, unhooked)):
         manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
                               metadata={"data_dir": str(benchmark_folder)})
-        result = simple_evaluate(kind(pretrained=model, tokenizer=tokenizer, batch_size=3), tasks=tasks,
-                                 task_manager=manager, log_samples=True, bootstrap_iters=0)
+        with caplog.at_level("WARNING", logger="llmtune.measure.scorer"):
+            result = simple_evaluate(kind(pretrained=scored, tokenizer=tokenizer, batch_size=3), tasks=tasks,
+                                     task_manager=manager, log_samples=True, bootstrap_iters=0)
         log_likelihoods.append({t: [r[0] for s in result["samples"][t] for r in s["resps"]] for t in tasks})
-    lm_eval_own, shared = log_likelihoods
-    for task in tasks:
-        assert [greedy for _, greedy in shared[task]] == [greedy for _, greedy in lm_eval_own[task]], task
-        assert [ll for ll, _ in shared[task]] == pytest.approx([ll for ll, _ in lm_eval_own[task]], abs=1e-4), task
+    lm_eval_own, *ours = log_likelihoods
+    for shared in ours:
+        for task in tasks:
+            assert [greedy for _, greedy in shared[task]] == [greedy for _, greedy in lm_eval_own[task]], task
+            assert [ll for ll, _ in shared[task]] == pytest.approx([ll for ll, _ in lm_eval_own[task]], abs=1e-4), task
+    warnings = [r.getMessage() for r in caplog.records if r.name == "llmtune.measure.scorer"]
+    assert len(warnings) == 1 and "as its own sequence" in warnings[0]  # the maskless model only
+    model.config.sliding_window = 12  # the mask built for trees has no window: longer sequences are lm-eval's
+    windowed = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=3)
+    assert windowed._handles([1] * 7, [2] * 5) and not windowed._handles([1] * 8, [2] * 5)
+
+
+def test_packed_rows_hold_every_question_once_without_overlap():
+    """Question trees (context, then each answer but its last token) packed longest first into the first row with
+    room: every request placed once, no two trees overlapping, none past its batch's width (its longest tree), at
+    most `rows` rows a batch - and fewer padded tokens than one tree per row."""
+    from llmtune.measure.scorer import packed, tree_inputs, tree_length
+
+    generator = torch.Generator().manual_seed(0)
+    requests, questions = [], []
+    for q in range(200):
+        context = [q + 1] * int(torch.randint(1, 30, (1,), generator=generator))
+        members = []
+        for _ in range(int(torch.randint(1, 5, (1,), generator=generator))):
+            members.append(len(requests))
+            requests.append((("c", "a"), context, [7] * int(torch.randint(1, 25, (1,), generator=generator))))
+        questions.append((tuple(context), members))
+    batches = list(packed(questions, requests, rows=8))
+    placed = [i for batch in batches for row in batch for tree in row for i in tree.members]
+    assert sorted(placed) == list(range(len(requests)))
+    padded = 0
+    for batch in batches:
+        assert len(batch) <= 8
+        width = max(tree.end for row in batch for tree in row)
+        for row in batch:
+            spans = sorted((tree.offset, tree.end) for tree in row)
+            assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+            assert spans[-1][1] <= width
+            padded += width - sum(end - start for start, end in spans)
+        ids, positions, mask = tree_inputs(batch, requests, pad=0, dtype=torch.float32)
+        assert ids.shape == positions.shape == (len(batch), width) and mask.shape == (len(batch), 1, width, width)
+    lengths = sorted((tree_length(q, requests) for q in questions), reverse=True)
+    one_per_row = sum(lengths[start] - length for start in range(0, len(lengths), 8)
+                      for length in lengths[start:start + 8])
+    assert padded < one_per_row

@@ -156,6 +156,44 @@ def test_transformers_still_builds_length_grouped_batches_without_a_generator(ti
     assert sampler.generator is None, "transformers now seeds the length-grouped order itself: drop the patch"
 
 
+def test_transformers_length_grouped_batches_still_come_longest_first_in_each_megabatch():
+    """patches/length_grouped_order.py: transformers sorts each megabatch of length-grouped batches longest first,
+    a saw-tooth order that cost accuracy. When its batches come in another order, re-check the patch."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    lengths = torch.randint(1, 200, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    indices = list(LengthGroupedSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(1)))
+    megabatch = [lengths[i] for i in indices[100:200]]  # the second of four (the first has its longest swapped in)
+    assert megabatch == sorted(megabatch, reverse=True), "transformers changed its length-grouped order"
+
+
+def test_length_grouped_batches_keep_their_samples_but_come_in_random_order(tiny_bert, reviews_files, tmp_path):
+    """llmtune's training sampler, after the epoch-begin hook: the batches transformers would build with the same
+    generator (same samples together, so the same padding), the longest first, the rest shuffled - not longest to
+    shortest in each megabatch - and the same order again for the same seed and epoch (a resumed run)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from llmtune import build_trainer, load_recipe
+    from llmtune.patches.length_grouped_order import SeededLengthGroupedOrder, train_sampler
+
+    recipe = load_recipe("recipes/quickstart.yaml", [
+        f"model.name={tiny_bert}", f"data.train_file={reviews_files['train']}", "data.eval_file=null",
+        "data.test_file=null", f"output.dir={tmp_path / 'run'}", "training.batch_size=2"])
+    trainer = build_trainer(recipe)
+    loader = trainer.get_train_dataloader()
+    state = type("State", (), {"epoch": 0})()
+    SeededLengthGroupedOrder(recipe.training.seed).on_epoch_begin(None, state, None, train_dataloader=loader)
+    sampler = train_sampler(loader)
+    ours = list(sampler)
+    theirs = list(LengthGroupedSampler(2, lengths=sampler.lengths,
+                                       generator=torch.Generator().manual_seed(recipe.training.seed)))
+    batches = [tuple(ours[i:i + 2]) for i in range(0, len(ours), 2)]
+    assert sorted(batches) == sorted(tuple(theirs[i:i + 2]) for i in range(0, len(theirs), 2))
+    assert batches[0] == tuple(theirs[:2]) and batches != [tuple(theirs[i:i + 2]) for i in range(0, len(theirs), 2)]
+    SeededLengthGroupedOrder(recipe.training.seed).on_epoch_begin(None, state, None, train_dataloader=loader)
+    assert list(sampler) == ours
+
+
 def test_trl_fused_lm_head_still_projects_every_position_on_cpu():
     """patches/trl_compact_lm_head.py: trl's fused head decides with `_use_triton` whether to project only the
     labelled positions, and says no on a CPU. When it says yes (or uses the name for more than that choice), the

@@ -268,8 +268,9 @@ class TrainingConfig:
     )
     group_by_length: bool = _field(
         True,
-        "Padded batches: draw samples of similar length together (in shuffled groups), so little compute goes "
-        "to padding. Classification batches are padded; causal-LM batches only with lm.padding_free off.",
+        "Padded batches: put samples of similar length in the same batch (the batches in random order), so little "
+        "compute goes to padding. Classification batches are padded; causal-LM batches only with lm.padding_free "
+        "off.",
     )
     trainer_args: dict[str, Any] = _field(
         {},

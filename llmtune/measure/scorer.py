@@ -1,37 +1,64 @@
-"""Multiple-choice log-likelihoods with each question computed once.
+"""Multiple-choice log-likelihoods with each question computed once, its answers beside it.
 
 lm-eval's HF model scores every (question, answer) pair as its own sequence: a 4-choice item runs its question
-four times, and the output head computes logits for every position although only the answer's are read. This
-subclass fills in `_loglikelihood_tokens` - the step lm-eval's `TemplateLM` leaves to model classes - so that:
+four times, and the output head computes logits for every position although only the answers' are read. This
+subclass fills in `_loglikelihood_tokens` - the step lm-eval's `TemplateLM` leaves to model classes - so that each
+question runs once, as a *tree*: its context, then every answer (all but its last token) one after another. A 4D
+attention mask lets each answer see the whole context and its own earlier tokens but no other answer, and each
+answer's position ids restart right after the context, so every answer token sees exactly what it would see in
+its own sequence; the context's last logits predict every answer's first token.
 
-- the requests sharing a context run that context once (the "prefix": all of it but its last token), batched
-  across questions of similar length and left-padded, with the head on one position only (`logits_to_keep=1`);
-- its key/value cache is copied to each of that question's answers (`Cache.reorder_cache` with repeated rows),
-  and only the answers - the context's last token, then every answer token but the last - run again, their
-  logits giving log P(answer | question) token by token. Answers run in bands of similar length, so padding
-  costs little: on a CPU every padded token costs as much as a real one.
+Trees are packed into rows (the longest open a row each, the shortest fill the room they leave; no tree sees
+another), so there is little padding - on a CPU every padded token costs as much as a real one - and the output
+head runs only at the positions whose logits are read: a hook on the head's input keeps just those hidden states.
 
-Tokenization, truncation, generation and rolling log-likelihoods stay lm-eval's (a request this path does not
-handle - a one-token context, an answer longer than the model's window, a seq2seq model - goes to lm-eval's own
-`_loglikelihood_tokens`). The scores are the same numbers up to float rounding:
-tests/test_benchmarks.py compares them with a direct computation, tests/test_real_benchmarks.py with lm-eval's
-own loading and scoring.
+Not every model class honours a custom 4D mask, so the first batch's question with the most answers is also
+scored by lm-eval's own path: if the two disagree, that model is scored by lm-eval's path throughout, with a
+warning. Tokenization, truncation, generation and rolling log-likelihoods stay lm-eval's, and so does any request
+this path does not handle (an answer that needs the context cut to fit the model's window, a sequence longer than a
+sliding-window attention's window, a seq2seq model). The scores are the same numbers up to float rounding:
+tests/test_benchmarks.py compares them with lm-eval's HF model, tests/test_real_benchmarks.py with lm-eval's own
+loading and scoring.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+logger = logging.getLogger(__name__)
+
 Request = tuple[tuple[str, str], list[int], list[int]]  # (context, continuation) strings, their token ids
+Question = tuple[tuple[int, ...], list[int]]  # a context's token ids, the indices of the requests that share it
+Scored = list[tuple[int, tuple[float, bool]]]  # (request index, (log-likelihood, is greedy))
+
+
+@dataclass
+class Tree:
+    """One question placed in a row: its context at `offset`, then its answers (all but each one's last token)."""
+
+    members: list[int]  # the requests (one per answer), in the order their answers follow the context
+    offset: int
+    context: int  # the context's length
+    starts: list[int]  # where each answer starts in the row
+    end: int  # where the tree ends in the row
+
+    def reads(self, answer_lengths: list[int]) -> list[list[int]]:
+        """For each answer, the row positions whose logits predict its tokens."""
+        return [[self.offset + self.context - 1, *range(start, start + n - 1)]
+                for start, n in zip(self.starts, answer_lengths)]
 
 
 class SharedContextLM(HFLM):
-    """lm-eval's HF model, scoring each distinct context once per batch of answers."""
+    """lm-eval's HF model, scoring each question once with all its answers beside it."""
+
+    _trees_agree: bool | None = None  # whether this model's tree scores equal lm-eval's; None: not checked yet
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
@@ -43,98 +70,164 @@ class SharedContextLM(HFLM):
                 groups.setdefault(tuple(context), []).append(index)
             else:
                 own.append(index)
-        for context, indices in list(groups.items()):  # a lone answer shares nothing: one forward of lm-eval's
-            if len(indices) < 2:
-                own += groups.pop(context)
-        own.sort()
         if own:  # lm-eval's path, with its own progress bar
             scored = super()._loglikelihood_tokens([requests[i] for i in own], disable_tqdm, override_bs)
             for index, value in zip(own, scored):
                 results[index] = value
-        contexts = sorted(groups, key=len, reverse=True)  # similar lengths together; the longest (memory) first
-        size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 8)
+        rows = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 8)
         with tqdm(total=len(requests) - len(own), desc="Scoring answers (each question once)",
                   disable=disable_tqdm or self.rank != 0) as bar:
-            for start in range(0, len(contexts), size):
-                chunk = contexts[start:start + size]
-                try:
-                    scored = self._score(chunk, [groups[c] for c in chunk], requests)
-                except TypeError:  # a model class without `logits_to_keep` or a cache: lm-eval's own path
-                    indices = [i for c in chunk for i in groups[c]]
-                    scored = list(zip(indices, super()._loglikelihood_tokens([requests[i] for i in indices], True)))
-                for index, value in scored:
+            for batch in packed(list(groups.items()), requests, rows):
+                for index, value in self._score_or_hand_back(batch, requests):
                     results[index] = value
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], value)
                     bar.update(1)
         return results
 
     def _handles(self, context: list[int], continuation: list[int]) -> bool:
-        return (self.backend == "causal" and len(context) >= 2 and len(continuation) >= 1
-                and len(context) + len(continuation) <= self.max_length)
+        # A sliding-window layer sees only its last `window` tokens: the mask built here does not, so a sequence
+        # longer than the window is lm-eval's (whose model builds its own masks).
+        window = getattr(self.model.config, "sliding_window", None) or self.max_length
+        return (self.backend == "causal" and len(context) >= 1 and len(continuation) >= 1
+                and len(context) + len(continuation) <= min(self.max_length, window))
 
-    def _score(self, contexts: list[tuple[int, ...]], members: list[list[int]], requests: list[Request]
-               ) -> list[tuple[int, tuple[float, bool]]]:
-        prefixes = [list(c[:-1]) for c in contexts]
-        ids, mask = _left_padded(prefixes, self._pad_id())
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            cache = self._forward(ids, mask, positions, None, keep=1).past_key_values
-        rows = sorted(((c, index) for c, indices in enumerate(members) for index in indices),
-                      key=lambda row: len(requests[row[1]][2]), reverse=True)
-        scored = []
-        for band in _length_bands([len(requests[index][2]) for _, index in rows], most=4 * len(contexts)):
-            banded = [rows[i] for i in band]
-            which = torch.tensor([c for c, _ in banded])
-            answers_cache = copy.deepcopy(cache) if band[-1] < len(rows) - 1 else cache  # the last band takes it
-            answers_cache.reorder_cache(which.to(self.device))  # one copy of a question's cache per answer
-            scored += self._score_answers(banded, contexts, prefixes, mask[which], answers_cache, requests)
+    def _score_or_hand_back(self, batch: list[list[Tree]], requests: list[Request]) -> Scored:
+        if self._trees_agree is None:  # the first batch: does this model honour the trees' mask?
+            try:
+                scored = self._score_trees(batch, requests)
+            except (TypeError, ValueError, RuntimeError) as error:
+                self._trees_agree = self._warn_and_hand_back(f"it raised {type(error).__name__}: {error}")
+            else:
+                widest = max((tree for row in batch for tree in row), key=lambda tree: len(tree.members))
+                self._trees_agree = self._agrees_with_lm_eval(widest.members, scored, requests)
+                if self._trees_agree:
+                    return scored
+        elif self._trees_agree:
+            return self._score_trees(batch, requests)
+        indices = [i for row in batch for tree in row for i in tree.members]
+        return list(zip(indices, super()._loglikelihood_tokens([requests[i] for i in indices], True)))
+
+    def _agrees_with_lm_eval(self, members: list[int], scored: Scored, requests: list[Request]) -> bool:
+        ours = dict(scored)
+        theirs = super()._loglikelihood_tokens([requests[i] for i in members], True)
+        tolerance = 1e-4 if self._dtype() == torch.float32 else 2e-2  # half precision rounds per batch shape
+        if all(abs(ours[i][0] - value) <= tolerance * max(1.0, abs(value)) for i, (value, _) in zip(members, theirs)):
+            return True
+        return self._warn_and_hand_back("its log-likelihoods differ from lm-eval's")
+
+    def _warn_and_hand_back(self, why: str) -> bool:
+        logger.warning("%s cannot score a question's answers side by side (%s; its attention may not take a custom "
+                       "4D mask): every answer is scored as its own sequence, as lm-eval does - the same scores, "
+                       "more slowly.", type(self.model).__name__, why)
+        return False
+
+    def _score_trees(self, batch: list[list[Tree]], requests: list[Request]) -> Scored:
+        ids, positions, mask = tree_inputs(batch, requests, self._pad_id(), self._dtype())
+        trees = [tree for row in batch for tree in row]
+        rows, columns = [], []
+        for r, row in enumerate(batch):
+            for tree in row:
+                for reading in tree.reads([len(requests[i][2]) for i in tree.members]):
+                    rows += [r] * len(reading)
+                    columns += reading
+        logits = self._logits_at(ids, positions, mask, torch.tensor(rows), torch.tensor(columns))
+        scored, at = [], 0  # the logits are in `trees`' order, each answer's in turn
+        for tree in trees:
+            for index in tree.members:
+                answer = requests[index][2]
+                part = logits[at:at + len(answer)].to(self.softmax_dtype)
+                at += len(answer)
+                target = torch.tensor(answer, device=part.device).unsqueeze(-1)
+                value = float((part.gather(-1, target) - part.logsumexp(-1, keepdim=True)).sum())
+                scored.append((index, (value, bool((part.argmax(-1) == target.squeeze(-1)).all()))))
         return scored
 
-    def _score_answers(self, rows: list[tuple[int, int]], contexts: list[tuple[int, ...]], prefixes: list[list[int]],
-                       prefix_mask: torch.Tensor, cache: Any, requests: list[Request]
-                       ) -> list[tuple[int, tuple[float, bool]]]:
-        """log P(answer | question) for answers whose questions' cache rows are `cache`'s, in `rows`' order."""
-        answers = [list(requests[index][2]) for _, index in rows]
-        suffixes = [[contexts[c][-1], *answer[:-1]] for (c, _), answer in zip(rows, answers)]
-        suffix_ids, suffix_mask = _left_padded(suffixes, self._pad_id())
-        width = suffix_ids.shape[1]
-        offsets = (torch.arange(width) - (width - suffix_mask.sum(-1, keepdim=True))).clamp(min=0)
-        suffix_positions = torch.tensor([len(prefixes[c]) for c, _ in rows]).unsqueeze(-1) + offsets
-        full_mask = torch.cat([prefix_mask, suffix_mask], dim=1)
-        with torch.no_grad():
-            logits = self._forward(suffix_ids, full_mask, suffix_positions, cache, keep=0).logits
-        scored = []
-        for row, ((_, index), answer) in enumerate(zip(rows, answers)):
-            part = logits[row, width - len(answer):].to(self.softmax_dtype)
-            target = torch.tensor(answer, device=part.device).unsqueeze(-1)
-            value = float((part.gather(-1, target) - part.logsumexp(-1, keepdim=True)).sum())
-            scored.append((index, (value, bool((part.argmax(-1) == target.squeeze(-1)).all()))))
-        return scored
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, keep: int) -> Any:
+    def _logits_at(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                   columns: torch.Tensor) -> torch.Tensor:
+        """The logits at (rows[k], columns[k]) only: a hook hands the output head just those hidden states, so it
+        never computes the context's or the padding's logits (if a model skips the hook, all are computed)."""
         device = self.device
-        return self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                          past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        rows, columns, selected = rows.to(device), columns.to(device), []
+
+        def select(module: torch.nn.Module, args: tuple) -> tuple | None:
+            if not args or args[0].dim() != 3:  # not the (rows, positions, hidden) input this expects: leave it
+                return None
+            selected.append(True)
+            return (args[0][rows, columns].unsqueeze(0), *args[1:])
+
+        head = self.model.get_output_embeddings()
+        hook = head.register_forward_pre_hook(select) if head is not None else None
+        try:
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    position_ids=positions.to(device), use_cache=False).logits
+        finally:
+            if hook is not None:
+                hook.remove()
+        return logits[0] if selected else logits[rows, columns]
+
+    def _dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype  # what the layers compute in, 4-bit bases included
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
 
-def _length_bands(lengths: list[int], most: int) -> list[list[int]]:
-    """Consecutive positions of `lengths` (longest first) in bands whose shortest is at least 4/5 of their longest
-    (or one token shorter), at most `most` long: padded to the band's longest, each wastes little."""
-    bands: list[list[int]] = []
-    for position, length in enumerate(lengths):
-        if bands and len(bands[-1]) < most and length >= min(lengths[bands[-1][0]] * 4 // 5,
-                                                               lengths[bands[-1][0]] - 1):
-            bands[-1].append(position)
-        else:
-            bands.append([position])
-    return bands
+def tree_length(question: Question, requests: list[Request]) -> int:
+    context, members = question
+    return len(context) + sum(len(requests[i][2]) - 1 for i in members)
 
 
-def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+def packed(questions: list[Question], requests: list[Request], rows: int) -> Iterator[list[list[Tree]]]:
+    """Batches of at most `rows` rows, each as wide as its batch's longest tree: the longest trees left open a row
+    each, then the shortest left fill the room those rows leave (first row with room)."""
+    waiting = deque(sorted(questions, key=lambda q: tree_length(q, requests), reverse=True))
+    while waiting:
+        width = tree_length(waiting[0], requests)
+        batch: list[list[Tree]] = []
+        while waiting and len(batch) < rows:
+            batch.append([_tree(waiting.popleft(), requests, 0)])
+        free = [width - row[0].end for row in batch]  # room left in each row
+        while waiting:
+            shortest = tree_length(waiting[-1], requests)
+            row = next((r for r, room in enumerate(free) if room >= shortest), None)
+            if row is None:
+                break
+            batch[row].append(_tree(waiting.pop(), requests, width - free[row]))
+            free[row] = width - batch[row][-1].end
+        yield batch
+
+
+def _tree(question: Question, requests: list[Request], offset: int) -> Tree:
+    context, members = question
+    starts, at = [], offset + len(context)
+    for index in members:
+        starts.append(at)
+        at += len(requests[index][2]) - 1
+    return Tree(members, offset, len(context), starts, at)
+
+
+def tree_inputs(batch: list[list[Tree]], requests: list[Request], pad: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded token ids, position ids and the additive (rows, 1, query, key) attention mask of packed trees:
+    each context causal, each answer seeing its context and its own earlier tokens, padding only itself (a query
+    that sees nothing would leave its softmax undefined)."""
+    width = max(tree.end for row in batch for tree in row)
+    ids = torch.full((len(batch), width), pad)
+    positions = torch.zeros(len(batch), width, dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for r, row in enumerate(batch):
+        for tree in row:
+            context_end = tree.offset + tree.context
+            ids[r, tree.offset:context_end] = torch.tensor(requests[tree.members[0]][1])
+            positions[r, tree.offset:context_end] = torch.arange(tree.context)
+            allowed[r, tree.offset:context_end, tree.offset:context_end] = causal[:tree.context, :tree.context]
+            for index, start, end in zip(tree.members, tree.starts, [*tree.starts[1:], tree.end]):
+                n = end - start
+                ids[r, start:end] = torch.tensor(requests[index][2][:-1], dtype=torch.long)
+                positions[r, start:end] = torch.arange(tree.context, tree.context + n)
+                allowed[r, start:end, tree.offset:context_end] = True
+                allowed[r, start:end, start:end] = causal[:n, :n]
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return ids, positions, mask.unsqueeze(1)
