@@ -150,7 +150,8 @@ def main() -> int:
     out = Path(args.out)
     earlier = json.loads(out.read_text()) if out.is_file() else {}
     planned = set(itertools.product(args.methods, args.steps, args.systems))
-    kept = [r for r in earlier.get("runs", []) if (r["method"], r["steps"], r["system"]) not in planned]
+    kept = [r | {"cpu": r.get("cpu", earlier.get("cpu"))} for r in earlier.get("runs", [])
+            if (r["method"], r["steps"], r["system"]) not in planned]
     runs = []
     for method, steps in itertools.product(args.methods, args.steps):
         sentences = train[:steps * BATCH]
@@ -175,7 +176,7 @@ def main() -> int:
     commands.append(" ".join([Path(sys.executable).name, *sys.argv]))
     write_json(out, {"cpu": machine(), "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
                      "commands": commands, "runs": runs, "summary": summary, "versions": library_versions()})
-    machines = sorted({r.get("cpu", earlier.get("cpu", "")) for r in runs})
+    machines = sorted({r["cpu"] for r in runs})
     write_text(out.with_suffix(".md"), f"`benchmarks/quality_per_step.py` ({'; '.join(commands)}), "
                f"{', '.join(machines)}: MiniLM on SST-2, the same sentences and hyperparameters for every system, "
                "scored on the 872 dev sentences.\n\n" + table + "\n")

@@ -206,10 +206,11 @@ def _smollm2(recipe, attention: str = "sdpa"):
 
 def _plain_sft(recipe, args, work: Path, trl: str | None):
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
     from llmtune.run.training import transformers_optimizer
 
+    set_seed(_seed(args))  # the adapters' initial weights follow the round's seed, as llmtune's do
     if trl:
         tuned = trl == "trl_tuned"
         model, tokenizer = _smollm2(recipe, tuned_attention(args.precision) if tuned else "sdpa")

@@ -12,11 +12,12 @@ Trees are packed into rows (the longest open a row each, the shortest fill the r
 another), so there is little padding - on a CPU every padded token costs as much as a real one - and the output
 head runs only at the positions whose logits are read: a hook on the head's input keeps just those hidden states.
 
-Not every model class honours a custom 4D mask, so the first batch's question with the most answers is also
-scored by lm-eval's own path: if the two disagree, that model is scored by lm-eval's path throughout, with a
-warning. Tokenization, truncation, generation and rolling log-likelihoods stay lm-eval's, and so does any request
-this path does not handle (an answer that needs the context cut to fit the model's window, a sequence longer than a
-sliding-window attention's window, a seq2seq model). The scores are the same numbers up to float rounding:
+Not every model class honours a custom 4D mask, so the widest question and the fullest row of the first batches
+are also scored by lm-eval's own path, until a batch has both answers side by side and trees side by side: if the
+two paths disagree, that model is scored by lm-eval's path throughout, with a warning. Tokenization, truncation,
+generation and rolling log-likelihoods stay lm-eval's, and so does any request this path does not handle (an
+answer that needs the context cut to fit the model's window, a sequence longer than a sliding-window attention's
+window, a seq2seq model). The scores are the same numbers up to float rounding:
 tests/test_benchmarks.py compares them with lm-eval's HF model, tests/test_real_benchmarks.py with lm-eval's own
 loading and scoring.
 """
@@ -92,28 +93,36 @@ class SharedContextLM(HFLM):
                 and len(context) + len(continuation) <= min(self.max_length, window))
 
     def _score_or_hand_back(self, batch: list[list[Tree]], requests: list[Request]) -> Scored:
-        if self._trees_agree is None:  # the first batch: does this model honour the trees' mask?
+        if self._trees_agree is None:  # not yet checked: does this model honour the trees' mask?
             try:
                 scored = self._score_trees(batch, requests)
-            except (TypeError, ValueError, RuntimeError) as error:
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # model code that cannot take the mask, the positions or the hook
                 self._trees_agree = self._warn_and_hand_back(f"it raised {type(error).__name__}: {error}")
             else:
-                widest = max((tree for row in batch for tree in row), key=lambda tree: len(tree.members))
-                self._trees_agree = self._agrees_with_lm_eval(widest.members, scored, requests)
-                if self._trees_agree:
+                if self._agrees_with_lm_eval(batch, scored, requests):
                     return scored
         elif self._trees_agree:
             return self._score_trees(batch, requests)
         indices = [i for row in batch for tree in row for i in tree.members]
         return list(zip(indices, super()._loglikelihood_tokens([requests[i] for i in indices], True)))
 
-    def _agrees_with_lm_eval(self, members: list[int], scored: Scored, requests: list[Request]) -> bool:
+    def _agrees_with_lm_eval(self, batch: list[list[Tree]], scored: Scored, requests: list[Request]) -> bool:
+        """Scores the batch's widest tree and its fullest row lm-eval's way too. The check is settled by a batch
+        where both could go wrong - answers side by side and trees side by side; until then each batch is checked."""
+        widest = max((tree for row in batch for tree in row), key=lambda tree: len(tree.members))
+        fullest = max(batch, key=len)
+        members = list(dict.fromkeys([*widest.members, *(i for tree in fullest for i in tree.members)]))
         ours = dict(scored)
         theirs = super()._loglikelihood_tokens([requests[i] for i in members], True)
         tolerance = 1e-4 if self._dtype() == torch.float32 else 2e-2  # half precision rounds per batch shape
         if all(abs(ours[i][0] - value) <= tolerance * max(1.0, abs(value)) for i, (value, _) in zip(members, theirs)):
+            if len(widest.members) > 1 and len(fullest) > 1:
+                self._trees_agree = True
             return True
-        return self._warn_and_hand_back("its log-likelihoods differ from lm-eval's")
+        self._trees_agree = self._warn_and_hand_back("its log-likelihoods differ from lm-eval's")
+        return False
 
     def _warn_and_hand_back(self, why: str) -> bool:
         logger.warning("%s cannot score a question's answers side by side (%s; its attention may not take a custom "
@@ -135,10 +144,10 @@ class SharedContextLM(HFLM):
         for tree in trees:
             for index in tree.members:
                 answer = requests[index][2]
-                part = logits[at:at + len(answer)].to(self.softmax_dtype)
+                part = torch.log_softmax(logits[at:at + len(answer)], dim=-1, dtype=self.softmax_dtype)  # as lm-eval
                 at += len(answer)
                 target = torch.tensor(answer, device=part.device).unsqueeze(-1)
-                value = float((part.gather(-1, target) - part.logsumexp(-1, keepdim=True)).sum())
+                value = float(part.gather(-1, target).sum())
                 scored.append((index, (value, bool((part.argmax(-1) == target.squeeze(-1)).all()))))
         return scored
 
@@ -146,25 +155,26 @@ class SharedContextLM(HFLM):
                    columns: torch.Tensor) -> torch.Tensor:
         """The logits at (rows[k], columns[k]) only: a hook hands the output head just those hidden states, so it
         never computes the context's or the padding's logits (if a model skips the hook, all are computed)."""
-        device = self.device
-        rows, columns, selected = rows.to(device), columns.to(device), []
+        device, selected = self.device, []
 
         def select(module: torch.nn.Module, args: tuple) -> tuple | None:
             if not args or args[0].dim() != 3:  # not the (rows, positions, hidden) input this expects: leave it
                 return None
             selected.append(True)
-            return (args[0][rows, columns].unsqueeze(0), *args[1:])
+            hidden = args[0]  # on the head's device, which a model split over GPUs may not share with the input
+            return (hidden[rows.to(hidden.device), columns.to(hidden.device)].unsqueeze(0), *args[1:])
 
         head = self.model.get_output_embeddings()
         hook = head.register_forward_pre_hook(select) if head is not None else None
+        mixed = self.mixed_precision_dtype  # lm-eval's own forward runs under this autocast: so does this one
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device.type, dtype=mixed, enabled=mixed is not None):
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                     position_ids=positions.to(device), use_cache=False).logits
         finally:
             if hook is not None:
                 hook.remove()
-        return logits[0] if selected else logits[rows, columns]
+        return logits[0] if selected else logits[rows.to(logits.device), columns.to(logits.device)]
 
     def _dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype  # what the layers compute in, 4-bit bases included

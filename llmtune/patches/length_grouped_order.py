@@ -47,8 +47,10 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):
         indices = list(super().__iter__())
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        rest = (1 + torch.randperm(len(batches) - 1, generator=self.generator)).tolist() if batches else []
-        return iter([i for b in ([0] if batches else []) + rest for i in batches[b]])
+        last = len(batches) - 1 if len(indices) % self.batch_size else None  # a short last batch stays last: moved
+        middle = [b for b in range(1, len(batches)) if b != last]  # up, it would shift every later batch's cut
+        order = [middle[i] for i in torch.randperm(len(middle), generator=self.generator).tolist()]
+        return iter([i for b in [0, *order, *([last] if last else [])][:len(batches)] for i in batches[b]])
 
 
 class SeededLengthGroupedOrder(TrainerCallback):
