@@ -159,19 +159,19 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace,
     once = [(system, "default") for system in workload.systems if system in ONCE]
     if args.bf16_run == "on" or (args.bf16_run == "auto" and _native_bf16()):
         once.append(("llmtune", "bf16"))
-    order = compared + once + compared * (args.repeats - 1)
-    seeds = [42] * len(compared + once) + [43 + i // len(compared) for i in range(len(compared) * (args.repeats - 1))]
+    order = [(*run, 42) for run in compared + once] + [
+        (*run, 42 + r) for r in range(1, args.repeats) for run in compared]  # (system, precision, seed)
     rounds: dict[str, list[dict]] = {}
     done = restarts = 0
     while done < len(order):
-        system, precision = order[done]
+        system, precision, seed = order[done]
         short = (system, precision) in once
         tokens = int(budget * REFERENCE_BUDGET_SHARE) if short else budget
         print(f"{name}: {system} ({precision}), {tokens} tokens ...", file=sys.stderr, flush=True)
         result = run_in_fresh_process([
             __file__, "--worker", name, "--work", str(folder), "--system", system, "--precision", precision,
             "--token-budget", str(tokens), "--batch-size", str(workload.batch_size[args.size]),
-            "--seed", str(seeds[done])])
+            "--seed", str(seed)])
         done += 1
         if result is None:
             continue
@@ -192,7 +192,7 @@ def measure(name: str, folder: Path, budget: int, args: argparse.Namespace,
             budget, rounds, done, restarts = raised, {}, 0, restarts + 1
             continue
         label = {"bf16": "llmtune (bf16)", "compile": "llmtune (torch.compile)"}.get(precision, system)
-        rounds.setdefault(label, []).append({**result, "reference_only": short, "seed": seeds[done - 1]})
+        rounds.setdefault(label, []).append({**result, "reference_only": short, "seed": seed})
     order_of_rows = [*workload.systems, "llmtune (bf16)", "llmtune (torch.compile)"]
     return [median_round(label, rounds[label]) for label in order_of_rows if label in rounds], budget
 
@@ -462,10 +462,11 @@ def machine() -> str:
 
     limits = [f"{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name)]
     if limits:  # the libraries' vector code held to an older instruction set: an AVX2-only CPU, emulated
-        return (f"{model}, {torch.get_num_threads()} CPU threads, no GPU, vector instructions limited by "
-                f"{' '.join(limits)} (torch's CPU capability: {torch.backends.cpu.get_cpu_capability()})")
-    return (f"{model}, {torch.get_num_threads()} CPU threads, no GPU, "
-            f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16 (no avx512_bf16/AMX)'}")
+        vector = (f"vector instructions limited by {' '.join(limits)} (torch's CPU capability: "
+                  f"{torch.backends.cpu.get_cpu_capability()})")
+    else:
+        vector = "native bf16" if cpu_has_native_bf16() else "no native bf16 (no avx512_bf16/AMX)"
+    return f"{model}, {torch.get_num_threads()} CPU threads, no GPU, {vector}"
 
 
 def matmul_peak(repeats: int = 3) -> dict[str, float]:

@@ -141,16 +141,22 @@ def test_gguf_loaded_model_still_refuses_to_save_without_the_patch(tiny_llama, t
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
 
 
+def quickstart_recipe(tiny_bert, reviews_files, tmp_path, *overrides: str):
+    """The quickstart recipe on the tiny BERT and the small reviews files: a length-grouped classification run."""
+    from llmtune import load_recipe
+
+    return load_recipe("recipes/quickstart.yaml", [
+        f"model.name={tiny_bert}", f"data.train_file={reviews_files['train']}", "data.eval_file=null",
+        "data.test_file=null", f"output.dir={tmp_path / 'run'}", *overrides])
+
+
 def test_transformers_still_builds_length_grouped_batches_without_a_generator(tiny_bert, reviews_files, tmp_path):
     """patches/length_grouped_order.py: the training LengthGroupedSampler draws from the global RNG. When
     transformers gives it a generator of its own (seeded per epoch), the patch can go."""
-    from llmtune import build_trainer, load_recipe
+    from llmtune import build_trainer
     from llmtune.patches.length_grouped_order import train_sampler
 
-    recipe = load_recipe("recipes/quickstart.yaml", [
-        f"model.name={tiny_bert}", f"data.train_file={reviews_files['train']}", "data.eval_file=null",
-        "data.test_file=null", f"output.dir={tmp_path / 'run'}"])
-    loader = build_trainer(recipe).get_train_dataloader()
+    loader = build_trainer(quickstart_recipe(tiny_bert, reviews_files, tmp_path)).get_train_dataloader()
     sampler = train_sampler(loader)
     assert sampler is not None, "llmtune no longer finds the length-grouped sampler"
     assert sampler.generator is None, "transformers now seeds the length-grouped order itself: drop the patch"
@@ -173,12 +179,10 @@ def test_length_grouped_batches_keep_their_samples_but_come_in_random_order(tiny
     shortest in each megabatch - and the same order again for the same seed and epoch (a resumed run)."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from llmtune import build_trainer, load_recipe
+    from llmtune import build_trainer
     from llmtune.patches.length_grouped_order import SeededLengthGroupedOrder, train_sampler
 
-    recipe = load_recipe("recipes/quickstart.yaml", [
-        f"model.name={tiny_bert}", f"data.train_file={reviews_files['train']}", "data.eval_file=null",
-        "data.test_file=null", f"output.dir={tmp_path / 'run'}", "training.batch_size=2"])
+    recipe = quickstart_recipe(tiny_bert, reviews_files, tmp_path, "training.batch_size=2")
     trainer = build_trainer(recipe)
     loader = trainer.get_train_dataloader()
     state = type("State", (), {"epoch": 0})()

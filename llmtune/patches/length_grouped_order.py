@@ -47,10 +47,13 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):
         indices = list(super().__iter__())
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        last = len(batches) - 1 if len(indices) % self.batch_size else None  # a short last batch stays last: moved
-        middle = [b for b in range(1, len(batches)) if b != last]  # up, it would shift every later batch's cut
-        order = [middle[i] for i in torch.randperm(len(middle), generator=self.generator).tolist()]
-        return iter([i for b in [0, *order, *([last] if last else [])][:len(batches)] for i in batches[b]])
+        if len(batches) < 2:
+            return iter(indices)
+        short_last = len(indices) % self.batch_size != 0  # stays last: moved up, it would shift every later cut
+        middle = list(range(1, len(batches) - short_last))
+        order = [0, *(middle[i] for i in torch.randperm(len(middle), generator=self.generator).tolist()),
+                 *([len(batches) - 1] if short_last else [])]
+        return iter([i for b in order for i in batches[b]])
 
 
 class SeededLengthGroupedOrder(TrainerCallback):
